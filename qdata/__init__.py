@@ -1,0 +1,1 @@
+"""qdata: learn from distributed data by quantizing the data, not the gradients."""

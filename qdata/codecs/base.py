@@ -1,0 +1,248 @@
+"""What crosses a link: the payload, the two codec shapes, bit packing and argument checks.
+
+Every message in qdata is a :class:`Payload`: a pytree of *packed* arrays (uint8/uint16/uint32 codes,
+fp16/fp32 scalars) exactly as they would be put on the wire, plus static metadata that both sides know
+in advance (shapes, dtypes, the tree structure of the model) and that is therefore never counted.
+The bit count of a payload is read off the arrays' own sizes (``size * itemsize * 8``), never from a
+formula, so the ledger cannot drift from what the code actually sends.
+
+Two codec shapes, in the optax style (a factory returns a NamedTuple of pure functions):
+
+* :class:`Quantizer` for data samples: ``encode(key, x) -> Payload`` with ``x`` of shape
+  ``(b, *sample_shape)`` (samples on the leading axis), ``decode(payload) -> x_hat`` and
+  ``bits(payload, mask=None)``. Per-sample arrays live in ``payload.rows`` (leading axis b), so a gate
+  that sends only some samples is charged only for their rows.
+* :class:`Compressor` for vectors and pytrees of parameters (the correction term, gradient
+  compression): ``init(params) -> state``, ``encode(key, tree, state) -> (payload, state)``,
+  ``decode(payload) -> tree`` and ``bits(payload)``. Stateless compressors use :class:`EmptyState`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+PRNGKey = jax.Array
+PyTree = Any
+
+
+@struct.dataclass
+class Payload:
+    """A message as it crosses the link.
+
+    Attributes:
+      arrays: per-message arrays that are sent (dict of packed arrays).
+      rows: per-sample arrays that are sent, each with the sample axis first; under a gate only the
+        rows of transmitted samples count.
+      meta: static metadata known to both sides before the message (shapes, dtypes, tree structure,
+        hyper-parameters). Never sent, never counted. Must be hashable.
+      info: local diagnostics of the encoder (e.g. how many values were clipped). Never sent, never
+        counted; the decoder must not read it.
+    """
+
+    arrays: dict = struct.field(default_factory=dict)
+    rows: dict = struct.field(default_factory=dict)
+    meta: Any = struct.field(pytree_node=False, default=None)
+    info: dict = struct.field(default_factory=dict)
+
+
+def array_bits(x) -> int:
+    """Exact bits of one packed array as sent: ``size * itemsize * 8`` (a static Python int)."""
+    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize * 8
+
+
+def payload_bits(payload: Payload, mask: Array | None = None):
+    """Exact uplink bits of ``payload``.
+
+    Args:
+      payload: the message.
+      mask: optional 0/1 vector over the sample axis of ``payload.rows``; only rows with mask 1 are
+        counted (a gated message). Leading batch axes (e.g. from ``vmap`` over nodes) are not
+        supported here: count per node, inside the vmap.
+
+    Returns:
+      A Python int when ``mask`` is None (sizes are static), else an int32 scalar array.
+    """
+    fixed = sum(array_bits(a) for a in jax.tree_util.tree_leaves(payload.arrays))
+    row_leaves = jax.tree_util.tree_leaves(payload.rows)
+    if mask is None:
+        return fixed + sum(array_bits(a) for a in row_leaves)
+    per_row = sum(array_bits(a) // a.shape[0] for a in row_leaves)
+    sent = jnp.sum(jnp.asarray(mask) > 0).astype(jnp.int32)
+    return fixed + sent * per_row
+
+
+class Quantizer(NamedTuple):
+    """A data-sample codec. ``encode(key, x)`` with samples on the leading axis of ``x``."""
+
+    encode: Callable[[PRNGKey, Array], Payload]
+    decode: Callable[[Payload], Array]
+    bits: Callable[..., Any]
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless compressor."""
+
+
+class Compressor(NamedTuple):
+    """A vector/pytree codec with optional state (warm starts, error memory).
+
+    ``init(params) -> state``; ``encode(key, tree, state) -> (payload, new_state)``;
+    ``decode(payload) -> tree`` with the structure, shapes and dtypes of the encoded tree;
+    ``bits(payload) -> int``. ``unbiased`` says whether ``E[decode(encode(key, x))] = x``.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    encode: Callable[[PRNGKey, PyTree, PyTree], tuple[Payload, PyTree]]
+    decode: Callable[[Payload], PyTree]
+    bits: Callable[[Payload], int]
+    unbiased: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Flattening pytrees to one vector, with a hashable spec that can ride in Payload.meta.
+
+
+class TreeSpec(NamedTuple):
+    """Static description of a pytree of arrays: enough to rebuild it from a flat vector."""
+
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+
+    @property
+    def size(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes))
+
+
+def flatten(tree: PyTree) -> tuple[Array, TreeSpec]:
+    """Concatenate the leaves of ``tree`` into one float32 vector of length d."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    spec = TreeSpec(treedef, tuple(tuple(l.shape) for l in leaves), tuple(jnp.dtype(l.dtype).name for l in leaves))
+    if not leaves:
+        return jnp.zeros((0,), jnp.float32), spec
+    vec = jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in leaves])
+    return vec, spec
+
+
+def unflatten(vec: Array, spec: TreeSpec) -> PyTree:
+    """Inverse of :func:`flatten`."""
+    leaves, start = [], 0
+    for shape, dtype in zip(spec.shapes, spec.dtypes):
+        size = math.prod(shape)
+        leaves.append(vec[start : start + size].reshape(shape).astype(dtype))
+        start += size
+    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bit packing: B-bit codes into the bytes that would be sent.
+
+
+def code_dtype(width: int):
+    """The container of a packed code stream: whole words for 8/16/32 bits, bytes otherwise."""
+    return {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}.get(width, jnp.uint8)
+
+
+def packed_size(count: int, width: int) -> int:
+    """Number of container elements holding ``count`` codes of ``width`` bits."""
+    if width in (8, 16, 32):
+        return count
+    return -(-count * width // 8)
+
+
+def pack_codes(codes: Array, width: int) -> Array:
+    """Pack the last axis of integer ``codes`` (each < 2**width) into a dense stream.
+
+    Widths 8, 16, 32 use uint8/uint16/uint32 words; 1, 2 and 4 put 8, 4 and 2 codes in a byte; any
+    other width is a little-endian bit stream padded to a whole byte. Leading axes are kept, so a
+    batch of samples packs row by row and a gate can drop whole rows.
+
+    Returns:
+      Array of shape ``codes.shape[:-1] + (packed_size(codes.shape[-1], width),)``.
+    """
+    if not 1 <= width <= 32:
+        raise ValueError(f"width must be in 1..32, got {width}")
+    codes = codes.astype(jnp.uint32)
+    if width in (8, 16, 32):
+        return codes.astype(code_dtype(width))
+    lead, count = codes.shape[:-1], codes.shape[-1]
+    if 8 % width == 0:
+        per = 8 // width
+        pad = (-count) % per
+        c = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, per)
+        shifts = (jnp.arange(per, dtype=jnp.uint32) * width)
+        return jnp.sum(c << shifts, axis=-1, dtype=jnp.uint32).astype(jnp.uint8)
+    bits = (codes[..., None] >> jnp.arange(width, dtype=jnp.uint32)) & 1
+    bits = bits.reshape(*lead, count * width)
+    pad = (-count * width) % 8
+    bits = jnp.pad(bits, [(0, 0)] * len(lead) + [(0, pad)]).reshape(*lead, -1, 8)
+    return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32).astype(jnp.uint8)
+
+
+def unpack_codes(packed: Array, width: int, count: int) -> Array:
+    """Inverse of :func:`pack_codes`: the last axis back to ``count`` uint32 codes."""
+    if width in (8, 16, 32):
+        return packed.astype(jnp.uint32)
+    lead = packed.shape[:-1]
+    p = packed.astype(jnp.uint32)
+    if 8 % width == 0:
+        per = 8 // width
+        shifts = jnp.arange(per, dtype=jnp.uint32) * width
+        c = (p[..., None] >> shifts) & ((1 << width) - 1)
+        return c.reshape(*lead, -1)[..., :count]
+    bits = ((p[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1).reshape(*lead, -1)[..., : count * width]
+    bits = bits.reshape(*lead, count, width)
+    return jnp.sum(bits << jnp.arange(width, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def index_width(d: int) -> int:
+    """Bits of one index into a vector of length d: ceil(log2 d), at least 1."""
+    return max(1, math.ceil(math.log2(d))) if d > 1 else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: raised at construction or before any work, naming the argument.
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
+        raise ValueError(f"{name} must be an integer in 1..16, got {bits!r}")
+    return int(bits)
+
+
+def check_range(lo: float, hi: float) -> tuple[float, float]:
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo >= hi:
+        raise ValueError(f"the quantizer range needs finite lo < hi, got lo={lo}, hi={hi}")
+    return lo, hi
+
+
+def check_fraction(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` holds values now (not a tracer inside jit/vmap/grad)."""
+    return not any(isinstance(l, jax.core.Tracer) for l in jax.tree_util.tree_leaves(x))
+
+
+def check_finite(x: PyTree, name: str = "x") -> None:
+    """Raise ValueError if a concrete ``x`` holds NaN or inf. Tracers are skipped (checked upstream)."""
+    if not is_concrete(x):
+        return
+    for leaf in jax.tree_util.tree_leaves(x):
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise ValueError(f"{name} contains {bad} NaN or inf value(s)")
