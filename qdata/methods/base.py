@@ -1,0 +1,34 @@
+"""The one interface every training method implements.
+
+A round t of any method (DESIGN.md section 1): the learner broadcasts w_t, every node i computes a
+message from its minibatch and sends it (uplink), the learner turns the N messages into one gradient
+estimate g and applies an optax update. A :class:`Method` says exactly those three things:
+
+* ``node_message(key, params, batch, node_state) -> (message, node_state)``: what node i computes and
+  sends. ``batch`` is ``{'x': (b, *sample_shape), 'y': (b,), 'id': (b,)}`` where ``id`` is the
+  sample's index in the training set (used only by methods that cache samples at the learner).
+* ``learner_gradient(params, messages, learner_state) -> (g, learner_state)``: ``messages`` is the
+  stack of the N node messages (leading node axis) as received; only what crossed the link is used.
+* ``uplink_bits(message) -> dict[str, int32]``: the exact bits of one node's message, part by part,
+  read off the packed payload; must contain ``'total'``.
+
+``needs_params`` says whether nodes need the model each round (downlink bits are charged only then).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+PyTree = Any
+
+
+class Method(NamedTuple):
+    """A training method: node side, learner side and its bit ledger."""
+
+    name: str
+    init_node: Callable[[PyTree], PyTree]
+    init_learner: Callable[[PyTree], PyTree]
+    node_message: Callable[..., tuple[PyTree, PyTree]]
+    learner_gradient: Callable[..., tuple[PyTree, PyTree]]
+    uplink_bits: Callable[[PyTree], dict]
+    needs_params: bool = True

@@ -1,0 +1,87 @@
+"""Reading results files, the bit-ledger summaries, and the figures drawn from them.
+
+Figures are made from results files only (``results.jsonl``), so a figure can be redrawn without
+retraining, and every figure states what produced it: dataset (synthetic data labelled as such),
+model and its size, the methods' bits, rounds and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def load(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """``(header, rounds)`` of a results file (or of the directory holding ``results.jsonl``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.jsonl"
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records or records[0].get("kind") != "config":
+        raise ValueError(f"{path} is not a qdata results file (its first line is not the config)")
+    return records[0], [r for r in records if r.get("kind") == "round"]
+
+
+def final_accuracy(rounds: list[dict]) -> float:
+    return rounds[-1]["test_accuracy"] if rounds else float("nan")
+
+
+def bits_to_reach(rounds: list[dict], target: float) -> float | None:
+    """Cumulative uplink bits per node at the first evaluation whose test accuracy >= ``target``;
+    None if the run never reaches it."""
+    for r in rounds:
+        if r["test_accuracy"] >= target:
+            return r["cumulative_uplink_bits_per_node"]
+    return None
+
+
+def uplink_bits_per_round(header: dict, rounds: list[dict]) -> float:
+    """Mean uplink bits per node per round over the whole run (exact totals / rounds / nodes)."""
+    if not rounds:
+        return float("nan")
+    return rounds[-1]["cumulative_uplink_bits_per_node"] / rounds[-1]["round"]
+
+
+def describe_setting(header: dict) -> str:
+    """One line saying what produced a run: data (synthetic or not), model, nodes, rounds, seed."""
+    ds, cfg = header["dataset"], header["config"]
+    data = f"{ds['name']}{' (synthetic data)' if ds['synthetic'] else ''}, n={ds['n']}"
+    return (f"{data}; model {header['model']['name']} (d={header['model']['params']:,}); "
+            f"{cfg['num_nodes']} nodes, {cfg['partition']} partition, batch {cfg['batch_size']}; "
+            f"{cfg['rounds']} rounds; seed {cfg['seed']}")
+
+
+def plot_accuracy_vs_bits(runs: list[tuple[str, dict, list[dict]]], path: str | os.PathLike, *,
+                          target: float | None = None, title: str | None = None) -> None:
+    """Test accuracy against cumulative uplink bits per node (log scale), one line per run.
+
+    Args:
+      runs: ``(label, header, rounds)`` triples; all from the same setting.
+      path: the PNG to write.
+      target: an accuracy level drawn as a horizontal line.
+      title: first title line; the second is :func:`describe_setting` of the first run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for label, _, rounds in runs:
+        xs = [r["cumulative_uplink_bits_per_node"] for r in rounds]
+        ys = [r["test_accuracy"] for r in rounds]
+        ax.plot(xs, ys, marker=".", label=label)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bits per node (exact, from the packed payloads)")
+    ax.set_ylabel("test accuracy")
+    setting = describe_setting(runs[0][1])
+    ax.set_title((title + "\n" if title else "") + setting, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

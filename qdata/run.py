@@ -1,0 +1,206 @@
+"""One training run from a :class:`RunConfig` to a results file, with checkpoints and resume.
+
+The results file ``OUT/results.jsonl`` holds one JSON object per line: first
+``{"kind": "config", ...}`` (the config, the dataset, the model size, the method, the downlink cost),
+then one ``{"kind": "round", ...}`` per evaluation with the test accuracy, the training loss and the
+bit ledger: the uplink bits of the last round per node (part by part), and the exact cumulative
+uplink and downlink bits so far (all nodes, and per node). Figures are drawn from this file alone.
+
+Checkpoints (orbax) go to ``OUT/checkpoints`` every ``checkpoint_every`` rounds; ``resume=True``
+restores the newest one, drops the result lines written after it, and continues; the resumed run
+ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
+
+from qdata import data as qdata_data
+from qdata import engine, models
+from qdata.config import RunConfig, make_compressor
+from qdata.methods import build_method
+
+
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    if config.optimizer == "sgd":
+        return optax.sgd(config.lr, momentum=config.momentum or None)
+    if config.optimizer == "adam":
+        return optax.adam(config.lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
+
+
+class Experiment:
+    """The pieces a config describes, built once: data, shards, model, method, optimizer."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.dataset = qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
+                                              max_train=config.max_train, max_test=config.max_test)
+        self.model = models.make_model(config.model, self.dataset.num_classes)
+        self.params = models.init_params(self.model, jax.random.PRNGKey(config.seed), self.dataset.sample_shape)
+        self.d = models.param_count(self.params)
+        self.method = build_method(config, self.model, self.dataset, self.d)
+        self.optimizer = make_optimizer(config)
+        indices = qdata_data.partition(config.partition, self.dataset, config.num_nodes, config.seed)
+        self.index, self.count = qdata_data.stack_nodes(indices)
+        self.loss_fn = models.per_sample_loss(self.model)
+
+    def describe(self) -> dict:
+        ds = self.dataset
+        return {
+            "kind": "config",
+            "config": self.config.to_dict(),
+            "dataset": {"name": ds.name, "synthetic": bool(ds.synthetic), "n": int(ds.n),
+                        "sample_shape": list(ds.sample_shape), "num_classes": int(ds.num_classes),
+                        "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test))},
+            "model": {"name": self.config.model, "params": int(self.d)},
+            "method": self.method.name,
+            "downlink_bits_per_node_per_round": engine.downlink_bits_per_round(self.method, self.params),
+            "devices": int(self.config.num_devices),
+            "processes": int(jax.process_count()),
+        }
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = False,
+          on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run ``config`` and write ``out_dir/results.jsonl``; return the last round's record.
+
+    Args:
+      config: the run.
+      out_dir: its directory (created).
+      resume: continue from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
+      progress: show a progress bar.
+      on_round: called with each round record after it is written (and after its checkpoint).
+    """
+    out = Path(out_dir)
+    results_path = out / "results.jsonl"
+    if results_path.exists() and not resume:
+        raise FileExistsError(f"{results_path} exists: pass resume=True (--resume) to continue it, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    exp = Experiment(config)
+    mesh = engine.node_mesh(config.num_devices)
+    engine.check_nodes_fit(config.num_nodes, mesh)
+    index, count = engine.put(mesh, (exp.index, exp.count), P(engine.AXIS))
+    x_train, y_train = engine.put(mesh, (exp.dataset.x_train, exp.dataset.y_train), P())
+    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
+                                                        config.num_nodes, config.seed))
+
+    header = exp.describe()
+    downlink_per_round = header["downlink_bits_per_node_per_round"] * config.num_nodes
+    cumulative: dict[str, int] = {}
+    records = [header]
+
+    manager = None
+    if config.checkpoint_every:
+        manager = ocp.CheckpointManager(
+            (out / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+        )
+    if resume and manager is not None and manager.latest_step() is not None:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(state),
+            ledger=ocp.args.JsonRestore(),
+        ))
+        state = restored["state"]
+        cumulative = {k: int(v) for k, v in restored["ledger"]["cumulative"].items()}
+        records = [r for r in _read_records(results_path) if r["kind"] != "round" or r["round"] <= step]
+        if not records or records[0]["kind"] != "config":
+            records = [header] + records
+    _write_records(results_path, records)
+
+    x_eval, y_eval = exp.dataset.x_test, exp.dataset.y_test
+    n_fit = min(len(exp.dataset.y_train), 2048)
+    x_fit, y_fit = exp.dataset.x_train[:n_fit], exp.dataset.y_train[:n_fit]
+    mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
+    compiled: dict[int, Callable] = {}
+    done = int(engine.fetch(state.round))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.rounds, initial=done, desc=config.name, unit="round", leave=False)
+    last = records[-1] if records[-1]["kind"] == "round" else None
+    start = time.perf_counter()
+    while done < config.rounds:
+        length = min(config.eval_every - done % config.eval_every, config.rounds - done)
+        if length not in compiled:
+            compiled[length] = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
+                                                  num_rounds=length, state_template=state)
+        state, bits = compiled[length](state, index, count, x_train, y_train)
+        bits = engine.fetch(bits)
+        for part, values in bits.items():
+            cumulative[part] = cumulative.get(part, 0) + int(np.asarray(values, np.int64).sum())
+        done += length
+        params = engine.fetch(state.params)
+        record = {
+            "kind": "round",
+            "round": done,
+            "test_accuracy": float(models.accuracy(exp.model, params, x_eval, y_eval)),
+            "train_loss": float(mean_loss(params, x_fit, y_fit)),
+            "uplink_bits_last_round_per_node": {k: float(np.mean(v[-1])) for k, v in bits.items()},
+            "cumulative_uplink_bits": dict(cumulative),
+            "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
+            "cumulative_downlink_bits": downlink_per_round * done,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        if not math.isfinite(record["train_loss"]):
+            record["diverged"] = True
+        records.append(record)
+        with open(results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
+            manager.save(done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                ledger=ocp.args.JsonSave({"cumulative": cumulative}),
+            ))
+            manager.wait_until_finished()
+        if bar is not None:
+            bar.update(length)
+            bar.set_postfix(acc=f"{record['test_accuracy']:.3f}")
+        last = record
+        if on_round is not None:
+            on_round(record)
+    if bar is not None:
+        bar.close()
+    if manager is not None:
+        manager.close()
+    return last
+
+
+def final_params(out_dir: str | os.PathLike, config: RunConfig):
+    """The parameters of the newest checkpoint in ``out_dir`` (host arrays)."""
+    exp = Experiment(config)
+    mesh = engine.node_mesh(config.num_devices)
+    template = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
+                                                           config.num_nodes, config.seed))
+    with ocp.CheckpointManager(Path(out_dir, "checkpoints").absolute()) as manager:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), ledger=ocp.args.JsonRestore()))
+    return engine.fetch(restored["state"].params)
