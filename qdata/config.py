@@ -51,6 +51,8 @@ class RunConfig:
     # the distributed setting
     num_nodes: int = 8
     partition: str = "iid"
+    stream_start: float = 1.0  # streaming nodes: share of each node's data present at round 0 (1 = off)
+    stream_rounds: int = 0  # ... and the round by which all of it has arrived (0: the last round)
     batch_size: int = 32
     rounds: int = 300
     # the learner's optimizer (optax)
@@ -80,6 +82,8 @@ class RunConfig:
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0.0 < self.stream_start <= 1.0, f"stream_start must be in (0, 1], got {self.stream_start}"),
+            (self.stream_rounds >= 0, f"stream_rounds must be >= 0, got {self.stream_rounds}"),
             (self.num_devices >= 1, f"num_devices must be >= 1, got {self.num_devices}"),
         ]
         for ok, message in checks:

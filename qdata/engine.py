@@ -21,7 +21,7 @@ how nodes are placed on devices.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +45,6 @@ class TrainState(NamedTuple):
     learner_state: PyTree
     key: jax.Array  # raw uint32[2] key
     round: jax.Array  # int32 scalar: rounds done
-
-
-class NodeShards(NamedTuple):
-    """Each node's share of the training set, padded to a rectangle for jit.
-
-    ``index[i, :count[i]]`` are the training-set rows held by node i. ``available`` (same shape as
-    count) is how many of them a streaming node has received so far; equal to count otherwise.
-    """
-
-    index: jax.Array  # (N, max_len) int32
-    count: jax.Array  # (N,) int32
 
 
 def node_mesh(num_devices: int | None = None) -> Mesh:
@@ -135,14 +124,19 @@ def place_state(mesh: Mesh, state: TrainState) -> TrainState:
 
 
 def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                batch_size: int, num_rounds: int, state_template: TrainState):
+                batch_size: int, num_rounds: int, state_template: TrainState,
+                available: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
     """Compile ``num_rounds`` rounds of ``method`` into one function.
+
+    Args:
+      available: for streaming nodes, ``available(counts, round) -> counts_now``: how many of each
+        node's samples have arrived (see :func:`qdata.data.available_counts`); nodes draw only among
+        those. None: all data is there from the start.
 
     Returns:
       ``run(state, shards, x_train, y_train) -> (state, bits)`` where ``bits`` is a dict of int32
       arrays of shape (num_rounds, N): each node's exact uplink bits per round, part by part.
     """
-    num_devices = mesh.devices.size
     specs = state_specs(state_template)
 
     def body(state: TrainState, index, count, x_train, y_train):
@@ -166,7 +160,8 @@ def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: M
                 message, node_state = method.node_message(k_message, node_params, batch, node_state)
                 return message, node_state, method.uplink_bits(message)
 
-            messages, node_states, bits = jax.vmap(one_node)(node_keys, index, count, node_states)
+            count_now = count if available is None else available(count, rnd)
+            messages, node_states, bits = jax.vmap(one_node)(node_keys, index, count_now, node_states)
             # What crosses between devices (and hosts) is the packed payload, nothing larger.
             messages = jax.lax.all_gather(messages, AXIS, tiled=True, to="invarying")
             bits = jax.lax.all_gather(bits, AXIS, tiled=True, to="invarying")
@@ -184,7 +179,6 @@ def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: M
         in_specs=(specs, P(AXIS), P(AXIS), P(), P()),
         out_specs=(specs, P()),
     )
-    del num_devices
     return jax.jit(sharded, donate_argnums=(0,))
 
 

@@ -13,6 +13,7 @@ ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from qdata import data as qdata_data
 from qdata import engine, models
-from qdata.config import RunConfig, make_compressor
+from qdata.config import RunConfig
 from qdata.methods import build_method
 
 
@@ -99,7 +100,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     """
     out = Path(out_dir)
     results_path = out / "results.jsonl"
-    if results_path.exists() and not resume:
+    # Over several processes every process runs the same program; process 0 alone writes results.
+    writer = jax.process_index() == 0
+    if writer and results_path.exists() and not resume:
         raise FileExistsError(f"{results_path} exists: pass resume=True (--resume) to continue it, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -133,13 +136,18 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         records = [r for r in _read_records(results_path) if r["kind"] != "round" or r["round"] <= step]
         if not records or records[0]["kind"] != "config":
             records = [header] + records
-    _write_records(results_path, records)
+    if writer:
+        _write_records(results_path, records)
 
     x_eval, y_eval = exp.dataset.x_test, exp.dataset.y_test
     n_fit = min(len(exp.dataset.y_train), 2048)
     x_fit, y_fit = exp.dataset.x_train[:n_fit], exp.dataset.y_train[:n_fit]
     mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
     compiled: dict[int, Callable] = {}
+    available = None
+    if config.stream_start < 1.0:
+        available = functools.partial(qdata_data.available_counts, start_fraction=config.stream_start,
+                                      arrival_rounds=config.stream_rounds or max(config.rounds - 1, 1))
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -152,7 +160,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         length = min(config.eval_every - done % config.eval_every, config.rounds - done)
         if length not in compiled:
             compiled[length] = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
-                                                  num_rounds=length, state_template=state)
+                                                  num_rounds=length, state_template=state, available=available)
         state, bits = compiled[length](state, index, count, x_train, y_train)
         bits = engine.fetch(bits)
         for part, values in bits.items():
@@ -173,8 +181,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         if not math.isfinite(record["train_loss"]):
             record["diverged"] = True
         records.append(record)
-        with open(results_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if writer:
+            with open(results_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
             manager.save(done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),

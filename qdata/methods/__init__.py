@@ -1,0 +1,43 @@
+"""Training methods behind one interface (:class:`Method`): qdata, SGD and gradient compression."""
+
+from __future__ import annotations
+
+from qdata.methods.base import Method
+from qdata.methods.gradient import gradient_compression, sgd
+from qdata.methods.qdata import qdata_method
+
+
+def build_method(config, model, dataset, d: int) -> Method:
+    """The method a :class:`~qdata.config.RunConfig` names, for ``model`` on ``dataset`` (d parameters)."""
+    from qdata import gate as gates
+    from qdata import models
+    from qdata.codecs import quantizers
+    from qdata.config import make_compressor
+    from qdata.estimator import qdata_estimator
+
+    loss_fn = models.per_sample_loss(model)
+    if config.method == "sgd":
+        return sgd(loss_fn)
+    if config.method == "gradient":
+        return gradient_compression(loss_fn, make_compressor(config.compressor, d),
+                                    error_feedback=config.error_feedback, name="gradient")
+    lo, hi = dataset.value_range
+    quantizer = {
+        "stochastic": lambda: quantizers.stochastic_rounding(config.bits, lo, hi),
+        "nearest": lambda: quantizers.nearest_rounding(config.bits, lo, hi),
+        "dither": lambda: quantizers.subtractive_dither(config.bits, lo, hi),
+        "per_sample": lambda: quantizers.per_sample_range(config.bits),
+    }[config.quantizer]()
+    gate = {"off": gates.no_gate, "bernoulli": lambda: gates.bernoulli_gate(config.rho),
+            "top": lambda: gates.top_fraction_gate(config.rho)}[config.gate]()
+    score_fn = None
+    if config.score == "grad_norm":
+        score_fn = gates.gradient_norm_score(models.logits_and_features(model), models.cross_entropy)
+    correction = None if config.correction == "off" else make_compressor(config.correction, d)
+    estimator = qdata_estimator(loss_fn, quantizer, num_classes=dataset.num_classes, gate=gate,
+                                correction=correction, score_fn=score_fn)
+    needs_params = correction is not None or config.gate != "off"
+    return qdata_method(estimator, needs_params=needs_params)
+
+
+__all__ = ["Method", "build_method", "gradient_compression", "qdata_method", "sgd"]

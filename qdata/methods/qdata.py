@@ -1,0 +1,36 @@
+"""qdata as a training method: nodes send quantized samples (and optional corrections), not gradients.
+
+The node side is :func:`qdata.estimator.qdata_estimator`'s message; the learner decodes the N
+messages and averages the N per-node estimates g_i, so
+g = (1/N) sum_i [(1/b) sum_j a_j grad f(w; Q(x_j), y_j) + C(delta_i)] (DESIGN.md section 2, step 4).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qdata.estimator import Estimator
+from qdata.methods.base import Method
+
+
+def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str = "qdata") -> Method:
+    """Wrap a one-node :class:`~qdata.estimator.Estimator` as a :class:`Method` over N nodes.
+
+    Args:
+      estimator: the node message, per-node learner gradient and bit ledger.
+      needs_params: whether nodes need the model each round (they do to score samples for a gate or
+        to compute a correction; a plain quantize-and-send node does not, and pays no downlink).
+      name: the method's name in results.
+    """
+
+    def init_learner(params):
+        del params
+        return ()
+
+    def learner_gradient(params, messages, learner_state):
+        per_node = jax.vmap(estimator.learner_gradient, in_axes=(None, 0))(params, messages)
+        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_node), learner_state
+
+    return Method(name, estimator.init, init_learner, estimator.node_message, learner_gradient,
+                  estimator.uplink_bits, needs_params=needs_params)

@@ -1,0 +1,143 @@
+"""The engine end to end: devices, processes, resume, and the bit ledger in the results file."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qdata import results as qresults
+from qdata.config import RunConfig
+from qdata.run import final_params, train
+
+# Small but complete: digits, an MLP, 4 nodes, qdata with every part of the message switched on
+# (4-bit codes, Bernoulli gate with fp16 weights and a mask, random-k correction).
+FLAGS = ["--dataset", "digits", "--model", "mlp", "--num-nodes", "4", "--batch-size", "16",
+         "--rounds", "6", "--eval-every", "3", "--checkpoint-every", "3", "--seed", "3",
+         "--method", "qdata", "--bits", "4", "--gate", "bernoulli", "--rho", "0.5",
+         "--correction", "randk:32", "--no-progress"]
+
+
+def _cli(args, env_extra=None, **kw):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(env_extra or {})
+    return subprocess.Popen([sys.executable, "-m", "qdata.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _params(out_dir):
+    header, _ = qresults.load(out_dir)
+    config = RunConfig.from_dict(header["config"]).replace(num_devices=1)
+    return final_params(out_dir, config)
+
+
+def _assert_same_params(a, b):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        # Float reductions differ in order between layouts; anything beyond that would be a real bug.
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_four_devices_equal_one_device_and_two_processes(tmp_path):
+    one = _cli(FLAGS + ["--out", str(tmp_path / "one"), "--num-devices", "1"])
+    _finish(one)
+    four = _cli(FLAGS + ["--out", str(tmp_path / "four"), "--num-devices", "4", "--local-devices", "4"])
+    _finish(four)
+    port = str(_free_port())
+    procs = [
+        _cli(FLAGS + ["--out", str(tmp_path / "procs"), "--num-devices", "4", "--local-devices", "2",
+                      "--num-processes", "2", "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}"])
+        for i in range(2)
+    ]
+    for p in procs:
+        _finish(p)
+    p1, p4, p22 = _params(tmp_path / "one"), _params(tmp_path / "four"), _params(tmp_path / "procs")
+    _assert_same_params(p1, p4)
+    _assert_same_params(p4, p22)
+    # The ledgers agree too: the bits are those of the same messages.
+    ledgers = [qresults.load(tmp_path / d)[1][-1]["cumulative_uplink_bits"] for d in ("one", "four", "procs")]
+    assert ledgers[0] == ledgers[1] == ledgers[2]
+    header, _ = qresults.load(tmp_path / "procs")
+    assert header["processes"] == 2 and header["devices"] == 4
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    config = RunConfig(dataset="digits", model="mlp", num_nodes=4, batch_size=16, rounds=12, eval_every=2,
+                       checkpoint_every=4, method="gradient", compressor="topk:0.01", error_feedback=True, seed=1)
+    train(config, tmp_path / "full")
+
+    def kill_after_round_6(record):
+        if record["round"] == 6:  # checkpoint at 4; rounds 5-6 are lost and recomputed
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(config, tmp_path / "killed", on_round=kill_after_round_6)
+    with pytest.raises(FileExistsError):
+        train(config, tmp_path / "killed")
+    train(config, tmp_path / "killed", resume=True)
+    _assert_same_params(_params(tmp_path / "full"), _params(tmp_path / "killed"))
+    _, full_rounds = qresults.load(tmp_path / "full")
+    _, resumed_rounds = qresults.load(tmp_path / "killed")
+    assert [r["round"] for r in resumed_rounds] == [r["round"] for r in full_rounds]
+    assert full_rounds[-1]["cumulative_uplink_bits"] == resumed_rounds[-1]["cumulative_uplink_bits"]
+
+
+def test_ledger_in_results_is_exact(tmp_path):
+    config = RunConfig(dataset="digits", model="mlp", num_nodes=2, batch_size=8, rounds=4, eval_every=2,
+                       checkpoint_every=0, method="qdata", bits=4, correction="off")
+    train(config, tmp_path)
+    header, rounds = qresults.load(tmp_path)
+    n = header["dataset"]["n"]
+    # 8 samples of 64 4-bit codes (32 bytes each) and 8 labels of ceil(log2 10) = 4 bits (4 bytes).
+    per_node_round = 8 * (n * 4 // 8) * 8 + 8 * 4
+    assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == per_node_round
+    assert rounds[-1]["cumulative_uplink_bits"]["total"] == per_node_round * 2 * 4
+    assert rounds[-1]["cumulative_uplink_bits"]["correction"] == 0
+    # Neither a gate nor a correction: nodes do not need the model, so no downlink is charged.
+    assert header["downlink_bits_per_node_per_round"] == 0
+    sgd = RunConfig(dataset="digits", model="mlp", num_nodes=2, batch_size=8, rounds=2, eval_every=2,
+                    checkpoint_every=0, method="sgd")
+    train(sgd, tmp_path / "sgd")
+    header, rounds = qresults.load(tmp_path / "sgd")
+    d = header["model"]["params"]
+    assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == 32 * d
+    assert rounds[-1]["cumulative_downlink_bits"] == 32 * d * 2 * 2
+
+
+def test_streaming_nodes_only_draw_arrived_samples(tmp_path):
+    config = RunConfig(dataset="digits", model="logreg", num_nodes=2, batch_size=8, rounds=4, eval_every=4,
+                       checkpoint_every=0, method="sgd", stream_start=0.05, stream_rounds=100)
+    record = train(config, tmp_path)
+    assert record["round"] == 4
+
+
+def test_cli_bad_input_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--dataset", "no_such_dataset_xyz",
+                          "--out", str(tmp_path / "x"), "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "no_such_dataset_xyz" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--bits", "17", "--out", str(tmp_path / "y")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "bits" in out.stderr
