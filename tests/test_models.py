@@ -1,0 +1,169 @@
+"""Flax models and the functions of (params, batch) built on them (qdata/models.py)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdata import models as M
+
+KEY = jax.random.PRNGKey(0)
+
+
+def final_dense(params, h_dim, num_classes):
+    """The (kernel, bias) of the layer mapping features h to logits, found by its shape."""
+    found = [v for v in jax.tree_util.tree_leaves(params, is_leaf=lambda t: isinstance(t, dict) and "kernel" in t)
+             if isinstance(v, dict) and v["kernel"].shape == (h_dim, num_classes)]
+    assert len(found) >= 1
+    return found[-1]["kernel"], found[-1]["bias"]
+
+
+def random_params(model, sample_shape, seed=0):
+    """Params of the right shapes without compiling the initializer (fast for large models)."""
+    shapes = jax.eval_shape(lambda: M.init_params(model, KEY, sample_shape))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+SMALL = [("logreg", (8, 8, 1), {}), ("mlp", (8, 8, 1), {"hidden": (32, 16)}), ("cnn", (8, 8, 1), {}),
+         ("resnet20", (8, 8, 3), {})]
+_INITIALIZED = {}
+
+
+def small_model(name, shape, kwargs, num_classes=7):
+    """(model, params), initialised once per configuration for the whole module."""
+    key = (name, shape, tuple(kwargs.items()), num_classes)
+    if key not in _INITIALIZED:
+        model = M.make_model(name, num_classes, **kwargs)
+        _INITIALIZED[key] = model, M.init_params(model, KEY, shape)
+    return _INITIALIZED[key]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", SMALL)
+def test_logits_features_and_last_layer(name, shape, kwargs):
+    model, params = small_model(name, shape, kwargs)
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2,) + shape)
+    logits, h = jax.jit(M.logits_and_features(model))(params, x)
+    assert logits.shape == (2, 7) and h.ndim == 2 and h.shape[0] == 2
+    # h is the input of the final dense layer: logits = h W + c, which the gradient-norm score uses.
+    kernel, bias = final_dense(params, h.shape[1], 7)
+    np.testing.assert_allclose(h @ kernel + bias, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,shape,kwargs", SMALL)
+def test_loss_is_per_sample(name, shape, kwargs):
+    # No batch statistics: each sample's loss is the same alone as inside a batch (GroupNorm, no BatchNorm).
+    model, params = small_model(name, shape, kwargs)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (3,) + shape)
+    y = jnp.array([0, 3, 6])
+    loss_fn = jax.jit(M.per_sample_loss(model))
+    batch = loss_fn(params, x, y)
+    assert batch.shape == (3,)
+    alone = jnp.concatenate([loss_fn(params, x[j:j + 1], y[j:j + 1]) for j in range(3)])
+    np.testing.assert_allclose(batch, alone, rtol=1e-5, atol=1e-5)
+    logits = jax.jit(model.apply)({"params": params}, x)
+    np.testing.assert_allclose(batch, -jax.nn.log_softmax(logits)[jnp.arange(3), y], rtol=1e-5, atol=1e-5)
+
+
+def test_param_counts():
+    n, c = 64, 10
+    assert M.param_count(M.init_params(M.make_model("logreg", c), KEY, (8, 8, 1))) == n * c + c
+    mlp = M.init_params(M.make_model("mlp", c, hidden=(32, 16)), KEY, (8, 8, 1))
+    assert M.param_count(mlp) == (n * 32 + 32) + (32 * 16 + 16) + (16 * c + c)
+    # He et al. (2016) report 0.27M for ResNet-20 and ~11.2M is the usual CIFAR ResNet-18 figure.
+    r20 = jax.eval_shape(lambda: M.init_params(M.ResNet20(10), KEY, (32, 32, 3)))
+    assert 0.26e6 <= M.param_count(r20) <= 0.28e6
+    r18 = jax.eval_shape(lambda: M.init_params(M.ResNet18(10), KEY, (32, 32, 3)))
+    assert 11.0e6 <= M.param_count(r18) <= 11.3e6
+    # The ResNets pool globally: their params do not depend on the image size.
+    r18_small = jax.eval_shape(lambda: M.init_params(M.ResNet18(10), KEY, (8, 8, 3)))
+    assert M.param_count(r18_small) == M.param_count(r18)
+
+
+def test_resnet18_forward_on_tiny_images():
+    model = M.make_model("resnet18", 10)
+    params = random_params(model, (8, 8, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3))
+    logits, h = jax.jit(M.logits_and_features(model))(params, x)
+    assert logits.shape == (2, 10) and h.shape == (2, 512)
+    assert np.all(np.isfinite(np.asarray(logits)))
+    kernel, bias = final_dense(params, 512, 10)
+    np.testing.assert_allclose(h @ kernel + bias, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_entropy():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    y = jnp.array([0, 2])
+    expected = [math.log(math.exp(2) + 1 + math.exp(-1)) - 2, math.log(3)]
+    np.testing.assert_allclose(M.cross_entropy(logits, y), expected, rtol=1e-6)
+
+
+def test_accuracy_batches_with_remainder():
+    model = M.make_model("mlp", 4, hidden=(8,))
+    params = M.init_params(model, KEY, (5,))
+    rng = np.random.default_rng(0)
+    x = rng.random((37, 5), dtype=np.float32)
+    pred = np.asarray(jnp.argmax(model.apply({"params": params}, x), -1))
+    y = np.where(rng.random(37) < 0.5, pred, (pred + 1) % 4).astype(np.int32)
+    expected = np.mean(pred == y)
+    for batch_size in (10, 37, 1000):
+        assert M.accuracy(model, params, x, y, batch_size=batch_size) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="batch_size"):
+        M.accuracy(model, params, x, y, batch_size=0)
+
+
+def test_cnn_on_flat_vectors_is_a_clear_error():
+    model = M.make_model("cnn", 10)
+    with pytest.raises(ValueError, match=r"SmallCNN expects images of shape \(batch, H, W, C\), got x of shape \(1, 64\)"):
+        M.init_params(model, KEY, (64,))
+    params = M.init_params(model, KEY, (8, 8, 1))
+    with pytest.raises(ValueError, match=r"\(2, 64\)"):
+        model.apply({"params": params}, jnp.zeros((2, 64)))
+
+
+@pytest.mark.parametrize("name,shape,bad", [
+    ("logreg", (8, 8, 1), (28, 28, 1)),
+    ("mlp", (8, 8, 1), (10,)),
+    ("cnn", (8, 8, 1), (16, 16, 1)),
+    ("resnet20", (8, 8, 3), (8, 8, 1)),
+])
+def test_mismatched_sample_shape(name, shape, bad):
+    model = M.make_model(name, 3)
+    params = M.init_params(model, KEY, shape)
+    loss_fn = jax.jit(M.per_sample_loss(model))
+    with pytest.raises(ValueError) as info:
+        loss_fn(params, jnp.zeros((2,) + bad), jnp.zeros(2, jnp.int32))
+    msg = str(info.value)
+    assert str(bad) in msg and "params do not fit" in msg and "need" in msg
+
+
+def test_factory_and_argument_errors():
+    with pytest.raises(ValueError, match="logreg.*mlp.*cnn.*resnet20.*resnet18"):
+        M.make_model("vgg", 10)
+    with pytest.raises(ValueError, match="num_classes"):
+        M.make_model("logreg", 0)
+    with pytest.raises(ValueError, match="num_classes"):
+        M.ResNet20(num_classes=-1)
+    with pytest.raises(ValueError, match="hidden"):
+        M.make_model("mlp", 10, hidden=())
+    with pytest.raises(ValueError, match="norm_groups"):
+        M.ResNet20(10, norm_groups=3)
+    with pytest.raises(ValueError, match="sample_shape"):
+        M.init_params(M.make_model("logreg", 10), KEY, (0, 3))
+
+
+def norm_layers(params):
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if "GroupNorm" in jax.tree_util.keystr(path) or "BatchNorm" in jax.tree_util.keystr(path)}
+
+
+def test_resnets_use_group_norm_or_none():
+    for model in (M.ResNet20(4), M.ResNet18(4)):
+        layers = norm_layers(jax.eval_shape(lambda: M.init_params(model, KEY, (4, 4, 3))))
+        assert layers and all("GroupNorm" in name for name in layers)
+    model = M.ResNet20(4, norm_groups=None)
+    params = random_params(model, (4, 4, 3))
+    assert not norm_layers(params)
+    assert jax.jit(model.apply)({"params": params}, jnp.zeros((1, 4, 4, 3))).shape == (1, 4)
