@@ -85,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
                   f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
         else:
-            from qdata.compare import compare
-            from qdata.config import RunConfig
+            from qdata.compare import DEFAULT_BASE, compare
 
-            base = _config_from(args, RunConfig(rounds=300))
+            base = _config_from(args, DEFAULT_BASE)
             summary = compare(base, args.out, progress=not args.no_progress)
             print(summary["table"])
             print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")

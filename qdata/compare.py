@@ -21,6 +21,11 @@ from qdata.run import train
 
 TARGET_FRACTION = 0.95
 
+# The main job's setting: digits (n = 64), an MLP with one hidden layer of 128 (d = 9,610, so
+# d >= 100 n), 8 iid nodes, batch 32, 300 rounds.
+DEFAULT_BASE = RunConfig(dataset="digits", model="mlp:128", num_nodes=8, batch_size=32, rounds=300,
+                         eval_every=10, lr=0.1, momentum=0.9, seed=0)
+
 
 def default_lineup(base: RunConfig) -> list[tuple[str, RunConfig]]:
     """The methods compared by default: qdata (4-bit data; correction on/off; gate on/off), fp32 SGD,

@@ -105,7 +105,7 @@ def init_state(method: Method, optimizer: optax.GradientTransformation, params: 
     node_state = method.init_node(params)
     node_states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + jnp.shape(a)), node_state)
     return TrainState(params=params, opt_state=optimizer.init(params), node_states=node_states,
-                      learner_state=method.init_learner(params), key=jax.random.PRNGKey(seed),
+                      learner_state=method.init_learner(params, num_nodes), key=jax.random.PRNGKey(seed),
                       round=jnp.zeros((), jnp.int32))
 
 
@@ -156,7 +156,7 @@ def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: M
                 k_batch, k_message = jax.random.split(k)
                 pos = jax.random.randint(k_batch, (batch_size,), 0, n_rows)
                 ids = rows[pos]
-                batch = {"x": x_train[ids], "y": y_train[ids], "id": ids}
+                batch = {"x": x_train[ids], "y": y_train[ids], "id": ids, "pos": pos}
                 message, node_state = method.node_message(k_message, node_params, batch, node_state)
                 return message, node_state, method.uplink_bits(message)
 

@@ -27,6 +27,17 @@ of packed arrays; :func:`qdata_estimator`'s ``uplink_bits`` reads the bits off t
 * ``mask``: with a gate (rho < 1), a b-bit bitmap telling the learner which samples arrived (also what
   a cache keyed by sample id needs). With rho = 1 every sample arrives and nothing is sent.
 * ``correction``: the compressor's payload of delta_i.
+* ``positions`` (with a cache only): each transmitted sample's position in the node's shard
+  (ceil(log2 cache_size) bits) and a b-bit bitmap of the *fresh* ones, those the learner has not
+  received before.
+
+The learner-side cache (``cache_size`` set). The learner keeps, per node, the quantized rows and
+labels it has received, keyed by the sample's position in the node's shard; the node keeps the
+same rows (what it sent) and a bitmap of what the learner holds. A transmitted sample already
+held is sent as its position alone: no codes, no label. Both sides then use the *same* Q(x_j) as
+when it was first sent, so the correction delta_i (computed at the node against that Q(x_j))
+still makes g_i unbiased; without a correction the quantized dataset is fixed once received.
+Quantizers with per-message side information (subtractive dither's seed) cannot be cached.
 """
 
 from __future__ import annotations
@@ -64,6 +75,28 @@ class NodeMessage:
     weights: Payload
     mask: Payload
     correction: Payload
+    positions: Payload = struct.field(default_factory=Payload)
+
+
+class NodeCache(NamedTuple):
+    """The node's record of what the learner holds: the rows it sent, and which positions."""
+
+    rows: PyTree  # the quantizer's payload rows, (cache_size, ...)
+    sent: Array  # (cache_size,) bool
+
+
+class CachedState(NamedTuple):
+    """Node state of an estimator with a cache: the correction's state and the node's cache."""
+
+    correction: PyTree
+    cache: NodeCache
+
+
+class LearnerCache(NamedTuple):
+    """One node's samples as held by the learner: quantized rows and labels, by shard position."""
+
+    rows: PyTree  # (cache_size, ...)
+    labels: Array  # (cache_size,) int32
 
 
 class LabelMeta(NamedTuple):
@@ -82,13 +115,18 @@ class Estimator(NamedTuple):
       node_message: ``node_message(key, params, batch, state) -> (NodeMessage, state)``.
       learner_gradient: ``learner_gradient(params, message) -> grads`` (a pytree like params), g_i.
       uplink_bits: ``uplink_bits(message) -> dict`` of int32 scalars: 'data', 'labels', 'weights',
-        'metadata', 'mask', 'correction' and 'total'.
+        'metadata', 'mask', 'correction', 'positions' and 'total'.
+      init_cache: with a cache, ``init_cache(sample_shape) -> LearnerCache`` for one node.
+      learner_gradient_cached: with a cache, ``(params, message, cache) -> (grads, cache)``; the
+        learner fills the cache from the fresh rows, then reads every transmitted row from it.
     """
 
     init: Callable[[PyTree], PyTree]
     node_message: Callable[..., tuple[NodeMessage, PyTree]]
     learner_gradient: Callable[[PyTree, NodeMessage], PyTree]
     uplink_bits: Callable[[NodeMessage], dict]
+    init_cache: Callable[..., Any] | None = None
+    learner_gradient_cached: Callable[..., tuple[PyTree, Any]] | None = None
 
 
 def full_gradient(loss_fn: Callable[..., Array]) -> Callable[..., PyTree]:
@@ -156,6 +194,8 @@ def qdata_estimator(
     gate: Gate = no_gate(),
     correction: Compressor | None = None,
     score_fn: Callable[..., Array] | None = None,
+    cache_size: int | None = None,
+    sample_shape: tuple[int, ...] | None = None,
 ) -> Estimator:
     """Build the qdata node message, learner gradient and bit ledger (DESIGN.md section 2).
 
@@ -167,6 +207,9 @@ def qdata_estimator(
       correction: the vector compressor C of the gradient-difference correction; None to send none.
       score_fn: ``(params, x, y) -> (b,)`` scores for the gate; default the per-sample loss. Only
         evaluated when the gate has rho < 1.
+      cache_size: turn on the learner-side cache (module docstring) for nodes holding up to this
+        many samples; ``batch['pos']`` (b,) must then give each sample's position in the node's shard.
+      sample_shape: the shape of one sample; required with ``cache_size``.
 
     Returns:
       An :class:`Estimator`. With the correction on and ``quantizer``, ``correction`` and ``gate`` all
@@ -180,6 +223,20 @@ def qdata_estimator(
         raise ValueError(f"gate must be a qdata.gate.Gate, got {type(gate).__name__}")
     if correction is not None and not isinstance(correction, Compressor):
         raise ValueError(f"correction must be a base.Compressor or None, got {type(correction).__name__}")
+    cached = cache_size is not None
+    if cached:
+        cache_size = base.check_int(cache_size, "cache_size", lo=1)
+        if sample_shape is None:
+            raise ValueError("sample_shape is required with cache_size (the cache holds quantized samples)")
+        sample_shape = tuple(int(s) for s in sample_shape)
+        template = jax.eval_shape(quantizer.encode, jax.random.PRNGKey(0), jnp.zeros((1,) + sample_shape))
+        if template.arrays:
+            raise ValueError(
+                f"this quantizer sends per-message side information ({sorted(template.arrays)}), so its "
+                "codes cannot be cached and decoded later; use a quantizer without it (e.g. stochastic "
+                "rounding or per-sample ranges) or cache_size=None")
+        row_template = template.rows
+        pos_width = base.index_width(cache_size)
     if score_fn is None:
         score_fn = loss_score(loss_fn)
     width = base.index_width(num_classes)
@@ -192,10 +249,32 @@ def qdata_estimator(
         return jnp.sum(jnp.where(a > 0, a * losses, 0.0)) / x.shape[0]
 
     def init(params):
-        return correction.init(params) if correction is not None else EmptyState()
+        corr_state = correction.init(params) if correction is not None else EmptyState()
+        if not cached:
+            return corr_state
+        rows = jax.tree_util.tree_map(lambda t: jnp.zeros((cache_size,) + t.shape[1:], t.dtype), row_template)
+        return CachedState(corr_state, NodeCache(rows=rows, sent=jnp.zeros((cache_size,), bool)))
+
+    def init_cache(sample_shape_=None):
+        del sample_shape_
+        rows = jax.tree_util.tree_map(lambda t: jnp.zeros((cache_size,) + t.shape[1:], t.dtype), row_template)
+        return LearnerCache(rows=rows, labels=jnp.zeros((cache_size,), jnp.int32))
+
+    def _ordered_stream(values: Array, keep: Array, bits_each: int) -> Array:
+        # Kept values first, in sample order (stable sort on "not kept"), zeros after them.
+        order = jnp.argsort(1 - keep.astype(jnp.int32), stable=True)
+        return base.pack_codes(jnp.where(keep[order] > 0, values[order], 0), bits_each)
+
+    def _scatter_rows(table, rows, pos, keep):
+        # Rows not kept are sent out of range and dropped by the scatter.
+        where = jnp.where(keep > 0, pos, jax.tree_util.tree_leaves(table)[0].shape[0])
+        return jax.tree_util.tree_map(lambda t, r: t.at[where].set(r.astype(t.dtype), mode="drop"), table, rows)
+
+    def _gather_rows(table, pos):
+        return jax.tree_util.tree_map(lambda t: t[pos], table)
 
     def node_message(key, params, batch, state):
-        """Steps 1-3 at node i: gate, quantize, correct. Returns (NodeMessage, new correction state).
+        """Steps 1-3 at node i: gate, quantize, correct. Returns (NodeMessage, new state).
 
         Shapes and dtypes of ``batch`` are checked always (also under jit); NaN/inf in ``batch['x']``
         and labels outside 0..C-1 only when the values are concrete (not traced).
@@ -211,30 +290,46 @@ def qdata_estimator(
             sel = Selection(mask=ones, weight=ones, prob=ones)
         mask = sel.mask
 
-        data = _keep_rows(quantizer.encode(k_data, x), mask)
+        encoded = quantizer.encode(k_data, x)
+        positions = Payload()
+        if cached:
+            corr_state, node_cache = state
+            if "pos" not in batch:
+                raise ValueError("batch['pos'] (each sample's position in the node's shard) is required with a cache")
+            pos = jnp.asarray(batch["pos"], jnp.int32)
+            # Fresh: transmitted, not yet at the learner, and the first transmitted copy in this batch.
+            earlier = jnp.tril(pos[:, None] == pos[None, :], k=-1) & (mask[None, :] > 0)
+            fresh = ((mask > 0) & ~node_cache.sent[pos] & ~jnp.any(earlier, axis=1)).astype(jnp.float32)
+            node_cache = NodeCache(rows=_scatter_rows(node_cache.rows, encoded.rows, pos, fresh),
+                                   sent=node_cache.sent.at[jnp.where(fresh > 0, pos, cache_size)].set(True, mode="drop"))
+            # Every transmitted sample is used as the learner holds it: as first sent.
+            encoded = encoded.replace(rows=_gather_rows(node_cache.rows, pos))
+            positions = Payload(arrays={"positions": _ordered_stream(pos, mask, pos_width),
+                                        "fresh": base.pack_codes(fresh.astype(jnp.uint32), 1)},
+                                meta=LabelMeta(b, pos_width, cache_size))
+        else:
+            corr_state = state
+            fresh = mask
 
-        # Transmitted labels first, in sample order (stable sort on "not sent"), zeros after them.
-        order = jnp.argsort(1 - mask.astype(jnp.int32), stable=True)
-        sent_labels = jnp.where(mask[order] > 0, y[order], 0)
-        labels = Payload(
-            arrays={"labels": base.pack_codes(sent_labels, width)}, meta=LabelMeta(b, width, num_classes)
-        )
-
+        data = _keep_rows(encoded, fresh)
+        labels = Payload(arrays={"labels": _ordered_stream(y, fresh, width)}, meta=LabelMeta(b, width, num_classes))
         weights = Payload(rows={"prob": jnp.where(mask > 0, sel.prob, 0.0).astype(jnp.float16)}) if sends_weights else Payload()
         bitmap = Payload(arrays={"bitmap": base.pack_codes(mask.astype(jnp.uint32), 1)}) if gated else Payload()
 
         if correction is not None:
             # The node decodes its own message so that it uses exactly the Q(x_j) and a_j the learner
             # will use; then delta is unbiased for what the learner misses.
-            x_hat = _decoded(data, mask)
+            x_hat = _decoded(_keep_rows(encoded, mask), mask)
             a = _weights_from(weights, mask)
             g_x = jax.grad(weighted_mean_loss)(params, x, y, a)
             g_q = jax.grad(weighted_mean_loss)(params, x_hat, y, a)
             delta = jax.tree_util.tree_map(jnp.subtract, g_x, g_q)
-            corr, state = correction.encode(k_corr, delta, state)
+            corr, corr_state = correction.encode(k_corr, delta, corr_state)
         else:
             corr = Payload()
-        message = NodeMessage(data=data, labels=labels, weights=weights, mask=bitmap, correction=corr)
+        message = NodeMessage(data=data, labels=labels, weights=weights, mask=bitmap, correction=corr,
+                              positions=positions)
+        state = CachedState(corr_state, node_cache) if cached else corr_state
         return message, state
 
     def _decoded(data: Payload, mask: Array) -> Array:
@@ -254,41 +349,72 @@ def qdata_estimator(
             return jnp.ones((b,), jnp.float32)
         return base.unpack_codes(message.mask.arrays["bitmap"], 1, b).astype(jnp.float32)
 
-    def _received_labels(message: NodeMessage, mask: Array) -> Array:
-        meta: LabelMeta = message.labels.meta
-        stream = base.unpack_codes(message.labels.arrays["labels"], meta.width, meta.batch).astype(jnp.int32)
-        position = jnp.cumsum(mask.astype(jnp.int32)) - 1
-        return jnp.where(mask > 0, stream[jnp.clip(position, 0, meta.batch - 1)], 0)
+    def _fresh_mask(message: NodeMessage, mask: Array) -> Array:
+        if not cached:
+            return mask
+        return base.unpack_codes(message.positions.arrays["fresh"], 1, mask.shape[0]).astype(jnp.float32)
 
-    def learner_gradient(params, message: NodeMessage):
-        """Step 4 for one node: g_i = (1/b) sum_j a_j grad_w f(w; Q(x_j), y_j) + C(delta_i), read
-        from what crossed the link only (bitmap, codes, label stream, fp16 p~_j, correction)."""
-        mask = _received_mask(message)
-        x_hat = _decoded(message.data, mask)
-        y = _received_labels(message, mask)
+    def _unstream(stream: Payload, key: str, keep: Array) -> Array:
+        """Row j's value from a stream holding the kept rows' values in order (0 elsewhere)."""
+        meta: LabelMeta = stream.meta
+        values = base.unpack_codes(stream.arrays[key], meta.width, meta.batch).astype(jnp.int32)
+        position = jnp.cumsum(keep.astype(jnp.int32)) - 1
+        return jnp.where(keep > 0, values[jnp.clip(position, 0, meta.batch - 1)], 0)
+
+    def _gradient(params, message, x_hat, y, mask):
         a = _weights_from(message.weights, mask)
         g = jax.grad(weighted_mean_loss)(params, x_hat, y, a)
         if correction is not None:
             g = jax.tree_util.tree_map(lambda u, v: u + v.astype(u.dtype), g, correction.decode(message.correction))
         return g
 
+    def learner_gradient(params, message: NodeMessage):
+        """Step 4 for one node: g_i = (1/b) sum_j a_j grad_w f(w; Q(x_j), y_j) + C(delta_i), read
+        from what crossed the link only (bitmap, codes, label stream, fp16 p~_j, correction)."""
+        if cached:
+            raise ValueError("this estimator has a cache: use learner_gradient_cached(params, message, cache)")
+        mask = _received_mask(message)
+        return _gradient(params, message, _decoded(message.data, mask), _unstream(message.labels, "labels", mask), mask)
+
+    def learner_gradient_cached(params, message: NodeMessage, cache: LearnerCache):
+        """Step 4 with the learner's cache of this node's samples: store the fresh rows and labels,
+        then read every transmitted sample from the cache. Returns (g_i, cache)."""
+        mask = _received_mask(message)
+        fresh = _fresh_mask(message, mask)
+        pos = _unstream(message.positions, "positions", mask)
+        labels = _unstream(message.labels, "labels", fresh)
+        cache = LearnerCache(
+            rows=_scatter_rows(cache.rows, message.data.rows, pos, fresh),
+            labels=cache.labels.at[jnp.where(fresh > 0, pos, cache_size)].set(labels, mode="drop"),
+        )
+        data = message.data.replace(rows=_gather_rows(cache.rows, pos))
+        y = jnp.where(mask > 0, cache.labels[pos], 0)
+        return _gradient(params, message, _decoded(data, mask), y, mask), cache
+
     def uplink_bits(message: NodeMessage) -> dict:
         """Exact bits of one node's message, part by part, read off the packed arrays (int32 scalars;
         vmap it over nodes, as :func:`base.payload_bits` counts one node at a time)."""
         mask = _received_mask(message)
+        fresh = _fresh_mask(message, mask)
         sent = jnp.sum(mask > 0).astype(jnp.int32)
-        quantizer_bits = jnp.asarray(quantizer.bits(message.data, mask), jnp.int32)
-        codes = jnp.asarray(base.payload_bits(_code_rows(message.data), mask), jnp.int32)
+        quantizer_bits = jnp.asarray(quantizer.bits(message.data, fresh), jnp.int32)
+        codes = jnp.asarray(base.payload_bits(_code_rows(message.data), fresh), jnp.int32)
         bits = {
             "data": codes,
-            "labels": _stream_prefix_bits(sent, message.labels.meta.width),
+            "labels": _stream_prefix_bits(jnp.sum(fresh > 0), message.labels.meta.width),
             "weights": jnp.asarray(base.payload_bits(message.weights, mask), jnp.int32),
             # What the quantizer sends besides the codes: per-sample ranges of transmitted rows, a seed.
             "metadata": quantizer_bits - codes,
             "mask": jnp.asarray(base.payload_bits(message.mask), jnp.int32),
             "correction": jnp.asarray(correction.bits(message.correction) if correction is not None else 0, jnp.int32),
         }
+        if cached:
+            # Positions of the transmitted samples (a stream prefix) and the b-bit bitmap of fresh ones.
+            bits["positions"] = (_stream_prefix_bits(sent, pos_width)
+                                 + base.array_bits(message.positions.arrays["fresh"]))
         bits["total"] = sum(bits.values())
         return bits
 
-    return Estimator(init=init, node_message=node_message, learner_gradient=learner_gradient, uplink_bits=uplink_bits)
+    return Estimator(init=init, node_message=node_message, learner_gradient=learner_gradient,
+                     uplink_bits=uplink_bits, init_cache=init_cache if cached else None,
+                     learner_gradient_cached=learner_gradient_cached if cached else None)

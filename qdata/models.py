@@ -266,7 +266,17 @@ MODELS = {
 
 def make_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """The model called ``name`` (one of :data:`MODELS`) with ``num_classes`` outputs; ``kwargs`` go to
-    its constructor (e.g. ``hidden=(128,)`` for ``"mlp"``)."""
+    its constructor (e.g. ``hidden=(128,)`` for ``"mlp"``). The MLP's widths can also be given in the
+    name, as on the command line: ``"mlp:128"``, ``"mlp:256x256"``."""
+    if name.startswith("mlp:") and "hidden" not in kwargs:
+        widths = name.split(":", 1)[1]
+        try:
+            hidden = tuple(int(w) for w in widths.split("x"))
+        except ValueError:
+            hidden = ()
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"model {name!r}: the MLP's hidden widths must be positive integers, e.g. 'mlp:128x64'")
+        name, kwargs = "mlp", {**kwargs, "hidden": hidden}
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     _check_classes(num_classes)

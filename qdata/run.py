@@ -52,10 +52,10 @@ class Experiment:
         self.model = models.make_model(config.model, self.dataset.num_classes)
         self.params = models.init_params(self.model, jax.random.PRNGKey(config.seed), self.dataset.sample_shape)
         self.d = models.param_count(self.params)
-        self.method = build_method(config, self.model, self.dataset, self.d)
-        self.optimizer = make_optimizer(config)
         indices = qdata_data.partition(config.partition, self.dataset, config.num_nodes, config.seed)
         self.index, self.count = qdata_data.stack_nodes(indices)
+        self.method = build_method(config, self.model, self.dataset, self.d, node_size=self.index.shape[1])
+        self.optimizer = make_optimizer(config)
         self.loss_fn = models.per_sample_loss(self.model)
 
     def describe(self) -> dict:

@@ -80,11 +80,18 @@ def payload_bits(payload: Payload, mask: Array | None = None):
 
 
 class Quantizer(NamedTuple):
-    """A data-sample codec. ``encode(key, x)`` with samples on the leading axis of ``x``."""
+    """A data-sample codec. ``encode(key, x)`` with samples on the leading axis of ``x``.
+
+    ``unbiased`` says whether ``E[decode(encode(key, x))] = x`` for values inside the range;
+    ``delta`` is the step ``Delta = (hi - lo) / (2^B - 1)`` of a dataset-wide range (None when the
+    range is per sample and travels with the payload).
+    """
 
     encode: Callable[[PRNGKey, Array], Payload]
     decode: Callable[[Payload], Array]
     bits: Callable[..., Any]
+    unbiased: bool = False
+    delta: float | None = None
 
 
 class EmptyState(NamedTuple):
@@ -104,6 +111,9 @@ class Compressor(NamedTuple):
     decode: Callable[[Payload], PyTree]
     bits: Callable[[Payload], int]
     unbiased: bool = False
+    # Relative variance bound of an unbiased compressor as a function of d:
+    # E||C(x) - x||^2 <= omega(d) * ||x||^2. None where no bound is claimed (biased compressors).
+    omega: Callable[[int], float] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +130,12 @@ class TreeSpec(NamedTuple):
     @property
     def size(self) -> int:
         return int(sum(math.prod(s) for s in self.shapes))
+
+
+def tree_spec(tree: PyTree) -> TreeSpec:
+    """The :class:`TreeSpec` of ``tree`` without concatenating its leaves (for per-leaf codecs)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return TreeSpec(treedef, tuple(tuple(l.shape) for l in leaves), tuple(jnp.dtype(l.dtype).name for l in leaves))
 
 
 def flatten(tree: PyTree) -> tuple[Array, TreeSpec]:
@@ -209,6 +225,47 @@ def index_width(d: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Cheap counter-based random words (for rounding and dither, where one draw per coordinate is needed).
+
+_WEYL = 0x9E3779B9  # 2^32 / golden ratio, odd: c -> c * _WEYL is a bijection of uint32
+
+
+def _mix32(h: Array) -> Array:
+    """lowbias32 (C. Wellons, hash-prospector): a bijective uint32 mixer with near-ideal avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def counter_bits(seed: Array, shape: tuple[int, ...]) -> Array:
+    """uint32 random words of ``shape`` from one uint32 ``seed``, several times cheaper than threefry.
+
+    Word ``c`` (row-major position) is ``mix(c * phi + seed)`` (mod 2^32) with ``phi = 0x9E3779B9``
+    and ``mix`` the bijection lowbias32. For each position the map ``seed -> word`` is a bijection of
+    uint32, so under a uniformly random ``seed`` every word is *exactly* uniform on 0..2^32-1 and the
+    words of independent seeds are independent: expectations over the seed (unbiasedness, mean
+    squared error) are exact. Words at different positions of one call are decorrelated by the
+    mixer only (two seeds give the same sequence shifted by ``(seed' - seed) / phi`` positions):
+    good enough for rounding noise and dither, not a cryptographic or general-purpose generator.
+    Both ends of a link can regenerate the words from the seed, so a shared dither costs 32 bits.
+
+    Args:
+      seed: uint32 scalar (e.g. ``jax.random.bits(key, (), jnp.uint32)``).
+      shape: static output shape, fewer than 2^32 elements.
+
+    Returns:
+      uint32 array of ``shape``.
+    """
+    size = math.prod(shape)
+    if size >= 2**32:
+        raise ValueError(f"counter_bits draws fewer than 2^32 words, got shape {shape}")
+    c = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _mix32(c * jnp.uint32(_WEYL) + jnp.asarray(seed, jnp.uint32))
+
+
+# ----------------------------------------------------------------------------------------------
 # Argument checks: raised at construction or before any work, naming the argument.
 
 
@@ -216,6 +273,17 @@ def check_bits(bits: int, name: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
         raise ValueError(f"{name} must be an integer in 1..16, got {bits!r}")
     return int(bits)
+
+
+def check_int(value: int, name: str, lo: int = 1, hi: int | None = None) -> int:
+    """An integer hyper-parameter in ``lo..hi`` (``hi`` None: no upper bound); bools are refused."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+    if ok and (int(value) < lo or (hi is not None and int(value) > hi)):
+        ok = False
+    if not ok:
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {span}, got {value!r}")
+    return int(value)
 
 
 def check_range(lo: float, hi: float) -> tuple[float, float]:

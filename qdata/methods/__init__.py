@@ -7,8 +7,11 @@ from qdata.methods.gradient import gradient_compression, sgd
 from qdata.methods.qdata import qdata_method
 
 
-def build_method(config, model, dataset, d: int) -> Method:
-    """The method a :class:`~qdata.config.RunConfig` names, for ``model`` on ``dataset`` (d parameters)."""
+def build_method(config, model, dataset, d: int, *, node_size: int | None = None) -> Method:
+    """The method a :class:`~qdata.config.RunConfig` names, for ``model`` on ``dataset`` (d parameters).
+
+    ``node_size`` (the most samples a node holds) sizes the learner's cache when ``config.cache``.
+    """
     from qdata import gate as gates
     from qdata import models
     from qdata.codecs import quantizers
@@ -34,8 +37,12 @@ def build_method(config, model, dataset, d: int) -> Method:
     if config.score == "grad_norm":
         score_fn = gates.gradient_norm_score(models.logits_and_features(model), models.cross_entropy)
     correction = None if config.correction == "off" else make_compressor(config.correction, d)
+    if config.cache and node_size is None:
+        raise ValueError("config.cache needs node_size, the most samples a node holds")
     estimator = qdata_estimator(loss_fn, quantizer, num_classes=dataset.num_classes, gate=gate,
-                                correction=correction, score_fn=score_fn)
+                                correction=correction, score_fn=score_fn,
+                                cache_size=node_size if config.cache else None,
+                                sample_shape=dataset.sample_shape)
     needs_params = correction is not None or config.gate != "off"
     return qdata_method(estimator, needs_params=needs_params)
 

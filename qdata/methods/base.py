@@ -5,10 +5,13 @@ message from its minibatch and sends it (uplink), the learner turns the N messag
 estimate g and applies an optax update. A :class:`Method` says exactly those three things:
 
 * ``node_message(key, params, batch, node_state) -> (message, node_state)``: what node i computes and
-  sends. ``batch`` is ``{'x': (b, *sample_shape), 'y': (b,), 'id': (b,)}`` where ``id`` is the
-  sample's index in the training set (used only by methods that cache samples at the learner).
+  sends. ``batch`` is ``{'x': (b, *sample_shape), 'y': (b,), 'id': (b,), 'pos': (b,)}`` where ``id`` is
+  the sample's row in the training set and ``pos`` its position in the node's shard (used only by
+  methods that cache samples at the learner).
 * ``learner_gradient(params, messages, learner_state) -> (g, learner_state)``: ``messages`` is the
   stack of the N node messages (leading node axis) as received; only what crossed the link is used.
+  ``learner_state`` (from ``init_learner(params, num_nodes)``) is what the learner keeps between
+  rounds, e.g. its cache of received samples.
 * ``uplink_bits(message) -> dict[str, int32]``: the exact bits of one node's message, part by part,
   read off the packed payload; must contain ``'total'``.
 
@@ -27,7 +30,7 @@ class Method(NamedTuple):
 
     name: str
     init_node: Callable[[PyTree], PyTree]
-    init_learner: Callable[[PyTree], PyTree]
+    init_learner: Callable[[PyTree, int], PyTree]
     node_message: Callable[..., tuple[PyTree, PyTree]]
     learner_gradient: Callable[..., tuple[PyTree, PyTree]]
     uplink_bits: Callable[[PyTree], dict]

@@ -39,8 +39,8 @@ def gradient_compression(loss_fn, compressor: Compressor, *, error_feedback: boo
     def init_node(params):
         return compressor.init(params)
 
-    def init_learner(params):
-        del params
+    def init_learner(params, num_nodes):
+        del params, num_nodes
         return ()
 
     def node_message(key, params, batch, node_state):

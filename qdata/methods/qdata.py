@@ -3,6 +3,8 @@
 The node side is :func:`qdata.estimator.qdata_estimator`'s message; the learner decodes the N
 messages and averages the N per-node estimates g_i, so
 g = (1/N) sum_i [(1/b) sum_j a_j grad f(w; Q(x_j), y_j) + C(delta_i)] (DESIGN.md section 2, step 4).
+With the estimator's cache on, the learner keeps each node's received samples (its state) and a
+sample already held travels as its position alone.
 """
 
 from __future__ import annotations
@@ -18,18 +20,26 @@ def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str =
     """Wrap a one-node :class:`~qdata.estimator.Estimator` as a :class:`Method` over N nodes.
 
     Args:
-      estimator: the node message, per-node learner gradient and bit ledger.
+      estimator: the node message, per-node learner gradient and bit ledger (with or without cache).
       needs_params: whether nodes need the model each round (they do to score samples for a gate or
         to compute a correction; a plain quantize-and-send node does not, and pays no downlink).
       name: the method's name in results.
     """
+    cached = estimator.learner_gradient_cached is not None
 
-    def init_learner(params):
+    def init_learner(params, num_nodes):
         del params
-        return ()
+        if not cached:
+            return ()
+        cache = estimator.init_cache()
+        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + a.shape), cache)
 
     def learner_gradient(params, messages, learner_state):
-        per_node = jax.vmap(estimator.learner_gradient, in_axes=(None, 0))(params, messages)
+        if cached:
+            per_node, learner_state = jax.vmap(estimator.learner_gradient_cached, in_axes=(None, 0, 0))(
+                params, messages, learner_state)
+        else:
+            per_node = jax.vmap(estimator.learner_gradient, in_axes=(None, 0))(params, messages)
         return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_node), learner_state
 
     return Method(name, estimator.init, init_learner, estimator.node_message, learner_gradient,
