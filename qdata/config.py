@@ -12,6 +12,7 @@ Python. Compressors are named by short specs, parsed once the model size d is kn
 ``terngrad``           TernGrad
 ``sign``               scaled sign (biased; use with error feedback)
 ``powersgd:R``         PowerSGD of rank R (biased; use with error feedback)
+``ef:SPEC``            SPEC wrapped in error feedback (e.g. ``ef:topk:64``)
 =====================  =========================================================
 """
 
@@ -115,6 +116,8 @@ class RunConfig:
 def make_compressor(spec: str, d: int):
     """Build the compressor named by ``spec`` (see the module docstring) for a model of size d."""
     name, _, arg = spec.partition(":")
+    if name == "ef":
+        return compressors.error_feedback(make_compressor(arg, d))
 
     def count(default=None) -> int:
         if not arg:
@@ -144,5 +147,6 @@ def make_compressor(spec: str, d: int):
     if name == "powersgd":
         return compressors.powersgd(int(arg) if arg else 2)
     raise ValueError(
-        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S, terngrad, sign, powersgd:R"
+        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S, terngrad, sign, "
+        "powersgd:R, ef:SPEC"
     )

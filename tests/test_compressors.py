@@ -217,7 +217,7 @@ def test_powersgd_bits_exact(shapes, rank):
     expected = 0
     for s in shapes:
         if len(s) >= 2:
-            m, n = s[0], math.prod(s[1:])
+            m, n = math.prod(s[:-1]), s[-1]  # output channels last, as flax lays kernels out
             expected += 32 * (m + n) * min(rank, m, n)
         else:
             expected += 32 * math.prod(s)
@@ -348,7 +348,7 @@ def test_powersgd_low_rank_converges_to_best_approximation():
     v, _ = np.linalg.qr(rng.standard_normal((n, n)))
     sigma = np.array([8.0, 5.0] + [1.0 / (i + 1) for i in range(n - 2)])  # gap sigma_3 / sigma_2 = 1/5
     mat = (u * sigma) @ v.T
-    tree = {"conv": jnp.asarray(mat.reshape(m, 3, 3), jnp.float32)}  # ndim 3: seen as (12, 9)
+    tree = {"conv": jnp.asarray(mat.reshape(3, 4, n), jnp.float32)}  # ndim 3: seen as (3*4, 9)
     c = powersgd(r, seed=1)
     encode = jax.jit(c.encode)
     state = c.init(tree)

@@ -1,0 +1,99 @@
+"""Bit packing (base.pack_codes / unpack_codes) and the exact bit count (base.payload_bits)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from qdata.codecs import base
+from qdata.codecs.base import Payload
+
+WIDTHS = list(range(1, 17)) + [32]
+
+
+def _codes(seed: int, shape: tuple, width: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**width, size=shape, dtype=np.uint64).astype(np.uint32)
+
+
+def _check_round_trip(codes: np.ndarray, width: int) -> None:
+    *lead, count = codes.shape
+    packed = jax.jit(base.pack_codes, static_argnums=1)(jnp.asarray(codes), width)
+    # The stream is what would be sent: ceil(count * width / 8) bytes per row, in whole words for
+    # 8/16/32-bit codes and in bytes otherwise.
+    assert packed.shape == (*lead, base.packed_size(count, width))
+    assert packed.dtype == base.code_dtype(width)
+    assert packed.shape[-1] * packed.dtype.itemsize == math.ceil(count * width / 8)
+    assert base.array_bits(packed) == math.prod(lead) * 8 * math.ceil(count * width / 8)
+    back = jax.jit(base.unpack_codes, static_argnums=(1, 2))(packed, width, count)
+    assert back.dtype == jnp.uint32 and back.shape == codes.shape
+    np.testing.assert_array_equal(np.asarray(back), codes)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_round_trip_every_width(width):
+    # 37 codes: not a multiple of any group size, so every width needs padding somewhere.
+    _check_round_trip(_codes(width, (2, 3, 37), width), width)
+    _check_round_trip(_codes(width + 100, (1,), width), width)
+
+
+@given(width=st.sampled_from(WIDTHS), count=st.integers(1, 40), lead=st.lists(st.integers(1, 3), max_size=2),
+       seed=st.integers(0, 2**31))
+def test_round_trip_random_shapes(width, count, lead, seed):
+    _check_round_trip(_codes(seed, (*lead, count), width), width)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 7, 12])
+def test_padding_bits_are_zero(width):
+    # A deterministic stream: the padding of the last byte carries no stray bits.
+    count = 8 * 3 + 1
+    codes = jnp.full((2, count), 2**width - 1, jnp.uint32)
+    packed = np.asarray(base.pack_codes(codes, width))
+    used = count * width - 8 * (packed.shape[-1] - 1)
+    assert np.all(packed[:, -1] == (1 << used) - 1)
+
+
+@pytest.mark.parametrize("width", [1, 3, 4, 8, 11, 16])
+def test_pack_under_jit_and_vmap(width):
+    codes = jnp.asarray(_codes(width, (3, 2, 13), width))
+    packed = jax.jit(jax.vmap(lambda c: base.pack_codes(c, width)))(codes)
+    np.testing.assert_array_equal(packed, base.pack_codes(codes, width))
+    back = jax.jit(lambda p: base.unpack_codes(p, width, 13))(packed)
+    np.testing.assert_array_equal(back, codes)
+
+
+def test_pack_rejects_bad_width():
+    with pytest.raises(ValueError, match="width"):
+        base.pack_codes(jnp.zeros((2, 3), jnp.uint32), 0)
+    with pytest.raises(ValueError, match="width"):
+        base.pack_codes(jnp.zeros((2, 3), jnp.uint32), 33)
+
+
+@given(b=st.integers(1, 6), row_bytes=st.integers(1, 9), fixed_words=st.integers(0, 3), seed=st.integers(0, 2**31))
+def test_payload_bits_with_and_without_mask(b, row_bytes, fixed_words, seed):
+    rng = np.random.default_rng(seed)
+    payload = Payload(
+        arrays={"seed": jnp.zeros((fixed_words,), jnp.uint32)},
+        rows={"codes": jnp.zeros((b, row_bytes), jnp.uint8), "lo": jnp.zeros((b,), jnp.float16)},
+    )
+    per_row = 8 * row_bytes + 16
+    fixed = 32 * fixed_words
+    total = base.payload_bits(payload)
+    assert isinstance(total, int) and total == fixed + b * per_row
+    leaves = jax.tree_util.tree_leaves((payload.arrays, payload.rows))
+    assert total == sum(l.size * l.dtype.itemsize * 8 for l in leaves)
+    mask = rng.integers(0, 2, size=b)
+    sent = base.payload_bits(payload, jnp.asarray(mask))
+    assert int(sent) == fixed + int(mask.sum()) * per_row
+    assert int(jax.jit(base.payload_bits)(payload, jnp.asarray(mask))) == int(sent)
+    assert int(base.payload_bits(payload, jnp.zeros(b))) == fixed
+    assert int(base.payload_bits(payload, jnp.ones(b))) == total
+
+
+def test_payload_bits_ignores_meta_and_info():
+    payload = Payload(rows={"codes": jnp.zeros((2, 3), jnp.uint8)}, meta=("anything", 123),
+                      info={"clipped": jnp.int32(7)})
+    assert base.payload_bits(payload) == 2 * 3 * 8
