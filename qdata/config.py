@@ -8,7 +8,8 @@ Python. Compressors are named by short specs, parsed once the model size d is kn
 ``randk:K``            random-k, K an integer or a fraction of d (``randk:0.01``)
 ``randk_seed:K``       random-k with a shared seed instead of indices
 ``topk:K``             top-k (biased; use with error feedback)
-``qsgd:S``             QSGD with S levels
+``qsgd:S``             QSGD with S levels, one norm for the whole vector
+``qsgd:S:BUCKET``      QSGD with S levels and a norm per bucket of BUCKET coordinates
 ``terngrad``           TernGrad
 ``sign``               scaled sign (biased; use with error feedback)
 ``powersgd:R``         PowerSGD of rank R (biased; use with error feedback)
@@ -139,7 +140,8 @@ def make_compressor(spec: str, d: int):
     if name == "topk":
         return compressors.topk(count())
     if name == "qsgd":
-        return compressors.qsgd(int(arg) if arg else 4)
+        levels, _, bucket = arg.partition(":")
+        return compressors.qsgd(int(levels) if levels else 4, bucket_size=int(bucket) if bucket else None)
     if name == "terngrad":
         return compressors.terngrad()
     if name == "sign":
@@ -147,6 +149,6 @@ def make_compressor(spec: str, d: int):
     if name == "powersgd":
         return compressors.powersgd(int(arg) if arg else 2)
     raise ValueError(
-        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S, terngrad, sign, "
+        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S[:BUCKET], terngrad, sign, "
         "powersgd:R, ef:SPEC"
     )

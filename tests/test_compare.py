@@ -19,7 +19,7 @@ def test_compare_command_writes_table_summary_and_figure(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     labels = [r["method"] for r in summary["rows"]]
     assert labels == ["qdata-4b", "qdata-4b+corr", "qdata-4b+gate", "qdata-4b+corr+gate", "sgd-fp32",
-                      "qsgd-s4", "topk-1%-ef", "powersgd-r2-ef"]
+                      "qsgd-s4-b512", "topk-0.1%-ef", "powersgd-r2-ef"]
     # Every run shares the setting: same model size, nodes, rounds, seed.
     headers = [qresults.load(out / label)[0] for label in labels]
     assert len({(h["model"]["params"], h["config"]["num_nodes"], h["config"]["rounds"], h["config"]["seed"])

@@ -1,6 +1,5 @@
 """The engine end to end: devices, processes, resume, and the bit ledger in the results file."""
 
-import json
 import os
 import socket
 import subprocess

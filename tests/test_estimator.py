@@ -265,7 +265,7 @@ def _sent_rows(message, b, gated):
 def test_uplink_bits_by_hand_bernoulli_4bit():
     b, n, classes, k = 16, 64, 10, 20
     loss, params, batch = _linear_problem(b, n, classes)
-    d = n * classes + classes  # 650 parameters: ceil(log2 650) = 10-bit indices
+    # 650 parameters (n * classes + classes): ceil(log2 650) = 10-bit indices
     est = qdata_estimator(loss, stochastic_rounding(4, 0.0, 1.0), num_classes=classes,
                           gate=bernoulli_gate(0.5), correction=randk(k))
     counts = set()

@@ -1,14 +1,26 @@
 """Everything that crosses a link: data quantizers and vector compressors with exact bit counts."""
 from qdata.codecs.base import (
-    Compressor, EmptyState, Payload, Quantizer, TreeSpec, array_bits, flatten, pack_codes,
+    Compressor, EmptyState, Payload, Quantizer, TreeSpec, array_bits, counter_bits, flatten, pack_codes,
     payload_bits, unflatten, unpack_codes,
 )
 from qdata.codecs.compressors import (
     ErrorFeedbackState, PowerSGDState, error_feedback, fp16, fp32, powersgd, qsgd, qsgd_entropy_bits,
     randk, scaled_sign, terngrad, topk,
 )
-from qdata.codecs.transforms import CompressGradientsState, compress_gradients
-from qdata.codecs.base import counter_bits
 from qdata.codecs.quantizers import (
     QuantizerMeta, nearest_rounding, per_sample_range, stochastic_rounding, subtractive_dither,
 )
+from qdata.codecs.transforms import CompressGradientsState, compress_gradients
+
+__all__ = [
+    # the contract
+    "Payload", "Quantizer", "Compressor", "EmptyState", "TreeSpec", "payload_bits", "array_bits",
+    "pack_codes", "unpack_codes", "flatten", "unflatten", "counter_bits",
+    # data quantizers
+    "stochastic_rounding", "nearest_rounding", "subtractive_dither", "per_sample_range", "QuantizerMeta",
+    # vector compressors
+    "fp32", "fp16", "randk", "topk", "qsgd", "qsgd_entropy_bits", "terngrad", "scaled_sign", "powersgd",
+    "PowerSGDState", "error_feedback", "ErrorFeedbackState",
+    # optax
+    "compress_gradients", "CompressGradientsState",
+]
