@@ -98,6 +98,13 @@ def format_table(summary: dict, setting: str) -> str:
     return "\n".join(lines)
 
 
+def draw_figure(runs: list[tuple[str, dict, list[dict]]], summary: dict, path: str | os.PathLike) -> None:
+    """The accuracy-versus-cumulative-uplink-bits figure of a comparison, from its results alone."""
+    qresults.plot_accuracy_vs_bits(
+        runs, path, target=summary["target_accuracy"],
+        title="qdata (4-bit stochastic data codes) vs gradient compression: test accuracy vs uplink bits")
+
+
 def compare(base: RunConfig, out_dir: str | os.PathLike | None = None, *,
             lineup: list[tuple[str, RunConfig]] | None = None, progress: bool = True) -> dict:
     """Run every method of ``lineup`` (default :func:`default_lineup`) and write the table and figure.
@@ -130,11 +137,8 @@ def compare(base: RunConfig, out_dir: str | os.PathLike | None = None, *,
     table = format_table(summary, setting)
     (out / "table.txt").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    qresults.plot_accuracy_vs_bits(
-        [(label, header, rounds) for label, _, header, rounds in runs], out / "accuracy_vs_bits.png",
-        target=summary["target_accuracy"],
-        title="qdata (4-bit stochastic data codes) vs gradient compression: test accuracy vs uplink bits",
-    )
+    draw_figure([(label, header, rounds) for label, _, header, rounds in runs], summary,
+                out / "accuracy_vs_bits.png")
     summary["out_dir"] = str(out)
     summary["table"] = table
     return summary

@@ -31,6 +31,10 @@ def test_compare_command_writes_table_summary_and_figure(tmp_path):
     # The ledger's figure for SGD is exact: 32 bits per parameter per round.
     sgd = summary["rows"][labels.index("sgd-fp32")]
     assert sgd["uplink_bits_per_round"] == 32 * headers[0]["model"]["params"]
+    # The figure can be redrawn from the results files alone.
+    from paper_figures.compare import main as redraw
+
+    assert redraw([str(out), "--out", str(tmp_path / "again.png")]).stat().st_size > 10_000
 
 
 def _run(label, method, accs, bits_per_round):
