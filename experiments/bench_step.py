@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     params = models.init_params(model, jax.random.PRNGKey(0), dataset.sample_shape)
     d = models.param_count(params)
     batch = {"x": jnp.asarray(dataset.x_train[:batch_size]), "y": jnp.asarray(dataset.y_train[:batch_size]),
-             "id": jnp.arange(batch_size, dtype=jnp.int32)}
+             "id": jnp.arange(batch_size, dtype=jnp.int32), "pos": jnp.arange(batch_size, dtype=jnp.int32)}
     optimizer = optax.sgd(0.01, momentum=0.9)
     base = RunConfig(dataset="synthetic", model=model_name, batch_size=batch_size, num_nodes=1)
     settings = {
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
         method = build_method(config, model, dataset, d)
         fn = _round_fn(method, optimizer)
         fn_args = (jax.random.PRNGKey(1), params, optimizer.init(params), method.init_node(params),
-                   method.init_learner(params), batch)
+                   method.init_learner(params, 1), batch)
         rows[label] = {"seconds": _time(fn, fn_args, repeats), "peak_bytes": _peak_bytes(fn, fn_args)}
     sgd = rows["sgd"]["seconds"]
     print(f"one round, one node: {model_name} (d={d:,}) on synthetic 32x32x3 data (labelled synthetic), "

@@ -57,3 +57,13 @@ def test_summary_bits_to_target_and_ratio():
     assert s["best_compressor_bits_to_target"] == 15
     assert rows["q"]["bits_to_target"] == 3 and rows["q"]["ratio_to_best_compressor"] == 5
     assert rows["never"]["bits_to_target"] is None and rows["never"]["ratio_to_best_compressor"] is None
+
+
+def test_bench_step_quick_runs(capsys):
+    """The step benchmark's smoke mode, so the script cannot rot (its figures are not asserted)."""
+    from experiments.bench_step import main
+
+    result = main(["--quick"])
+    assert set(result["rows"]) == {"sgd", "qdata-4b (correction off)", "qdata-4b+corr (randk 1%)"}
+    assert all(row["seconds"] > 0 for row in result["rows"].values())
+    assert "synthetic" in capsys.readouterr().out
