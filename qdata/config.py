@@ -63,6 +63,7 @@ class RunConfig:
     momentum: float = 0.9
     seed: int = 0
     # bookkeeping
+    target_accuracy: float | None = None  # results then carry the uplink bits to first reach it
     eval_every: int = 10
     checkpoint_every: int = 100
     num_devices: int = 1
@@ -86,6 +87,8 @@ class RunConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0.0 < self.stream_start <= 1.0, f"stream_start must be in (0, 1], got {self.stream_start}"),
             (self.stream_rounds >= 0, f"stream_rounds must be >= 0, got {self.stream_rounds}"),
+            (self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
+             f"target_accuracy must be in (0, 1], got {self.target_accuracy}"),
             (self.num_devices >= 1, f"num_devices must be >= 1, got {self.num_devices}"),
         ]
         for ok, message in checks:

@@ -3,8 +3,10 @@
 The results file ``OUT/results.jsonl`` holds one JSON object per line: first
 ``{"kind": "config", ...}`` (the config, the dataset, the model size, the method, the downlink cost),
 then one ``{"kind": "round", ...}`` per evaluation with the test accuracy, the training loss and the
-bit ledger: the uplink bits of the last round per node (part by part), and the exact cumulative
-uplink and downlink bits so far (all nodes, and per node). Figures are drawn from this file alone.
+bit ledger: the uplink bits of the last round per node (part by part), the exact cumulative
+uplink and downlink bits so far (all nodes, and per node), and with ``target_accuracy`` set the
+uplink bits per node at the first evaluation that reached it (null until then). Figures are drawn
+from this file alone.
 
 Checkpoints (orbax) go to ``OUT/checkpoints`` every ``checkpoint_every`` rounds; ``resume=True``
 restores the newest one, drops the result lines written after it, and continues; the resumed run
@@ -178,6 +180,11 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             "cumulative_downlink_bits": downlink_per_round * done,
             "wall_seconds": time.perf_counter() - start,
         }
+        if config.target_accuracy is not None:
+            reached = last.get("bits_to_target_per_node") if last else None
+            if reached is None and record["test_accuracy"] >= config.target_accuracy:
+                reached = record["cumulative_uplink_bits_per_node"]
+            record["bits_to_target_per_node"] = reached
         if not math.isfinite(record["train_loss"]):
             record["diverged"] = True
         records.append(record)

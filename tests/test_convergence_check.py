@@ -67,6 +67,12 @@ def test_setting_validation():
         C.Setting("x", method="compressed")
     with pytest.raises(ValueError, match="step_over_L"):
         C.Setting("x", method="sgd", step_over_L=-1.0)
+    with pytest.raises(ValueError, match="rho"):
+        C.Setting("x", bits=4, gate=True, rho=1.5)
+    with pytest.raises(ValueError, match="dims"):
+        C.communication_claim((100,))
+    with pytest.raises(ValueError, match="accuracy"):
+        C.communication_claim((100, 1000), accuracy=2.0)
     obj = O.least_squares(4, num_samples=64)
     with pytest.raises(ValueError, match="multiple of"):
         C.check_setting(obj, C.Setting("fp32", method="sgd"), T_grid=(64, 100))
@@ -81,3 +87,45 @@ def test_default_settings():
     names = [s.name for s in C.default_settings()]
     assert len(names) == 13 and names[0] == "fp32 SGD"
     assert "qdata B=2 +corr +gate" in names and "qdata B=8" in names
+
+
+@pytest.mark.parametrize("setting", [
+    C.Setting("qdata B=2", bits=2),
+    C.Setting("qdata B=4 +corr", bits=4, correction=True),
+    C.Setting("qdata B=4 +gate", bits=4, gate=True),
+], ids=lambda s: s.name)
+def test_noise_model_bounds_the_real_estimator(setting):
+    """The noise terms the bounds use hold for the real estimator at fixed points of the region:
+    E||g - grad F||^2 <= sigma^2 + zeta^2 and ||E g - grad F|| <= zeta.
+
+    Tolerance: M = 2000 independent rounds (fresh minibatch and codec randomness each); the Monte Carlo
+    mean of ||g - grad F||^2 is compared with 5 of its own standard errors of slack, and ||mean g - grad F||
+    with 5 standard errors of the mean (sqrt(tr Cov / M)).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    obj = O.least_squares(6, num_samples=128, seed=3)
+    noise, _ = C.noise_model(obj, setting, batch=8)
+    rnd = C.build_round(obj, setting)
+    x, y = jnp.asarray(obj.x), jnp.asarray(obj.y)
+
+    @jax.jit
+    def draws(w, keys):
+        def one(key):
+            kb, ke = jax.random.split(key)
+            idx = jax.random.randint(kb, (8,), 0, x.shape[0])
+            return rnd.step(ke, w, {"x": x[idx], "y": y[idx]}, rnd.init(w))[0]
+
+        return jax.vmap(one)(keys)
+
+    M = 2000
+    for w in (obj.w0.astype(np.float64), obj.w_star, obj.center + 0.9 * obj.radius * np.eye(obj.d)[0]):
+        g = np.asarray(draws(jnp.asarray(w, jnp.float32), jax.random.split(jax.random.key(1), M)), np.float64)
+        err = g - obj.full_grad(w)
+        sq = np.sum(err**2, axis=1)
+        assert sq.mean() <= noise.sigma2 + noise.bias**2 + 5 * sq.std() / math.sqrt(M), setting.name
+        se_mean = math.sqrt(np.sum(err.var(axis=0)) / M)
+        assert np.linalg.norm(err.mean(axis=0)) <= noise.bias + 5 * se_mean, setting.name
+        # The Monte Carlo sees the noise at all: at least half the exact sampling variance V(w)/b at w.
+        assert sq.mean() >= 0.5 * O.per_sample_variance(obj, w) / 8

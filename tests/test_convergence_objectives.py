@@ -1,7 +1,5 @@
 """The synthetic objectives: their constants against direct computation (autodiff, eigenvalues, sampling)."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,6 +178,9 @@ def test_nonconvex_lower_bounds(glms, tanh):
     (lambda: O.random_features(4, 0), "d must be"),
     (lambda: O.tanh_network(4, 3, num_samples=8, safety=0.5), "safety"),
     (lambda: O.least_squares(0, num_samples=8), "n must be"),
+    (lambda: O.sigmoid_classifier(4, num_samples=8, radius=0.0), "radius"),
+    (lambda: O.tanh_network(4, 3, num_samples=8, data_lipschitz="guess"), "data_lipschitz"),
+    (lambda: O.logistic_regression(4, num_samples=8, region_factor=-1.0), "region_factor"),
 ])
 def test_bad_input(call, name):
     with pytest.raises(ValueError, match=name):

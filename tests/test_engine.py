@@ -105,7 +105,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 
 def test_ledger_in_results_is_exact(tmp_path):
     config = RunConfig(dataset="digits", model="mlp", num_nodes=2, batch_size=8, rounds=4, eval_every=2,
-                       checkpoint_every=0, method="qdata", bits=4, correction="off")
+                       checkpoint_every=0, method="qdata", bits=4, correction="off", target_accuracy=0.01)
     train(config, tmp_path)
     header, rounds = qresults.load(tmp_path)
     n = header["dataset"]["n"]
@@ -114,6 +114,8 @@ def test_ledger_in_results_is_exact(tmp_path):
     assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == per_node_round
     assert rounds[-1]["cumulative_uplink_bits"]["total"] == per_node_round * 2 * 4
     assert rounds[-1]["cumulative_uplink_bits"]["correction"] == 0
+    # Any accuracy reaches 1%: the first evaluation's cumulative bits, carried forward.
+    assert rounds[0]["bits_to_target_per_node"] == rounds[-1]["bits_to_target_per_node"] == per_node_round * 2
     # Neither a gate nor a correction: nodes do not need the model, so no downlink is charged.
     assert header["downlink_bits_per_node_per_round"] == 0
     sgd = RunConfig(dataset="digits", model="mlp", num_nodes=2, batch_size=8, rounds=2, eval_every=2,

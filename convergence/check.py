@@ -1,0 +1,940 @@
+"""The empirical check of the rate bounds, and the communication claim (DESIGN.md section 6).
+
+For an :class:`~convergence.objectives.Objective` and an estimator :class:`Setting` (fp32 SGD, or
+qdata with B bits, correction on/off, gate on/off), :func:`check_setting`:
+
+1. builds the estimator from the real modules (:func:`qdata.estimator.qdata_estimator`,
+   :func:`qdata.methods.gradient.sgd` / ``gradient_compression``) and its noise model
+   (:func:`convergence.bounds.qdata_noise` / ``compressed_gradient_noise``) from the objective's
+   constants and the codecs' own parameters (``quantizer.delta``, ``compressor.omega(d)``); the gate's
+   terms (its Horvitz-Thompson variance and m = E mean_j 1/p_j) are *estimated*: exact expectations
+   over the gate's coins, Monte Carlo over minibatches, maximum over probe points of the region,
+   times a safety factor (:func:`gate_statistics`);
+2. for each horizon T of a geometric grid, takes the step the bound prescribes for that T
+   (:func:`convergence.bounds.prescribed_steps`) and runs T rounds of SGD from w0 for several seeds.
+   Because the step depends on T, each horizon is its own run (the total cost is sum_T T, about
+   2 T_max for a doubling grid); one compiled program serves all horizons (T and eta are traced
+   values), with ``jax.lax.fori_loop`` inside ``jax.jit`` and ``jax.vmap`` over seeds. Within a run
+   the averaged iterate and the minimum over t are prefix quantities, accumulated in the loop;
+3. reports the empirical quantity (convex: F(w_bar_T) - F*; strongly convex: ||w_T - w*||^2;
+   non-convex: min over K equally spaced t < T of the seed-mean ||grad F(w_t)||^2, which is >= the
+   minimum over all t < T, hence conservative) with a 95% Student-t band over seeds, the bound, the
+   ratio, and the fitted log-log slopes of both.
+
+A check passes when (a) the seed-mean stays under the bound at every T, (b) the empirical slope is
+at most the bound's own fitted slope plus ``slope_tol`` (the bound is an upper bound: the curve must
+decay at least as fast as predicted; decaying faster is reported, not failed), both slopes fitted on
+the horizons where the bound is informative (below the quantity's value at w0; a bound above it
+predicts no rate, and with fewer than two such horizons the slope test is not applicable), (c) every
+iterate of every run stayed inside the region W where the constants hold, (d) everything is finite
+and (e) the step is one the bounds admit (eta <= 1/(2L)). The table also says whether the bound is
+informative at T_max: a vacuous bound that holds is reported as such, not as evidence.
+
+:func:`communication_claim` lifts d by random features at fixed n and reports the exact uplink bits
+per round (from the estimators' own ``uplink_bits``) and the rounds to a fixed accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convergence import bounds as B
+from convergence import objectives as O
+from qdata.codecs import compressors, quantizers
+from qdata.estimator import qdata_estimator
+from qdata.gate import bernoulli_gate, loss_score, no_gate
+from qdata.methods.gradient import gradient_compression, sgd
+
+Array = jax.Array
+
+# The runs draw their randomness from XLA's RngBitGenerator ("rbg") rather than threefry: the
+# estimator draws several keys per round, and threefry's unrolled hash makes every compiled program
+# two to three times slower to compile for the same statistics.
+PRNG_IMPL = "rbg"
+# The run programs are compiled at XLA's backend optimization level 1 (default 2): ~20% less compile
+# time, the same run time on these small problems (level 0 runs ~8x slower). Compilation dominates
+# the default run: one program per (objective, setting).
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setting:
+    """One estimator configuration.
+
+    Attributes:
+      name: label in tables and figures.
+      method: "sgd" (fp32 gradients), "compressed" (the minibatch gradient through ``compressor``)
+        or "qdata".
+      bits: B of the data quantizer (qdata).
+      correction: send the gradient-difference correction through ``compressor`` (default random-k
+        with k = ``k`` or ceil(d/2)).
+      gate: use the Bernoulli importance gate with budget ``rho`` and loss scores.
+      rho: the gate's budget fraction.
+      k: random-k size of the correction (None: ceil(d/2)).
+      compressor: a :class:`qdata.codecs.base.Compressor` overriding the correction's (qdata) or the
+        gradient's ("compressed") compressor. The bound uses its *claimed* ``unbiased``/``omega``, so a
+        mis-scaled compressor that claims to be unbiased is caught by the check (negative control).
+      quantizer: "stochastic" or "nearest" rounding.
+      step_over_L: None to use the step the bound prescribes; a number c to run with the fixed step
+        eta = c / L at every horizon (the bound is then evaluated at that step and flagged invalid if
+        c > 1/2, the largest step the bounds admit).
+    """
+
+    name: str
+    method: str = "qdata"
+    bits: int | None = None
+    correction: bool = False
+    gate: bool = False
+    rho: float = 0.5
+    k: int | None = None
+    compressor: Any = None
+    quantizer: str = "stochastic"
+    step_over_L: float | None = None
+
+    def __post_init__(self):
+        if self.method not in ("sgd", "compressed", "qdata"):
+            raise ValueError(f"method must be 'sgd', 'compressed' or 'qdata', got {self.method!r}")
+        if self.method == "qdata" and self.bits is None:
+            raise ValueError("a qdata setting needs bits")
+        if self.method == "compressed" and self.compressor is None:
+            raise ValueError("a 'compressed' setting needs a compressor")
+        if self.quantizer not in ("stochastic", "nearest"):
+            raise ValueError(f"quantizer must be 'stochastic' or 'nearest', got {self.quantizer!r}")
+        if self.step_over_L is not None and not (math.isfinite(self.step_over_L) and self.step_over_L > 0):
+            raise ValueError(f"step_over_L must be a positive number, got {self.step_over_L}")
+        if not 0.0 < float(self.rho) <= 1.0:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+
+    def describe(self) -> dict:
+        out = {k: getattr(self, k) for k in ("name", "method", "bits", "correction", "gate", "rho", "k",
+                                             "quantizer", "step_over_L")}
+        out["compressor"] = None if self.compressor is None else "custom"
+        return out
+
+
+def default_settings(bits: Sequence[int] = (2, 4, 8), rho: float = 0.5) -> list[Setting]:
+    """fp32 SGD, then qdata for every B in ``bits`` with correction off/on and gate off/on."""
+    out = [Setting("fp32 SGD", method="sgd")]
+    for b in bits:
+        for corr in (False, True):
+            for gate in (False, True):
+                name = f"qdata B={b}" + (" +corr" if corr else "") + (" +gate" if gate else "")
+                out.append(Setting(name, bits=b, correction=corr, gate=gate, rho=rho))
+    return out
+
+
+def unscaled_randk(k: int):
+    """Negative control: random-k *without* the d/k scale, still claiming unbiased with omega = d/k - 1.
+
+    A wrapper of :func:`qdata.codecs.compressors.randk` whose decode multiplies by k/d, so
+    E[C(x)] = (k/d) x: a gradient shrunk by k/d, i.e. a step k/d times smaller than the bound assumes.
+    """
+    base = compressors.randk(k)
+
+    def decode(payload):
+        return jax.tree_util.tree_map(lambda v: v * (k / payload.meta.spec.size), base.decode(payload))
+
+    return base._replace(decode=decode)
+
+
+def offset_fp32(offset):
+    """Negative control: fp32 gradients plus a constant vector, claiming unbiased with omega = 0."""
+    base = compressors.fp32()
+    return base._replace(decode=lambda payload: jax.tree_util.tree_map(jnp.add, base.decode(payload), offset))
+
+
+def negative_controls(objective: O.Objective) -> list[Setting]:
+    """Estimators the check must report as failing (a checker that cannot fail is worthless).
+
+    * random-k (k = 1) without its d/k scale: biased towards 0, too slow for the bound it claims;
+    * fp32 SGD with eta = 2.5 / L, above 2 / L (divergent on the top curvature direction);
+    * fp32 gradients plus a constant bias of norm 0.3 along the first coordinate.
+    """
+    bias = np.zeros(objective.d, np.float32)
+    bias[0] = 0.3
+    return [
+        Setting("CONTROL randk k=1, no d/k", method="compressed", compressor=unscaled_randk(1)),
+        Setting("CONTROL eta = 2.5/L", method="sgd", step_over_L=2.5),
+        Setting("CONTROL fp32 + bias 0.3", method="compressed", compressor=offset_fp32(jnp.asarray(bias))),
+    ]
+
+
+class Round(NamedTuple):
+    """One round of one node, as the checker runs it.
+
+    ``step(key, w, batch, state) -> (g, state, uplink_bits_total)``.
+    """
+
+    init: Callable
+    step: Callable
+
+
+def _round_from_estimator(est) -> Round:
+    def step(key, w, batch, state):
+        msg, state = est.node_message(key, w, batch, state)
+        return est.learner_gradient(w, msg), state, jnp.asarray(est.uplink_bits(msg)["total"], jnp.int32)
+
+    return Round(est.init, step)
+
+
+def _round_from_method(method) -> Round:
+    def step(key, w, batch, state):
+        msg, state = method.node_message(key, w, batch, state)
+        stacked = jax.tree_util.tree_map(lambda a: a[None], msg)
+        g, _ = method.learner_gradient(w, stacked, method.init_learner(w, 1))
+        return g, state, jnp.asarray(method.uplink_bits(msg)["total"], jnp.int32)
+
+    return Round(method.init_node, step)
+
+
+def _quantizer(objective: O.Objective, setting: Setting):
+    make = quantizers.stochastic_rounding if setting.quantizer == "stochastic" else quantizers.nearest_rounding
+    return make(setting.bits, objective.lo, objective.hi)
+
+
+def _correction(objective: O.Objective, setting: Setting):
+    if setting.compressor is not None:
+        return setting.compressor
+    k = setting.k if setting.k is not None else math.ceil(objective.d / 2)
+    return compressors.randk(k)
+
+
+def _gate(setting: Setting):
+    return bernoulli_gate(setting.rho) if setting.gate else no_gate()
+
+
+def build_round(objective: O.Objective, setting: Setting) -> Round:
+    """The estimator of ``setting`` on ``objective``, from the real qdata modules."""
+    if setting.method == "sgd":
+        return _round_from_method(sgd(objective.loss_fn))
+    if setting.method == "compressed":
+        return _round_from_method(gradient_compression(objective.loss_fn, setting.compressor))
+    if objective.num_classes is None:
+        # qdata_estimator sends integer labels (ceil(log2 C) bits) and refuses real-valued y.
+        raise ValueError(f"objective {objective.name} has real-valued targets, which qdata_estimator does not "
+                         "accept (it needs integer labels and num_classes); use targets='binary'")
+    est = qdata_estimator(
+        objective.loss_fn, _quantizer(objective, setting), num_classes=objective.num_classes, gate=_gate(setting),
+        correction=_correction(objective, setting) if setting.correction else None,
+        score_fn=loss_score(objective.loss_fn),
+    )
+    return _round_from_estimator(est)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate's variance terms (estimated).
+
+
+class GateStats(NamedTuple):
+    """sup over probe points (times the safety factor) of the gate's terms."""
+
+    variance: float  # E (1/b^2) sum_j (1/p_j - 1) ||grad f(w; x_j)||^2
+    mean_inv_p: float  # E (1/b) sum_j 1/p_j
+    method: str
+
+
+_GATE_CACHE: dict = {}
+
+
+def gate_statistics(objective: O.Objective, rho: float, batch: int, *, probes: int = 16, batches: int = 256,
+                    safety: float = 1.5, seed: int = 0) -> GateStats:
+    """Estimate the gate's variance terms of :func:`convergence.bounds.qdata_noise`.
+
+    At each of the region's centre, w0 and ``probes`` points of the region, and for ``batches``
+    minibatches (drawn like the run's, with replacement), the expectation over the gate's coins is
+    exact given the probabilities p_j that :func:`qdata.gate.bernoulli_gate` returns (the fp16 p~_j it
+    sends): Var = (1/b^2) sum_j (1/p_j - 1) ||grad f_j||^2 and m = (1/b) sum_j 1/p_j. The mean over
+    minibatches estimates the expectation; the maximum over points, times ``safety``, estimates the
+    sup over the region. An estimate, not a certified bound: the report says so.
+    """
+    cache_key = (id(objective), rho, batch, probes, batches, safety, seed)
+    if cache_key in _GATE_CACHE:
+        return _GATE_CACHE[cache_key]
+    gate = bernoulli_gate(rho)
+    score = loss_score(objective.loss_fn)
+    x, y = jnp.asarray(objective.x), jnp.asarray(objective.y)
+    per_sample = jax.vmap(jax.grad(lambda w, xi, yi: objective.loss_fn(w, xi[None], yi[None])[0]),
+                          in_axes=(None, 0, 0))
+
+    @jax.jit
+    def stats(w, key):
+        def one(k):
+            kb, kg = jax.random.split(k)
+            idx = jax.random.randint(kb, (batch,), 0, x.shape[0])
+            xb, yb = x[idx], y[idx]
+            p = gate.select(kg, score(w, xb, yb)).prob
+            g2 = jnp.sum(jnp.square(per_sample(w, xb, yb)), axis=1)
+            inv = 1.0 / p
+            return jnp.sum((inv - 1.0) * g2) / batch**2, jnp.mean(inv)
+
+        v, m = jax.vmap(one)(jax.random.split(key, batches))
+        return jnp.mean(v), jnp.mean(m)
+
+    pts = O.probe_points(objective, probes, seed)
+    keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), len(pts))
+    vals = [stats(jnp.asarray(p, jnp.float32), k) for p, k in zip(pts, keys)]
+    var = safety * max(float(v) for v, _ in vals)
+    m = safety * max(float(m) for _, m in vals)
+    out = GateStats(var, m, f"estimated: {safety:g} x max over {len(pts)} points of the region of the exact "
+                            f"expectation over the gate's coins, Monte Carlo over {batches} minibatches")
+    _GATE_CACHE[cache_key] = out
+    return out
+
+
+def noise_model(objective: O.Objective, setting: Setting, batch: int) -> tuple[B.NoiseModel, dict]:
+    """The :class:`~convergence.bounds.NoiseModel` of ``setting`` on ``objective`` and how it was obtained."""
+    d = objective.d
+    info: dict = {}
+    if setting.method == "sgd":
+        comp = compressors.fp32()
+    elif setting.method == "compressed":
+        comp = setting.compressor
+    else:
+        comp = _correction(objective, setting) if setting.correction else None
+    if comp is not None and (not comp.unbiased or comp.omega is None):
+        raise ValueError(f"setting {setting.name}: the bounds need an unbiased compressor with omega(d)")
+    if setting.method in ("sgd", "compressed"):
+        noise = B.compressed_gradient_noise(variance_sup=objective.variance_sup, batch=batch,
+                                            omega=float(comp.omega(d)), grad_sup=objective.grad_sup)
+        info["omega"] = float(comp.omega(d))
+        return noise, info
+    q = _quantizer(objective, setting)
+    gstats = gate_statistics(objective, setting.rho, batch) if setting.gate else None
+    noise = B.qdata_noise(
+        variance_sup=objective.variance_sup, batch=batch, L_x=objective.L_x, n=objective.n, delta=q.delta,
+        correction_omega=float(comp.omega(d)) if comp is not None else None,
+        gate_variance=gstats.variance if gstats else 0.0, mean_inv_p=gstats.mean_inv_p if gstats else None,
+        quantizer_unbiased=q.unbiased, L_xx=objective.L_xx,
+    )
+    info.update(delta=q.delta, omega=float(comp.omega(d)) if comp is not None else None)
+    if gstats:
+        info.update(gate_variance=gstats.variance, mean_inv_p=gstats.mean_inv_p, gate_method=gstats.method)
+    return noise, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Running SGD.
+
+
+class RunOutput(NamedTuple):
+    """Per seed: final iterate, averaged iterate (t = 1..T), K checkpoints (t = kT/K), the largest
+    distance to the region's centre over t = 0..T, the first round's bits and the mean bits."""
+
+    w_last: np.ndarray
+    w_avg: np.ndarray
+    checkpoints: np.ndarray
+    max_dist: np.ndarray
+    bits_first: np.ndarray
+    bits_mean: np.ndarray
+
+
+def make_runner(objective: O.Objective, rnd: Round, batch: int, checkpoints: int):
+    """A jitted ``run(keys (S,), eta, T) -> RunOutput`` (vmapped over seeds; eta and T traced).
+
+    Each round draws b sample indices uniformly with replacement, so the sampling part of the
+    estimator's variance is exactly V(w)/b. T must be a multiple of ``checkpoints``.
+    """
+    x, y = jnp.asarray(objective.x), jnp.asarray(objective.y)
+    num = x.shape[0]
+    w0 = jnp.asarray(objective.w0, jnp.float32)
+    center = jnp.asarray(objective.center, jnp.float32)
+    K = checkpoints
+
+    def run(key, eta, T):
+        steps = T // K
+        state0 = rnd.init(w0)
+
+        def step(t, carry):
+            w, state, w_sum, max_dist, bits_first, bits_sum = carry
+            kb, ke = jax.random.split(jax.random.fold_in(key, t))
+            idx = jax.random.randint(kb, (batch,), 0, num)
+            g, state, bits = rnd.step(ke, w, {"x": x[idx], "y": y[idx]}, state)
+            w = w - eta * g
+            bits_first = jnp.where(t == 0, bits, bits_first)
+            return (w, state, w_sum + w, jnp.maximum(max_dist, jnp.linalg.norm(w - center)), bits_first,
+                    bits_sum + bits.astype(jnp.float32))
+
+        def chunk(c, carry):
+            inner, ckpt = carry
+            ckpt = ckpt.at[c].set(inner[0])
+            return jax.lax.fori_loop(c * steps, (c + 1) * steps, step, inner), ckpt
+
+        init = (w0, state0, jnp.zeros_like(w0), jnp.linalg.norm(w0 - center), jnp.int32(0), jnp.float32(0))
+        (w, _, w_sum, max_dist, bits_first, bits_sum), ckpt = jax.lax.fori_loop(
+            0, K, chunk, (init, jnp.zeros((K,) + w0.shape, jnp.float32)))
+        Tf = T.astype(jnp.float32)
+        return w, w_sum / Tf, ckpt, max_dist, bits_first, bits_sum / Tf
+
+    vrun = jax.jit(jax.vmap(run, in_axes=(0, None, None)), compiler_options=COMPILER_OPTIONS)
+
+    def call(keys, eta, T):
+        if T % K:
+            raise ValueError(f"T={T} must be a multiple of the number of checkpoints {K}")
+        out = vrun(keys, jnp.float32(eta), jnp.int32(T))
+        return RunOutput(*(np.asarray(a) for a in out))
+
+    return call
+
+
+_GRAD_CACHE: dict = {}
+
+
+def _grad_sq_norms(objective: O.Objective, ws: np.ndarray) -> np.ndarray:
+    """||grad F(w)||^2 for a stack of iterates (..., d), float32 autodiff over the full data."""
+    key = id(objective)
+    if key not in _GRAD_CACHE:
+        x, y = jnp.asarray(objective.x), jnp.asarray(objective.y)
+        grad = jax.grad(lambda w: jnp.mean(objective.loss_fn(w, x, y)))
+        _GRAD_CACHE[key] = jax.jit(jax.vmap(lambda w: jnp.sum(jnp.square(grad(w)))))
+    flat = ws.reshape(-1, ws.shape[-1])
+    return np.asarray(_GRAD_CACHE[key](jnp.asarray(flat)), np.float64).reshape(ws.shape[:-1])
+
+
+def _band(values: np.ndarray) -> tuple[float, float]:
+    """(mean, half width of the 95% Student-t interval) over the leading axis (seeds)."""
+    from scipy import stats
+
+    s = values.shape[0]
+    mean = float(np.mean(values))
+    if s < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, s - 1) * np.std(values, ddof=1) / math.sqrt(s))
+
+
+def empirical(objective: O.Objective, kind: str, out: RunOutput) -> tuple[float, float, np.ndarray]:
+    """(seed mean, 95% half width, per-seed values) of the quantity the bound of ``kind`` controls."""
+    if kind == "convex":
+        vals = np.array([objective.full_loss(w) for w in out.w_avg]) - objective.F_star
+    elif kind == "strongly_convex":
+        vals = np.sum((out.w_last.astype(np.float64) - objective.w_star) ** 2, axis=1)
+    else:
+        g2 = _grad_sq_norms(objective, out.checkpoints)  # (S, K)
+        k_min = int(np.argmin(g2.mean(axis=0)))
+        vals = g2[:, k_min]
+    mean, half = _band(vals)
+    return mean, half, vals
+
+
+# ----------------------------------------------------------------------------------------------
+# One check.
+
+
+def check_setting(
+    objective: O.Objective,
+    setting: Setting,
+    *,
+    T_grid: Sequence[int] = tuple(2**k for k in range(6, 14)),
+    seeds: int = 8,
+    batch: int = 8,
+    checkpoints: int = 32,
+    slope_tol: float = 0.25,
+    kind: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Run ``setting`` on ``objective`` over ``T_grid`` and compare with the bound (module docstring).
+
+    Args:
+      objective: the objective. setting: the estimator.
+      T_grid: increasing horizons, each a multiple of ``checkpoints``.
+      seeds: independent runs per horizon. batch: b. checkpoints: K (non-convex minimum, averages).
+      slope_tol: tolerance of the slope test (empirical slope <= bound slope + slope_tol).
+      kind: override the objective's bound (e.g. "convex" on a strongly convex objective).
+      seed: base PRNG seed.
+
+    Returns:
+      A JSON-ready dict: the curves, the bound, ratios, slopes, the noise terms and the verdict.
+    """
+    kind = kind or objective.kind
+    if kind not in B.KINDS:
+        raise ValueError(f"kind must be one of {B.KINDS}, got {kind!r}")
+    if kind != "nonconvex" and objective.w_star is None:
+        raise ValueError(f"the {kind} bound needs w*; objective {objective.name} has none")
+    if kind == "strongly_convex" and not objective.mu > 0:
+        raise ValueError(f"the strongly convex bound needs mu > 0; objective {objective.name} has mu = {objective.mu}")
+    if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
+        raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
+    T = np.asarray(sorted(int(t) for t in T_grid), np.int64)
+    if len(T) < 2 or np.any(T % checkpoints):
+        raise ValueError(f"T_grid needs >= 2 horizons, each a multiple of checkpoints={checkpoints}, got {list(T)}")
+    if seeds < 2:
+        raise ValueError(f"seeds must be >= 2 for a confidence band, got {seeds}")
+    start = time.time()
+    noise, noise_info = noise_model(objective, setting, batch)
+    consts = dict(L=objective.L, noise=noise, D0=objective.D0 if kind != "nonconvex" else None,
+                  F_gap=objective.F0 - objective.F_inf, mu=objective.mu)
+    if setting.step_over_L is None:
+        etas = B.prescribed_steps(kind, T, **consts)
+        step_valid = True
+    else:
+        etas = np.full(T.shape, setting.step_over_L / objective.L)
+        step_valid = setting.step_over_L <= 0.5
+    bound = B.bound_at(kind, T, etas, radius=objective.radius, **consts)
+
+    rnd = build_round(objective, setting)
+    runner = make_runner(objective, rnd, batch, checkpoints)
+    keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), seeds)
+    means, halves, max_dist, bits_first, bits_mean = [], [], 0.0, None, []
+    first_call = None
+    for t, eta in zip(T, etas):
+        t_call = time.time()
+        out = runner(keys, float(eta), int(t))
+        first_call = time.time() - t_call if first_call is None else first_call
+        mean, half, _ = empirical(objective, kind, out)
+        means.append(mean)
+        halves.append(half)
+        max_dist = max(max_dist, float(np.max(out.max_dist)) if np.all(np.isfinite(out.max_dist)) else math.inf)
+        bits_first = int(out.bits_first[0])
+        bits_mean.append(float(np.mean(out.bits_mean)))
+    means, halves = np.asarray(means), np.asarray(halves)
+    finite = bool(np.all(np.isfinite(means)))
+    ratio = means / bound
+    holds = bool(finite and np.all(ratio <= 1.0))
+    # The value at w0 of the bounded quantity: where the bound is above it, it says nothing (vacuous)
+    # and predicts no rate, so the slopes are fitted on the informative horizons only (>= 2 needed).
+    if kind == "convex":
+        start_value = objective.F0 - objective.F_star
+    elif kind == "strongly_convex":
+        start_value = objective.D0
+    else:
+        start_value = float(_grad_sq_norms(objective, objective.w0[None].astype(np.float32))[0])
+    useful = bound < start_value
+    informative = bool(useful[-1])
+    if finite and np.sum(useful) >= 2:
+        slope_emp = B.loglog_slope(T[useful], means[useful])
+        slope_bound = B.loglog_slope(T[useful], bound[useful])
+        slope_ok = bool(math.isfinite(slope_emp) and slope_emp <= slope_bound + slope_tol)
+    elif finite:
+        slope_emp = slope_bound = float("nan")
+        slope_ok = True  # a bound vacuous on (almost) the whole range predicts no rate
+    else:
+        slope_emp, slope_bound, slope_ok = float("nan"), float("nan"), False
+    region_ok = bool(max_dist <= objective.radius)
+    passed = bool(holds and slope_ok and region_ok and finite and step_valid)
+    return {
+        "objective": objective.name,
+        "setting": setting.describe(),
+        "kind": kind,
+        "quantity": {"convex": "E F(w_bar_T) - F*", "strongly_convex": "E ||w_T - w*||^2",
+                     "nonconvex": "min_t E ||grad F(w_t)||^2"}[kind],
+        "T": [int(t) for t in T],
+        "eta": [float(e) for e in etas],
+        "empirical_mean": [float(m) for m in means],
+        "empirical_halfwidth95": [float(h) for h in halves],
+        "bound": [float(b) for b in bound],
+        "ratio": [float(r) for r in ratio],
+        "worst_ratio": float(np.max(ratio)) if finite else math.inf,
+        "start_value": start_value,
+        "informative": informative,
+        "slope_horizons": [int(t) for t in T[useful]] if finite else [],
+        "upper_band_under_bound": bool(finite and np.all(means + np.nan_to_num(halves) <= bound)),
+        "slope_empirical": slope_emp,
+        "slope_bound": slope_bound,
+        "predicted_order": B.PREDICTED_ORDER[kind],
+        "slope_tol": slope_tol,
+        "noise": noise.as_dict(),
+        "noise_info": noise_info,
+        "max_dist_to_center": max_dist,
+        "region_radius": objective.radius,
+        "uplink_bits_first_round": bits_first,
+        "uplink_bits_mean": float(np.mean(bits_mean)),
+        "seeds": seeds,
+        "batch": batch,
+        "checkpoints": checkpoints,
+        "step_valid": step_valid,
+        "bound_holds": holds,
+        "slope_ok": slope_ok,
+        "region_ok": region_ok,
+        "finite": finite,
+        "passed": passed,
+        "seconds": time.time() - start,
+        "seconds_first_call": first_call,  # compilation + the shortest horizon
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Default objectives, tables, figures.
+
+
+def default_objectives(num_samples: int = 512, n: int = 10) -> list[O.Objective]:
+    """The five objectives of the default run (synthetic data, constants computed at construction)."""
+    return [
+        O.least_squares(n, num_samples=num_samples, features="identity", name="least_squares"),
+        O.ridge(n, 64, num_samples=num_samples, features="random", lam=0.05, name="ridge_rf"),
+        O.logistic_regression(n, num_samples=num_samples, features="identity", name="logistic"),
+        O.sigmoid_classifier(n, num_samples=num_samples, features="identity", name="sigmoid"),
+        O.tanh_network(n, 8, num_samples=num_samples, name="tanh_net"),
+    ]
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """One row per (objective, setting): bound holds, worst ratio, slope vs prediction, verdict.
+
+    Columns: holds (seed mean <= bound at every T), worst ratio (max_T empirical / bound), at T_max
+    (the ratio at the longest horizon), slope emp
+    and slope bnd (fitted log-log slopes over the T grid), order (the bound's asymptotic order with
+    the tuned step), region (every iterate stayed in the region W), inform (the bound at T_max is below
+    the quantity's value at w0, i.e. not vacuous), PASS (holds, slope emp <= slope bnd + tol, region
+    ok, finite, valid step).
+    """
+    head = (f"{'objective':<14} {'setting':<24} {'kind':<15} {'holds':>5} {'worst ratio':>11} "
+            f"{'at T_max':>8} {'slope emp':>9} {'slope bnd':>9} {'order':>6} {'region':>6} {'inform':>6} {'PASS':>5}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r['objective']:<14} {r['setting']['name']:<24} {r['kind']:<15} {'yes' if r['bound_holds'] else 'NO':>5} "
+            f"{r['worst_ratio']:>11.3g} {r['ratio'][-1]:>8.3g} {r['slope_empirical']:>9.2f} {r['slope_bound']:>9.2f} "
+            f"{r['predicted_order']:>6.2f} {'ok' if r['region_ok'] else 'LEFT':>6} "
+            f"{'yes' if r['informative'] else 'no':>6} {'yes' if r['passed'] else 'NO':>5}")
+    return "\n".join(lines)
+
+
+def plot_objective(objective: O.Objective, results: Sequence[dict], path: str) -> None:
+    """Empirical curve (mean and 95% band) against the bound, log-log, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 1.0), squeeze=False)
+    for ax, r in zip(axes.flat, results):
+        T = np.asarray(r["T"])
+        m = np.asarray(r["empirical_mean"])
+        h = np.nan_to_num(np.asarray(r["empirical_halfwidth95"]))
+        ax.loglog(T, r["bound"], "-", color="C3", label="bound")
+        ax.loglog(T, m, "o-", color="C0", ms=3, label="empirical (mean)")
+        ax.fill_between(T, np.maximum(m - h, m * 1e-3), m + h, color="C0", alpha=0.25, label="95% band")
+        ax.axhline(r["start_value"], color="gray", ls="--", lw=0.8, label="value at w0 (bound vacuous above)")
+        slopes = ("n/a (bound informative at < 2 T)" if math.isnan(r["slope_bound"]) else
+                  f"{r['slope_empirical']:.2f} (bound {r['slope_bound']:.2f})")
+        ax.set_title(f"{r['setting']['name']}: {'PASS' if r['passed'] else 'FAIL'}"
+                     f"{'' if r['informative'] else ' (vacuous at T_max)'}\n"
+                     f"worst ratio {r['worst_ratio']:.2g}, slope {slopes}", fontsize=8)
+        ax.set_xlabel("T (rounds)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel(results[0]["quantity"], fontsize=8)
+    axes.flat[0].legend(fontsize=7)
+    T = results[0]["T"]
+    fig.suptitle(
+        f"Synthetic data. {objective.name}: {results[0]['quantity']} vs its bound ({results[0]['kind']}); "
+        f"N={objective.num_samples}, n={objective.n}, d={objective.d} ({objective.info.get('features', '')}); "
+        f"b={results[0]['batch']}, T={T[0]}..{T[-1]}, {results[0]['seeds']} seeds per T; settings: "
+        f"fp32 SGD and qdata (B bits, +corr = random-k correction, +gate = Bernoulli gate)",
+        fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The communication claim.
+
+
+def uplink_bits_per_round(objective: O.Objective, setting: Setting, batch: int, seed: int = 0) -> int:
+    """Exact uplink bits of one node's message at w0 on one minibatch, from the estimator's ledger.
+
+    Without a gate the count does not depend on the data or the round (fixed-length codes).
+    """
+    rnd = build_round(objective, setting)
+    w0 = jnp.asarray(objective.w0)
+    idx = np.random.default_rng(seed).integers(0, objective.num_samples, batch)
+    b = {"x": jnp.asarray(objective.x[idx]), "y": jnp.asarray(objective.y[idx])}
+    step = jax.jit(lambda key: rnd.step(key, w0, b, rnd.init(w0))[2])
+    return int(step(jax.random.key(seed, impl=PRNG_IMPL)))
+
+
+def communication_claim(
+    dims: Sequence[int] = (100, 1000, 10000),
+    *,
+    n: int = 10,
+    num_samples: int = 512,
+    bits: int = 8,
+    k: int = 16,
+    qsgd_levels: int = 16,
+    batch: int = 8,
+    lam: float = 0.05,
+    accuracy: float = 0.2,
+    seeds: int = 4,
+    max_rounds: int = 4096,
+    checkpoints: int = 64,
+    measure_rounds: bool = True,
+    max_prediction: int = 2**16,
+    seed: int = 0,
+) -> dict:
+    """Bits per round and rounds to a fixed accuracy as d is lifted by random features at fixed n.
+
+    The objective is ridge regression on random features (:func:`convergence.objectives.ridge`) with
+    the *same* data (x, y) for every d (the teacher lives in data space). For each d:
+
+    * uplink bits per node per round, read off the packed messages by the estimators' own
+      ``uplink_bits``: qdata with B bits and the correction through random-k of fixed k (k values in
+      fp32 plus k indices of ceil(log2 d) bits), qdata without correction, fp32 SGD (32 d) and QSGD
+      with s levels (fixed-length code);
+    * rounds to reach E||w_t - w*||^2 <= accuracy * ||w0 - w*||^2. Predicted: the smallest T on a
+      grid of quarter powers of two at which the strongly convex bound, with the step it prescribes
+      for T, reaches the target (inf beyond ``max_prediction``, or when the bias floor is above it).
+      Measured (first of ``checkpoints`` equally spaced rounds at which the seed mean is under the
+      target; inf if not within the run): (a) with the method's own prescribed step, which checks
+      the prediction, and (b) with fp32 SGD's prescribed step for every method, which isolates the
+      effect of d on the process from the bound's (conservative) choice of step. qdata's predicted
+      rounds grow with d through omega(d) = d/k - 1 of the random-k correction; the claim is that
+      measured rounds do not grow beyond that.
+
+    Returns:
+      A JSON-ready dict with one row per d and two verdicts: ``bits_claim_holds`` (qdata's bits grow
+      by at most ceil(log2 d_max) / ceil(log2 d_min) while fp32's and QSGD's grow linearly: log-log
+      slope of bits against d >= 0.9) and ``rounds_claim_holds`` (at every d, rounds measured at the prescribed step <= the
+      predicted rounds). With ``measure_rounds=False`` only bits and predictions are computed.
+    """
+    dims = [int(d) for d in dims]
+    if len(dims) < 2 or sorted(set(dims)) != dims or dims[0] <= k:
+        raise ValueError(f"dims must be >= 2 increasing dimensions, all > k = {k}, got {dims}")
+    if not 0.0 < accuracy < 1.0:
+        raise ValueError(f"accuracy must be in (0, 1), a fraction of ||w0 - w*||^2, got {accuracy}")
+    rows = []
+    qsgd_label = f"QSGD s={qsgd_levels}"
+    plain_label, corr_label = f"qdata B={bits}", f"qdata B={bits} +corr(randk k={k})"
+    for d in dims:
+        obj = O.ridge(n, int(d), num_samples=num_samples, features="random", lam=lam, teacher="data",
+                      seed=seed, name=f"ridge_rf_d{d}")
+        entry = {"d": int(d), "index_width": int(math.ceil(math.log2(d))), "L": obj.L, "mu": obj.mu,
+                 "L_x": obj.L_x, "D0": obj.D0}
+        methods = {
+            "fp32 SGD": Setting("fp32 SGD", method="sgd"),
+            qsgd_label: Setting(qsgd_label, method="compressed", compressor=compressors.qsgd(qsgd_levels)),
+            plain_label: Setting(plain_label, bits=bits),
+            corr_label: Setting(corr_label, bits=bits, correction=True, k=k),
+        }
+        target = accuracy * obj.D0
+        keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), seeds)
+        grid = np.unique(np.round(2 ** np.arange(4, np.log2(max_prediction) + 0.01, 0.25)).astype(np.int64))
+        for label, setting in methods.items():
+            noise, _ = noise_model(obj, setting, batch)
+            etas, vals = B.tuned_step_strongly_convex(grid, obj.D0, noise.sigma2, obj.mu, B.max_step(obj.L),
+                                                      noise.bias)
+            hit = np.nonzero(vals <= target)[0]
+            entry[label] = {"bits_per_round": uplink_bits_per_round(obj, setting, batch, seed),
+                            "rounds_predicted": float(grid[hit[0]]) if hit.size else math.inf,
+                            "eta": float(etas[hit[0]]) if hit.size else None,
+                            "sigma2": noise.sigma2, "bias": noise.bias,
+                            "rounds_measured": None, "rounds_at_fp32_step": None}
+
+        if measure_rounds:
+            def rounds(runner, eta, horizon):
+                horizon = max(checkpoints, int(min(max_rounds, horizon)) // checkpoints * checkpoints)
+                out = runner(keys, eta, horizon)
+                dist = np.sum((out.checkpoints.astype(np.float64) - obj.w_star) ** 2, axis=2).mean(axis=0)
+                final = float(np.mean(np.sum((out.w_last.astype(np.float64) - obj.w_star) ** 2, axis=1)))
+                curve_t = np.append(np.arange(checkpoints) * (horizon // checkpoints), horizon)
+                hit_e = np.nonzero(np.append(dist, final) <= target)[0]
+                return float(curve_t[hit_e[0]]) if hit_e.size else math.inf
+
+            fp32 = entry["fp32 SGD"]
+            common_eta = fp32["eta"] if fp32["eta"] is not None else B.max_step(obj.L)
+            common_horizon = fp32["rounds_predicted"] if math.isfinite(fp32["rounds_predicted"]) else max_rounds
+            for label in ("fp32 SGD", plain_label, corr_label):
+                runner = make_runner(obj, build_round(obj, methods[label]), batch, checkpoints)
+                e = entry[label]
+                if e["eta"] is not None:
+                    e["rounds_measured"] = rounds(runner, e["eta"], e["rounds_predicted"])
+                if label == "fp32 SGD":
+                    e["rounds_at_fp32_step"] = e["rounds_measured"]
+                else:
+                    e["rounds_at_fp32_step"] = rounds(runner, common_eta, common_horizon)
+        rows.append(entry)
+    labels = [lab for lab in rows[0] if isinstance(rows[0][lab], dict)]
+    d0, d1 = rows[0], rows[-1]
+    growth = {lab: d1[lab]["bits_per_round"] / d0[lab]["bits_per_round"] for lab in labels}
+    log_factor = d1["index_width"] / d0["index_width"]
+    lin_factor = d1["d"] / d0["d"]
+    # Log-log slope of bits against d: 1 for bits proportional to d (QSGD's fixed 32-bit norm lowers
+    # it a little at small d), 0 for bits independent of d.
+    slope = {lab: math.log(growth[lab]) / math.log(lin_factor) for lab in labels}
+    bits_ok = (all(growth[lab] <= log_factor for lab in (plain_label, corr_label))
+               and all(slope[lab] >= 0.9 for lab in ("fp32 SGD", qsgd_label)))
+    rounds_ok = all(r[lab]["rounds_measured"] is None or r[lab]["rounds_measured"] <= r[lab]["rounds_predicted"]
+                    for r in rows for lab in labels)
+    return {"dims": [int(d) for d in dims], "n": n, "N": num_samples, "bits": bits, "k": k,
+            "qsgd_levels": qsgd_levels, "batch": batch, "lam": lam, "accuracy": accuracy, "seeds": seeds,
+            "max_rounds": max_rounds, "rows": rows, "bits_growth": growth, "bits_slope": slope,
+            "log_factor": log_factor,
+            "linear_factor": lin_factor, "bits_claim_holds": bool(bits_ok), "rounds_claim_holds": bool(rounds_ok)}
+
+
+def format_communication(comm: dict) -> str:
+    """The communication claim as two small tables (bits per round; rounds to the target accuracy)."""
+    labels = [k for k in comm["rows"][0] if isinstance(comm["rows"][0][k], dict)]
+    head = f"{'d':>7} {'ceil(log2 d)':>12} " + " ".join(f"{lab:>28}" for lab in labels)
+    lines = [f"Communication (synthetic ridge on random features, n={comm['n']}, N={comm['N']}, b={comm['batch']}): "
+             "uplink bits per node per round, exact from uplink_bits", head, "-" * len(head)]
+    for r in comm["rows"]:
+        lines.append(f"{r['d']:>7} {r['index_width']:>12} " + " ".join(f"{r[lab]['bits_per_round']:>28d}" for lab in labels))
+    lines.append("growth d_min -> d_max: " + ", ".join(
+        f"{lab} x{comm['bits_growth'][lab]:.3g} (slope {comm['bits_slope'][lab]:.2f})" for lab in labels)
+        + f"; log factor x{comm['log_factor']:.3g}, linear x{comm['linear_factor']:.3g}")
+    measured = [lab for lab in labels if comm["rows"][0][lab]["rounds_at_fp32_step"] is not None
+                or comm["rows"][0][lab]["rounds_measured"] is not None]
+    if measured:
+        lines.append(f"rounds to E||w_t - w*||^2 <= {comm['accuracy']} ||w0 - w*||^2, {comm['seeds']} seeds: "
+                     "predicted by the bound / measured at that step / measured at fp32's step ('-' not run)")
+        fmt = lambda v: "-" if v is None else ("inf" if v == math.inf else f"{v:.0f}")
+        head = f"{'d':>7} " + " ".join(f"{lab:>28}" for lab in measured)
+        lines += [head, "-" * len(head)]
+        for r in comm["rows"]:
+            cells = [f"{fmt(r[lab]['rounds_predicted'])} / {fmt(r[lab]['rounds_measured'])} / "
+                     f"{fmt(r[lab]['rounds_at_fp32_step'])}" for lab in measured]
+            lines.append(f"{r['d']:>7} " + " ".join(f"{c:>28}" for c in cells))
+    lines.append(f"bits claim holds: {comm['bits_claim_holds']}; rounds claim (measured <= predicted at every d) "
+                 f"holds: {comm['rounds_claim_holds']}")
+    return "\n".join(lines)
+
+
+def plot_communication(comm: dict, path: str) -> None:
+    """Bits per round against d (left) and rounds to the target accuracy against d (right), log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [k for k in comm["rows"][0] if isinstance(comm["rows"][0][k], dict)]
+    d = np.asarray([r["d"] for r in comm["rows"]])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, lab in enumerate(labels):
+        a1.loglog(d, [r[lab]["bits_per_round"] for r in comm["rows"]], "o-", color=f"C{i}", label=lab)
+    a1.set_xlabel("model dimension d (random features)")
+    a1.set_ylabel("uplink bits per node per round")
+    a1.legend(fontsize=7)
+    big = 2.0 * comm["max_rounds"]  # where "not reached" (inf) is drawn
+    # None (not run) is a gap; inf (run, target not reached; or no finite prediction) is drawn at ``big``.
+    clip = lambda v: float("nan") if v is None else (big if not math.isfinite(v) else v)
+    for i, lab in enumerate(labels):
+        if comm["rows"][0][lab]["rounds_at_fp32_step"] is None:
+            continue
+        a2.loglog(d, [clip(r[lab]["rounds_predicted"]) for r in comm["rows"]], "--", color=f"C{i}",
+                  label=f"{lab}: bound")
+        if any(r[lab]["rounds_measured"] is not None for r in comm["rows"]):
+            a2.loglog(d, [clip(r[lab]["rounds_measured"]) for r in comm["rows"]], "o-", color=f"C{i}",
+                      label=f"{lab}: measured, own step")
+        a2.loglog(d, [clip(r[lab]["rounds_at_fp32_step"]) for r in comm["rows"]], "s:", color=f"C{i}",
+                  label=f"{lab}: measured, fp32 step")
+    a2.axhline(big, color="gray", lw=0.5)
+    a2.text(d[0], big * 1.05, "not reached / inf", fontsize=7, color="gray")
+    a2.set_xlabel("model dimension d (random features)")
+    a2.set_ylabel(f"rounds to E||w-w*||^2 <= {comm['accuracy']} ||w0-w*||^2")
+    a2.legend(fontsize=6)
+    fig.suptitle(f"Synthetic data. Ridge on random features, fixed n={comm['n']}, N={comm['N']}, b={comm['batch']}, "
+                 f"d={comm['dims'][0]}..{comm['dims'][-1]}, {comm['seeds']} seeds; qdata B={comm['bits']}, "
+                 f"correction random-k k={comm['k']}, QSGD s={comm['qsgd_levels']}", fontsize=9, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point.
+
+
+def run_all(objectives, settings, *, T_grid, seeds, batch, checkpoints, slope_tol, log=print) -> list[dict]:
+    results = []
+    for obj in objectives:
+        for s in settings:
+            r = check_setting(obj, s, T_grid=T_grid, seeds=seeds, batch=batch, checkpoints=checkpoints,
+                              slope_tol=slope_tol)
+            log(f"  {obj.name:<14} {s.name:<24} holds={r['bound_holds']!s:<5} worst={r['worst_ratio']:.3g} "
+                f"slope={r['slope_empirical']:.2f}/{r['slope_bound']:.2f} pass={r['passed']} "
+                f"({r['seconds']:.1f}s, first call {r['seconds_first_call']:.1f}s)")
+            results.append(r)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m convergence", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/convergence", help="output directory (JSON report and figures)")
+    p.add_argument("--tmin", type=int, default=6, help="smallest horizon 2^tmin")
+    p.add_argument("--tmax", type=int, default=13, help="largest horizon 2^tmax")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--objectives", nargs="+", default=None, help="subset of objective names")
+    p.add_argument("--settings", nargs="+", default=None, help="subset of setting names (e.g. 'fp32 SGD')")
+    p.add_argument("--slope-tol", type=float, default=0.25)
+    p.add_argument("--no-comm", action="store_true", help="skip the communication claim")
+    p.add_argument("--no-controls", action="store_true", help="skip the negative controls")
+    p.add_argument("--comm-dims", type=int, nargs="+", default=[100, 1000, 10000])
+    args = p.parse_args(argv)
+
+    start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    T_grid = [2**k for k in range(args.tmin, args.tmax + 1)]
+    objectives = default_objectives()
+    if args.objectives:
+        objectives = [o for o in objectives if o.name in args.objectives]
+        if not objectives:
+            raise SystemExit(f"no objective among {args.objectives}")
+    settings = default_settings(args.bits)
+    if args.settings:
+        settings = [s for s in settings if s.name in args.settings]
+        if not settings:
+            raise SystemExit(f"no setting among {args.settings}")
+    print(f"convergence check: {len(objectives)} objectives x {len(settings)} settings, "
+          f"T = 2^{args.tmin}..2^{args.tmax}, {args.seeds} seeds, b = {args.batch} (synthetic data)")
+    results = run_all(objectives, settings, T_grid=T_grid, seeds=args.seeds, batch=args.batch, checkpoints=32,
+                      slope_tol=args.slope_tol)
+    controls = []
+    if not args.no_controls:
+        print("negative controls (each must FAIL):")
+        control_obj = next((o for o in objectives if o.name == "least_squares"), objectives[0])
+        controls = run_all([control_obj], negative_controls(control_obj), T_grid=T_grid, seeds=args.seeds,
+                           batch=args.batch, checkpoints=32, slope_tol=args.slope_tol)
+    for obj in objectives:
+        plot_objective(obj, [r for r in results if r["objective"] == obj.name],
+                       os.path.join(args.out, f"{obj.name}.png"))
+    comm = None
+    if not args.no_comm:
+        comm = communication_claim(args.comm_dims, batch=args.batch)
+        plot_communication(comm, os.path.join(args.out, "communication.png"))
+    wall = time.time() - start
+    report = {
+        "config": vars(args) | {"T_grid": T_grid},
+        "objectives": {o.name: o.constants() | {"methods": o.info["methods"], "description": o.describe()}
+                       for o in objectives},
+        "results": results,
+        "negative_controls": controls,
+        "communication": comm,
+        "wall_seconds": wall,
+    }
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    print()
+    print(format_table(results))
+    if controls:
+        print("\nnegative controls (must fail):")
+        print(format_table(controls))
+    if comm is not None:
+        print()
+        print(format_communication(comm))
+    n_pass = sum(r["passed"] for r in results)
+    n_caught = sum(not r["passed"] for r in controls)
+    print(f"\n{n_pass}/{len(results)} checks passed; {n_caught}/{len(controls)} negative controls failed as they "
+          f"must; report and figures in {args.out}; wall time {wall:.0f} s")
+    return 0
