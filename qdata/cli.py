@@ -28,7 +28,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default {field.default})")
         else:
-            base = {int | None: int, str | None: str}.get(kind, kind)
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            base = args[0] if args else kind  # "int | None" takes an int
             parser.add_argument(flag, dest=field.name, type=base, default=None, help=f"(default {field.default})")
 
 
