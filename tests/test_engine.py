@@ -142,3 +142,21 @@ def test_cli_bad_input_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--bits", "17", "--out", str(tmp_path / "y")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "bits" in out.stderr
+
+
+def test_train_from_a_toml_config_with_flag_overrides(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'name = "from-toml"\nmethod = "qdata"\nbits = 2\nmodel = "logreg"\nnum_nodes = 2\nbatch_size = 8\n'
+        'rounds = 2\neval_every = 2\ncheckpoint_every = 0\ncache = true\n')
+    out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--config", str(tmp_path / "run.toml"),
+                          "--bits", "3", "--out", str(tmp_path / "r"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    header, rounds = qresults.load(tmp_path / "r")
+    assert header["config"]["name"] == "from-toml" and header["config"]["cache"] is True
+    assert header["config"]["bits"] == 3  # the flag overrides the file
+    assert rounds[-1]["round"] == 2
+    (tmp_path / "bad.toml").write_text("bitz = 3\n")
+    out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--config", str(tmp_path / "bad.toml"),
+                          "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "bitz" in out.stderr

@@ -97,3 +97,17 @@ def test_payload_bits_ignores_meta_and_info():
     payload = Payload(rows={"codes": jnp.zeros((2, 3), jnp.uint8)}, meta=("anything", 123),
                       info={"clipped": jnp.int32(7)})
     assert base.payload_bits(payload) == 2 * 3 * 8
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("count", [1, 5, 8, 13, 64])
+def test_sub_byte_layout_matches_reference(width, count):
+    # The wire layout, independently of pack/unpack agreeing with each other: code i of a row sits
+    # in byte (i * width) // 8 at bit offset (i * width) % 8 (little-endian within the byte).
+    codes = _codes(count + width, (3, count), width)
+    expect = np.zeros((3, math.ceil(count * width / 8)), np.uint8)
+    for i in range(count):
+        expect[:, (i * width) // 8] |= (codes[:, i] << ((i * width) % 8)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(base.pack_codes(jnp.asarray(codes), width)), expect)
+    back = jax.jit(base.unpack_codes, static_argnums=(1, 2))(jnp.asarray(expect), width, count)
+    np.testing.assert_array_equal(np.asarray(back), codes)

@@ -40,7 +40,8 @@ Randomness. The uniforms come from :func:`base.counter_bits`: one 32-bit word pe
 so the statements above hold exactly in expectation over ``key``; it is several times cheaper than
 drawing every word with threefry. The rounding itself runs in fixed point with 24 fractional bits
 (``floor(u + U) = floor(u) + ((t + r) >> 24)`` with ``t = floor(frac(u) 2^24)`` and ``r`` a 24-bit
-word), so ``P(round up) = t / 2^24`` exactly: rounding adds no bias beyond the truncation of
+word; for ``B <= 8``, where ``u 2^24 < 2^32``, the same integer is computed in one uint32 as
+``(floor(u 2^24) + r) >> 24``), so ``P(round up) = t / 2^24`` exactly: rounding adds no bias beyond the truncation of
 ``frac(u)`` to 24 bits (below ``2^-24 Delta`` per coordinate). Computation is in float32 (float64
 for float64 input), so ``u`` itself carries float32 rounding, about ``2^-24 (|lo| + |hi|)``.
 
@@ -153,7 +154,13 @@ def _count_outside(flat: Array, lo, hi, outside: Array | None = None) -> Array:
     out of range. (Under ``vmap`` both branches run; the result is the same.)
     """
     if outside is None:
-        outside = (jnp.min(flat) < lo) | (jnp.max(flat) > hi)
+        # Min and max in one pass over flat (one variadic reduction); separate jnp.min and jnp.max
+        # read flat twice, which costs about as much as the rounding itself.
+        inf = jnp.asarray(jnp.inf, flat.dtype)
+        low, high = jax.lax.reduce(
+            (flat, flat), (inf, -inf),
+            lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), tuple(range(flat.ndim)))
+        outside = (low < lo) | (high > hi)
     return jax.lax.cond(outside, lambda f: jnp.sum((f < lo) | (f > hi), dtype=jnp.int32),
                         # Built from f (not a constant) so both branches have f's sharding type
                         # under shard_map.
@@ -185,30 +192,35 @@ def _uniform24(seed: Array, shape) -> Array:
     return base.counter_bits(seed, shape) >> (32 - _FRAC_BITS)
 
 
-def _floor_plus_uniform(u: Array, r24: Array) -> Array:
+def _floor_plus_uniform(u: Array, r24: Array, levels: int) -> Array:
     """floor(u_t + r24 / 2^24) exactly, with u_t = u truncated to 24 fractional bits (u >= 0).
 
     Done in integers so that the carry happens with probability exactly t / 2^24 whatever the size of
     u (a float sum u + U would drop U's low bits once u >= 1).
     """
+    if levels < 1 << (32 - _FRAC_BITS):
+        # u <= levels = 2^B - 1 < 2^8, so u 2^24 < 2^32 (exact: a power-of-two scaling) and its truncation to
+        # uint32 is u_t in fixed point; one add and one shift then give whole + carry.
+        t = (u * float(1 << _FRAC_BITS)).astype(jnp.uint32)
+        return (t + r24) >> _FRAC_BITS
     whole = jnp.floor(u)
     t = ((u - whole) * (1 << _FRAC_BITS)).astype(jnp.int32).astype(jnp.uint32)
     return whole.astype(jnp.uint32) + ((t + r24) >> _FRAC_BITS)
 
 
-def _stochastic_codes(key, u: Array) -> tuple[Array, dict]:
-    return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape)), {}
+def _stochastic_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
+    return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
 
-def _nearest_codes(key, u: Array) -> tuple[Array, dict]:
-    del key
+def _nearest_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
+    del key, levels
     return jnp.round(u).astype(jnp.uint32), {}
 
 
-def _dither_codes(key, u: Array) -> tuple[Array, dict]:
+def _dither_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
     # round(u + U - 1/2) = floor(u + U) away from ties; the seed is sent so the decoder can subtract U.
     seed = _seed(key)
-    return _floor_plus_uniform(u, _uniform24(seed, u.shape)), {"seed": seed}
+    return _floor_plus_uniform(u, _uniform24(seed, u.shape), levels), {"seed": seed}
 
 
 def _plain_levels(codes: Array, arrays: dict, dtype) -> Array:
@@ -252,7 +264,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         flat = x.reshape(b, n).astype(cdt)
         clipped = _count_outside(flat, lo, hi)
         u = jnp.clip((flat - lo) * (levels / (hi - lo)), 0.0, levels)
-        codes, arrays = to_codes(key, u)
+        codes, arrays = to_codes(key, u, levels)
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         return Payload(arrays=arrays, rows={"codes": base.pack_codes(codes, bits)}, meta=meta,
                        info={"clipped": clipped})
@@ -414,7 +426,7 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         clipped = _count_outside(flat, -big, big, jnp.any(row_min < -big) | jnp.any(row_max > big))
         scale = jnp.where(spread, levels / jnp.where(spread, width, 1.0), 0.0)
         u = jnp.clip((flat - lo) * scale, 0.0, levels)
-        codes, _ = to_codes(key, u)
+        codes, _ = to_codes(key, u, levels)
         meta = QuantizerMeta(kind, bits, None, None, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         rows = {"codes": base.pack_codes(codes, bits), "lo": lo_sent, "hi": hi_sent}
         return Payload(rows=rows, meta=meta, info={"clipped": clipped})
