@@ -119,6 +119,12 @@ class Estimator(NamedTuple):
       init_cache: with a cache, ``init_cache(sample_shape) -> LearnerCache`` for one node.
       learner_gradient_cached: with a cache, ``(params, message, cache) -> (grads, cache)``; the
         learner fills the cache from the fresh rows, then reads every transmitted row from it.
+      received: ``(message, cache=None) -> ((x_hat, y, a), cache)``, the samples the learner reads
+        off a message (a_j = 0 for samples not sent); with ``learner_loss`` and
+        ``decoded_correction`` this lets a learner of N nodes take one backward pass over all N*b
+        samples instead of N (see :mod:`qdata.methods.qdata`).
+      decoded_correction: ``message -> C(delta_i)`` (None without a correction).
+      learner_loss: ``(params, x_hat, y, a) -> (1/b) sum_j a_j f(w; x_hat_j, y_j)`` (b = len(y)).
     """
 
     init: Callable[[PyTree], PyTree]
@@ -127,6 +133,9 @@ class Estimator(NamedTuple):
     uplink_bits: Callable[[NodeMessage], dict]
     init_cache: Callable[..., Any] | None = None
     learner_gradient_cached: Callable[..., tuple[PyTree, Any]] | None = None
+    received: Callable[..., tuple[tuple[Array, Array, Array], Any]] | None = None
+    decoded_correction: Callable[[NodeMessage], PyTree | None] | None = None
+    learner_loss: Callable[..., Array] | None = None
 
 
 def full_gradient(loss_fn: Callable[..., Array]) -> Callable[..., PyTree]:
@@ -361,11 +370,33 @@ def qdata_estimator(
         position = jnp.cumsum(keep.astype(jnp.int32)) - 1
         return jnp.where(keep > 0, values[jnp.clip(position, 0, meta.batch - 1)], 0)
 
-    def _gradient(params, message, x_hat, y, mask):
-        a = _weights_from(message.weights, mask)
-        g = jax.grad(weighted_mean_loss)(params, x_hat, y, a)
+    def received(message: NodeMessage, cache: LearnerCache | None = None):
+        """What the learner reads off one node's message: the samples as (x_hat, y, a), a_j = 0 for
+        samples not sent, and, with a cache, the cache after storing the fresh rows (every
+        transmitted sample is then read from the cache). Returns ``((x_hat, y, a), cache)``."""
+        mask = _received_mask(message)
+        if cached:
+            fresh = _fresh_mask(message, mask)
+            pos = _unstream(message.positions, "positions", mask)
+            labels = _unstream(message.labels, "labels", fresh)
+            cache = LearnerCache(
+                rows=_scatter_rows(cache.rows, message.data.rows, pos, fresh),
+                labels=cache.labels.at[jnp.where(fresh > 0, pos, cache_size)].set(labels, mode="drop"),
+            )
+            data = message.data.replace(rows=_gather_rows(cache.rows, pos))
+            y = jnp.where(mask > 0, cache.labels[pos], 0)
+        else:
+            data, y = message.data, _unstream(message.labels, "labels", mask)
+        return (_decoded(data, mask), y, _weights_from(message.weights, mask)), cache
+
+    def decoded_correction(message: NodeMessage):
+        """C(delta_i) as the learner decodes it, or None without a correction."""
+        return correction.decode(message.correction) if correction is not None else None
+
+    def _gradient(params, message, samples):
+        g = jax.grad(weighted_mean_loss)(params, *samples)
         if correction is not None:
-            g = jax.tree_util.tree_map(lambda u, v: u + v.astype(u.dtype), g, correction.decode(message.correction))
+            g = jax.tree_util.tree_map(lambda u, v: u + v.astype(u.dtype), g, decoded_correction(message))
         return g
 
     def learner_gradient(params, message: NodeMessage):
@@ -373,23 +404,14 @@ def qdata_estimator(
         from what crossed the link only (bitmap, codes, label stream, fp16 p~_j, correction)."""
         if cached:
             raise ValueError("this estimator has a cache: use learner_gradient_cached(params, message, cache)")
-        mask = _received_mask(message)
-        return _gradient(params, message, _decoded(message.data, mask), _unstream(message.labels, "labels", mask), mask)
+        samples, _ = received(message)
+        return _gradient(params, message, samples)
 
     def learner_gradient_cached(params, message: NodeMessage, cache: LearnerCache):
         """Step 4 with the learner's cache of this node's samples: store the fresh rows and labels,
         then read every transmitted sample from the cache. Returns (g_i, cache)."""
-        mask = _received_mask(message)
-        fresh = _fresh_mask(message, mask)
-        pos = _unstream(message.positions, "positions", mask)
-        labels = _unstream(message.labels, "labels", fresh)
-        cache = LearnerCache(
-            rows=_scatter_rows(cache.rows, message.data.rows, pos, fresh),
-            labels=cache.labels.at[jnp.where(fresh > 0, pos, cache_size)].set(labels, mode="drop"),
-        )
-        data = message.data.replace(rows=_gather_rows(cache.rows, pos))
-        y = jnp.where(mask > 0, cache.labels[pos], 0)
-        return _gradient(params, message, _decoded(data, mask), y, mask), cache
+        samples, cache = received(message, cache)
+        return _gradient(params, message, samples), cache
 
     def uplink_bits(message: NodeMessage) -> dict:
         """Exact bits of one node's message, part by part, read off the packed arrays (int32 scalars;
@@ -417,4 +439,5 @@ def qdata_estimator(
 
     return Estimator(init=init, node_message=node_message, learner_gradient=learner_gradient,
                      uplink_bits=uplink_bits, init_cache=init_cache if cached else None,
-                     learner_gradient_cached=learner_gradient_cached if cached else None)
+                     learner_gradient_cached=learner_gradient_cached if cached else None,
+                     received=received, decoded_correction=decoded_correction, learner_loss=weighted_mean_loss)

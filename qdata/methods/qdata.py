@@ -35,12 +35,18 @@ def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str =
         return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + a.shape), cache)
 
     def learner_gradient(params, messages, learner_state):
+        # (1/N) sum_i (1/b) sum_j a_ij grad f(Q(x_ij)) is the gradient of one weighted mean over all
+        # N*b received samples: one backward pass, d-sized memory, not N per-node gradients.
         if cached:
-            per_node, learner_state = jax.vmap(estimator.learner_gradient_cached, in_axes=(None, 0, 0))(
-                params, messages, learner_state)
+            samples, learner_state = jax.vmap(estimator.received)(messages, learner_state)
         else:
-            per_node = jax.vmap(estimator.learner_gradient, in_axes=(None, 0))(params, messages)
-        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_node), learner_state
+            samples, _ = jax.vmap(estimator.received)(messages)
+        x_hat, y, a = (s.reshape((-1,) + s.shape[2:]) for s in samples)
+        g = jax.grad(estimator.learner_loss)(params, x_hat, y, a)
+        corrections = jax.vmap(estimator.decoded_correction)(messages)
+        if corrections is not None:
+            g = jax.tree_util.tree_map(lambda u, v: u + jnp.mean(v, axis=0).astype(u.dtype), g, corrections)
+        return g, learner_state
 
     return Method(name, estimator.init, init_learner, estimator.node_message, learner_gradient,
                   estimator.uplink_bits, needs_params=needs_params)
