@@ -1,5 +1,6 @@
 """The engine end to end: devices, processes, resume, and the bit ledger in the results file."""
 
+import json
 import os
 import socket
 import subprocess
@@ -160,3 +161,47 @@ def test_train_from_a_toml_config_with_flag_overrides(tmp_path):
     out = subprocess.run([sys.executable, "-m", "qdata.cli", "train", "--config", str(tmp_path / "bad.toml"),
                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "bitz" in out.stderr
+
+
+_HLO_SCRIPT = r'''
+import json, os, re
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from jax.sharding import PartitionSpec as P
+from qdata import engine
+from qdata.config import RunConfig
+from qdata.run import Experiment
+out = {}
+for method in ("qdata", "sgd"):
+    cfg = RunConfig(method=method, num_nodes=4, batch_size=8, num_devices=4, cache=(method == "qdata"))
+    exp = Experiment(cfg)
+    mesh = engine.node_mesh(4)
+    st = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
+    idx, cnt = engine.put(mesh, (exp.index, exp.count), P("nodes"))
+    x, y = engine.put(mesh, (exp.dataset.x_train, exp.dataset.y_train), P())
+    fn = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=8, num_rounds=1, state_template=st)
+    text = fn.lower(st, idx, cnt, x, y).as_text()
+    out[method] = {"d": exp.d, "gathers": re.findall(r"all_gather.*?-> tensor<([^>]*)>", text)}
+print(json.dumps(out))
+'''
+
+
+def test_devices_exchange_the_packed_payloads_only():
+    """Read the compiled round: what the collective moves between devices is the packed message
+    (uint8 codes, labels, positions; int32 bit counts of the ledger), never a d-sized gradient for
+    qdata; for SGD it is the d fp32 gradient values."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", _HLO_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def parse(t):
+        *dims, dtype = t.split("x")
+        return [int(v) for v in dims], dtype
+
+    qdata = [parse(t) for t in out["qdata"]["gathers"]]
+    d = out["qdata"]["d"]
+    assert ([4, 8, 32], "ui8") in qdata  # 8 samples of 64 4-bit codes per node
+    assert all(dtype in ("ui8", "i32") for _, dtype in qdata)
+    assert max(int(np.prod(dims[1:])) for dims, _ in qdata) < d // 100  # per node
+    assert ([4, d], "f32") in [parse(t) for t in out["sgd"]["gathers"]]
