@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     compare_p = sub.add_parser("compare", help="the main job: qdata vs SGD and gradient compression")
     compare_p.add_argument("--config", help="a TOML file of RunConfig fields shared by every method")
     compare_p.add_argument("--out", help="output directory (default runs/compare-TIMESTAMP)")
+    compare_p.add_argument("--resume", action="store_true",
+                           help="keep the finished runs in --out and continue an interrupted one")
     for p in (train_p, compare_p):
         _add_config_flags(p)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             from qdata.compare import DEFAULT_BASE, compare
 
             base = _config_from(args, DEFAULT_BASE)
-            summary = compare(base, args.out, progress=not args.no_progress)
+            if args.resume and not args.out:
+                raise ValueError("--resume needs --out, the directory of the comparison to continue")
+            summary = compare(base, args.out, progress=not args.no_progress, resume=args.resume)
             print(summary["table"])
             print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
     except (ValueError, FileExistsError) as err:

@@ -106,8 +106,12 @@ def draw_figure(runs: list[tuple[str, dict, list[dict]]], summary: dict, path: s
 
 
 def compare(base: RunConfig, out_dir: str | os.PathLike | None = None, *,
-            lineup: list[tuple[str, RunConfig]] | None = None, progress: bool = True) -> dict:
+            lineup: list[tuple[str, RunConfig]] | None = None, progress: bool = True,
+            resume: bool = False) -> dict:
     """Run every method of ``lineup`` (default :func:`default_lineup`) and write the table and figure.
+
+    With ``resume``, runs already finished in ``out_dir`` are kept and an interrupted one continues
+    from its newest checkpoint.
 
     Returns the summary dict (also written to ``OUT/summary.json``).
     """
@@ -124,7 +128,7 @@ def compare(base: RunConfig, out_dir: str | os.PathLike | None = None, *,
         config = config.replace(name=label)
         if bar is not None:
             bar.set_postfix_str(label)
-        train(config, out / label, progress=progress)
+        train(config, out / label, progress=progress, resume=resume)
         header, rounds = qresults.load(out / label)
         runs.append((label, config, header, rounds))
         if bar is not None:

@@ -107,6 +107,10 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     if writer and results_path.exists() and not resume:
         raise FileExistsError(f"{results_path} exists: pass resume=True (--resume) to continue it, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        finished = [r for r in _read_records(results_path) if r["kind"] == "round"]
+        if finished and finished[-1]["round"] >= config.rounds:
+            return finished[-1]  # nothing left to do
 
     exp = Experiment(config)
     mesh = engine.node_mesh(config.num_devices)

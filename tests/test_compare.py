@@ -31,6 +31,15 @@ def test_compare_command_writes_table_summary_and_figure(tmp_path):
     # The ledger's figure for SGD is exact: 32 bits per parameter per round.
     sgd = summary["rows"][labels.index("sgd-fp32")]
     assert sgd["uplink_bits_per_round"] == 32 * headers[0]["model"]["params"]
+    # Resuming a finished comparison reruns nothing and gives the same table.
+    stamps = {label: (out / label / "results.jsonl").stat().st_mtime_ns for label in labels}
+    again = subprocess.run(
+        [sys.executable, "-m", "qdata.cli", "compare", "--rounds", "4", "--eval-every", "2", "--num-nodes", "2",
+         "--checkpoint-every", "0", "--out", str(out), "--no-progress", "--resume"],
+        capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
+    assert stamps == {label: (out / label / "results.jsonl").stat().st_mtime_ns for label in labels}
     # The figure can be redrawn from the results files alone.
     from paper_figures.compare import main as redraw
 
