@@ -224,10 +224,8 @@ def build_round(objective: O.Objective, setting: Setting) -> Round:
         return _round_from_method(sgd(objective.loss_fn))
     if setting.method == "compressed":
         return _round_from_method(gradient_compression(objective.loss_fn, setting.compressor))
-    if objective.num_classes is None:
-        # qdata_estimator sends integer labels (ceil(log2 C) bits) and refuses real-valued y.
-        raise ValueError(f"objective {objective.name} has real-valued targets, which qdata_estimator does not "
-                         "accept (it needs integer labels and num_classes); use targets='binary'")
+    # num_classes None (real targets): the estimator sends each transmitted target as an fp32 value,
+    # exactly, so the bounds' noise terms are those of integer labels.
     est = qdata_estimator(
         objective.loss_fn, _quantizer(objective, setting), num_classes=objective.num_classes, gate=_gate(setting),
         correction=_correction(objective, setting) if setting.correction else None,
@@ -570,11 +568,17 @@ def check_setting(
 # Default objectives, tables, figures.
 
 
-def default_objectives(num_samples: int = 512, n: int = 10) -> list[O.Objective]:
-    """The five objectives of the default run (synthetic data, constants computed at construction)."""
+def default_objectives(num_samples: int = 512, n: int = 10, targets: str = "real") -> list[O.Objective]:
+    """The five objectives of the default run (synthetic data, constants computed at construction).
+
+    The two regressions (least squares, ridge) fit real-valued targets t = s + noise by default
+    (``targets="real"``: qdata sends each as an fp32 value, 32 bits); ``targets="binary"`` fits the
+    labels 1[t > 0] coded as +-1 instead (least-squares classification, 1-bit labels). The three
+    classifiers always use binary labels.
+    """
     return [
-        O.least_squares(n, num_samples=num_samples, features="identity", name="least_squares"),
-        O.ridge(n, 64, num_samples=num_samples, features="random", lam=0.05, name="ridge_rf"),
+        O.least_squares(n, num_samples=num_samples, features="identity", targets=targets, name="least_squares"),
+        O.ridge(n, 64, num_samples=num_samples, features="random", lam=0.05, targets=targets, name="ridge_rf"),
         O.logistic_regression(n, num_samples=num_samples, features="identity", name="logistic"),
         O.sigmoid_classifier(n, num_samples=num_samples, features="identity", name="sigmoid"),
         O.tanh_network(n, 8, num_samples=num_samples, name="tanh_net"),
@@ -677,17 +681,20 @@ def communication_claim(
     checkpoints: int = 64,
     measure_rounds: bool = True,
     max_prediction: int = 2**16,
+    targets: str = "real",
     seed: int = 0,
 ) -> dict:
     """Bits per round and rounds to a fixed accuracy as d is lifted by random features at fixed n.
 
     The objective is ridge regression on random features (:func:`convergence.objectives.ridge`) with
-    the *same* data (x, y) for every d (the teacher lives in data space). For each d:
+    the *same* data (x, y) for every d (the teacher lives in data space), with real-valued targets
+    by default (``targets="binary"``: 1-bit labels, see :func:`default_objectives`). For each d:
 
     * uplink bits per node per round, read off the packed messages by the estimators' own
-      ``uplink_bits``: qdata with B bits and the correction through random-k of fixed k (k values in
-      fp32 plus k indices of ceil(log2 d) bits), qdata without correction, fp32 SGD (32 d) and QSGD
-      with s levels (fixed-length code);
+      ``uplink_bits``: qdata with B bits (n B bits per sample, plus its target: 32 bits for an fp32
+      real target, 1 bit for a binary label) and the correction through random-k of fixed k (k values
+      in fp32 plus k indices of ceil(log2 d) bits), qdata without correction, fp32 SGD (32 d) and
+      QSGD with s levels (fixed-length code);
     * rounds to reach E||w_t - w*||^2 <= accuracy * ||w0 - w*||^2. Predicted: the smallest T on a
       grid of quarter powers of two at which the strongly convex bound, with the step it prescribes
       for T, reaches the target (inf beyond ``max_prediction``, or when the bias floor is above it).
@@ -709,12 +716,14 @@ def communication_claim(
         raise ValueError(f"dims must be >= 2 increasing dimensions, all > k = {k}, got {dims}")
     if not 0.0 < accuracy < 1.0:
         raise ValueError(f"accuracy must be in (0, 1), a fraction of ||w0 - w*||^2, got {accuracy}")
+    if targets not in O.TARGETS:
+        raise ValueError(f"targets must be one of {O.TARGETS}, got {targets!r}")
     rows = []
     qsgd_label = f"QSGD s={qsgd_levels}"
     plain_label, corr_label = f"qdata B={bits}", f"qdata B={bits} +corr(randk k={k})"
     for d in dims:
         obj = O.ridge(n, int(d), num_samples=num_samples, features="random", lam=lam, teacher="data",
-                      seed=seed, name=f"ridge_rf_d{d}")
+                      targets=targets, seed=seed, name=f"ridge_rf_d{d}")
         entry = {"d": int(d), "index_width": int(math.ceil(math.log2(d))), "L": obj.L, "mu": obj.mu,
                  "L_x": obj.L_x, "D0": obj.D0}
         methods = {
@@ -772,7 +781,7 @@ def communication_claim(
                and all(slope[lab] >= 0.9 for lab in ("fp32 SGD", qsgd_label)))
     rounds_ok = all(r[lab]["rounds_measured"] is None or r[lab]["rounds_measured"] <= r[lab]["rounds_predicted"]
                     for r in rows for lab in labels)
-    return {"dims": [int(d) for d in dims], "n": n, "N": num_samples, "bits": bits, "k": k,
+    return {"dims": [int(d) for d in dims], "n": n, "N": num_samples, "targets": targets, "bits": bits, "k": k,
             "qsgd_levels": qsgd_levels, "batch": batch, "lam": lam, "accuracy": accuracy, "seeds": seeds,
             "max_rounds": max_rounds, "rows": rows, "bits_growth": growth, "bits_slope": slope,
             "log_factor": log_factor,
@@ -783,8 +792,9 @@ def format_communication(comm: dict) -> str:
     """The communication claim as two small tables (bits per round; rounds to the target accuracy)."""
     labels = [k for k in comm["rows"][0] if isinstance(comm["rows"][0][k], dict)]
     head = f"{'d':>7} {'ceil(log2 d)':>12} " + " ".join(f"{lab:>28}" for lab in labels)
-    lines = [f"Communication (synthetic ridge on random features, n={comm['n']}, N={comm['N']}, b={comm['batch']}): "
-             "uplink bits per node per round, exact from uplink_bits", head, "-" * len(head)]
+    lines = [f"Communication (synthetic ridge on random features, n={comm['n']}, N={comm['N']}, b={comm['batch']}, "
+             f"{comm.get('targets', 'binary')} targets): uplink bits per node per round, exact from uplink_bits",
+             head, "-" * len(head)]
     for r in comm["rows"]:
         lines.append(f"{r['d']:>7} {r['index_width']:>12} " + " ".join(f"{r[lab]['bits_per_round']:>28d}" for lab in labels))
     lines.append("growth d_min -> d_max: " + ", ".join(
@@ -840,7 +850,8 @@ def plot_communication(comm: dict, path: str) -> None:
     a2.set_xlabel("model dimension d (random features)")
     a2.set_ylabel(f"rounds to E||w-w*||^2 <= {comm['accuracy']} ||w0-w*||^2")
     a2.legend(fontsize=6)
-    fig.suptitle(f"Synthetic data. Ridge on random features, fixed n={comm['n']}, N={comm['N']}, b={comm['batch']}, "
+    fig.suptitle(f"Synthetic data. Ridge on random features ({comm.get('targets', 'binary')} targets), fixed "
+                 f"n={comm['n']}, N={comm['N']}, b={comm['batch']}, "
                  f"d={comm['dims'][0]}..{comm['dims'][-1]}, {comm['seeds']} seeds; qdata B={comm['bits']}, "
                  f"correction random-k k={comm['k']}, QSGD s={comm['qsgd_levels']}", fontsize=9, wrap=True)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
@@ -878,6 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--objectives", nargs="+", default=None, help="subset of objective names")
     p.add_argument("--settings", nargs="+", default=None, help="subset of setting names (e.g. 'fp32 SGD')")
     p.add_argument("--slope-tol", type=float, default=0.25)
+    p.add_argument("--targets", choices=O.TARGETS, default="real",
+                   help="targets of least squares, ridge and the communication claim: real values (fp32 on the "
+                        "link) or binary labels (1 bit)")
     p.add_argument("--no-comm", action="store_true", help="skip the communication claim")
     p.add_argument("--no-controls", action="store_true", help="skip the negative controls")
     p.add_argument("--comm-dims", type=int, nargs="+", default=[100, 1000, 10000])
@@ -886,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
     T_grid = [2**k for k in range(args.tmin, args.tmax + 1)]
-    objectives = default_objectives()
+    objectives = default_objectives(targets=args.targets)
     if args.objectives:
         objectives = [o for o in objectives if o.name in args.objectives]
         if not objectives:
@@ -911,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        os.path.join(args.out, f"{obj.name}.png"))
     comm = None
     if not args.no_comm:
-        comm = communication_claim(args.comm_dims, batch=args.batch)
+        comm = communication_claim(args.comm_dims, batch=args.batch, targets=args.targets)
         plot_communication(comm, os.path.join(args.out, "communication.png"))
     wall = time.time() - start
     report = {

@@ -22,8 +22,8 @@ Objectives (factories return an :class:`Objective`):
 ==========================  =====================================================  ==================
 
 with t = 2 y - 1 in {-1, +1} for integer labels y in {0, 1} (the qdata estimator sends labels as
-integers, ceil(log2 C) bits), or t = y for real targets (``targets="real"``; needs an estimator that
-accepts real-valued y, see :mod:`convergence.check`).
+integers, ceil(log2 C) bits), or t = y for real targets (``targets="real"``, least squares and
+ridge; the qdata estimator, built with ``num_classes=None``, sends each as an fp32 value).
 
 The constants every bound needs, each with the method used recorded in ``Objective.info['methods']``:
 
@@ -587,9 +587,10 @@ def least_squares(
     """Least squares f(w; x, y) = (w^T phi(x) - t)^2 / 2 (+ (lam/2) ||w||^2), w0 = 0.
 
     Data (synthetic): x ~ U[lo, hi]^n; s = phi(x)^T w_true normalized to unit variance; real targets
-    t = s + noise * N(0, 1); binary labels y = 1[s + noise * N(0, 1) > 0] with t = 2 y - 1 (least-
-    squares classification, usable with an estimator that sends integer labels). L = lambda_max + lam,
-    mu = lambda_min + lam of (1/N) Phi^T Phi (+ lam I); w*, F* from the normal equations.
+    t = s + noise * N(0, 1) (float32, ``num_classes`` None: fp32 on the link); binary labels
+    y = 1[s + noise * N(0, 1) > 0] with t = 2 y - 1 (least-squares classification, 1-bit labels).
+    L = lambda_max + lam, mu = lambda_min + lam of (1/N) Phi^T Phi (+ lam I); w*, F* from the normal
+    equations.
 
     Args:
       n: data dimension. d: model dimension (None: n for identity features).

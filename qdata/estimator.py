@@ -3,7 +3,8 @@
 DESIGN.md section 2, steps 1-4, for one node i with minibatch {(x_j, y_j)}_{j=1..b}:
 
 1. gate: scores s_j -> probabilities p_j -> mask m_j and weights a_j (:mod:`qdata.gate`);
-2. data quantizer Q: the node sends Q(x_j) and y_j (ceil(log2 C) bits) for the transmitted samples;
+2. data quantizer Q: the node sends Q(x_j) and y_j (ceil(log2 C) bits for a label of C classes, or a
+   real-valued target as an fp32/fp16 value) for the transmitted samples;
 3. correction (optional): delta_i = (1/b) sum_j a_j (grad_w f(w; x_j, y_j) - grad_w f(w; Q(x_j), y_j)),
    from two a-weighted batched backward passes, sent as C(delta_i) through a vector compressor C;
 4. learner: g_i = (1/b) sum_j a_j grad_w f(w; Q(x_j), y_j) + C(delta_i). Averaging g_i over the N
@@ -22,6 +23,10 @@ of packed arrays; :func:`qdata_estimator`'s ``uplink_bits`` reads the bits off t
 * ``labels``: the labels of the transmitted samples, in order, packed at ceil(log2 C) bits each into
   one stream (:func:`~qdata.codecs.base.pack_codes`); the node sends the prefix of the stream that
   holds them, ``ceil(m * w / word) * word`` bits for m labels of w bits in words of ``word`` bits.
+  Real-valued targets (``num_classes=None``, regression) travel the same way as values of
+  ``target_dtype`` (fp32 by default, or fp16): the stream is an fp32/fp16 array holding the m
+  transmitted targets first, and its prefix is exactly 32 m (16 m) bits. Targets are sent exactly
+  as the learner uses them: the node computes its correction against the same rounded y~_j.
 * ``weights``: p~_j in fp16 for the transmitted samples (Bernoulli gate only; both sides compute
   a_j = 1 / p~_j, see :mod:`qdata.gate`).
 * ``mask``: with a gate (rho < 1), a b-bit bitmap telling the learner which samples arrived (also what
@@ -63,8 +68,9 @@ class NodeMessage:
 
     Attributes:
       data: quantized samples, the quantizer's payload (rows of untransmitted samples zeroed).
-      labels: ``arrays['labels']``, the transmitted labels packed at ceil(log2 C) bits, in sample order,
-        at the front of the stream (the rest is zero padding that is not sent).
+      labels: ``arrays['labels']``, the transmitted labels packed at ceil(log2 C) bits (real targets:
+        values of the target dtype), in sample order, at the front of the stream (the rest is zero
+        padding that is not sent).
       weights: ``rows['prob']``, fp16 p~_j per sample (Bernoulli gate); empty otherwise.
       mask: ``arrays['bitmap']``, the b-bit bitmap of transmitted samples (rho < 1); empty otherwise.
       correction: the compressor's payload of C(delta_i); empty without a correction.
@@ -96,15 +102,20 @@ class LearnerCache(NamedTuple):
     """One node's samples as held by the learner: quantized rows and labels, by shard position."""
 
     rows: PyTree  # (cache_size, ...)
-    labels: Array  # (cache_size,) int32
+    labels: Array  # (cache_size,) int32 labels, or real targets in the estimator's target dtype
 
 
 class LabelMeta(NamedTuple):
-    """Static side of the label stream: batch size b, code width w = ceil(log2 C), classes C."""
+    """Static side of a stream (labels or positions): batch size b, code width w = ceil(log2 C), C.
+
+    For real-valued targets ``num_classes`` is None, ``dtype`` names the float type the values travel
+    in ('float32' or 'float16') and ``width`` is its bit size (32 or 16).
+    """
 
     batch: int
     width: int
-    num_classes: int
+    num_classes: int | None
+    dtype: str | None = None
 
 
 class Estimator(NamedTuple):
@@ -120,7 +131,8 @@ class Estimator(NamedTuple):
       learner_gradient_cached: with a cache, ``(params, message, cache) -> (grads, cache)``; the
         learner fills the cache from the fresh rows, then reads every transmitted row from it.
       received: ``(message, cache=None) -> ((x_hat, y, a), cache)``, the samples the learner reads
-        off a message (a_j = 0 for samples not sent); with ``learner_loss`` and
+        off a message (a_j = 0 for samples not sent; y int32 labels, or real targets in the target
+        dtype); with ``learner_loss`` and
         ``decoded_correction`` this lets a learner of N nodes take one backward pass over all N*b
         samples instead of N (see :mod:`qdata.methods.qdata`).
       decoded_correction: ``message -> C(delta_i)`` (None without a correction).
@@ -150,7 +162,8 @@ def _stream_prefix_bits(count: Array, width: int) -> Array:
     """Bits of the prefix of a :func:`base.pack_codes` stream that holds its first ``count`` codes.
 
     The stream's words are ``code_dtype(width)`` (uint8 for widths that do not fill a word), so the
-    prefix is ``ceil(count * width / word)`` whole words.
+    prefix is ``ceil(count * width / word)`` whole words. A stream of real targets (fp32 or fp16
+    values, ``width`` 32 or 16) has one value per word: exactly ``count * width`` bits.
     """
     word = np.dtype(base.code_dtype(width)).itemsize * 8
     count = jnp.asarray(count, jnp.int32)
@@ -167,7 +180,11 @@ def _keep_rows(payload: Payload, mask: Array) -> Payload:
     return payload.replace(rows=jax.tree_util.tree_map(keep, payload.rows))
 
 
-def _check_batch(batch, num_classes: int) -> tuple[Array, Array]:
+TARGET_DTYPES = ("float32", "float16")
+
+
+def _check_batch(batch, num_classes: int | None, target_dtype=None) -> tuple[Array, Array]:
+    """(x, y) of a checked batch; for real targets (``num_classes`` None) y in float32 or wider."""
     if not isinstance(batch, dict) or "x" not in batch or "y" not in batch:
         raise ValueError("batch must be a dict with keys 'x' (b, *sample_shape) and 'y' (b,)")
     x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
@@ -175,6 +192,8 @@ def _check_batch(batch, num_classes: int) -> tuple[Array, Array]:
         raise ValueError(f"batch['x'] must be a float array of shape (b, *sample_shape), got {x.dtype} {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"batch['y'] must have shape (b,) = ({x.shape[0]},) to match batch['x'], got {y.shape}")
+    if num_classes is None:
+        return x, _check_targets(x, y, target_dtype)
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"batch['y'] must hold integer labels, got dtype {y.dtype}")
     base.check_finite(x, "batch['x']")
@@ -183,6 +202,32 @@ def _check_batch(batch, num_classes: int) -> tuple[Array, Array]:
         if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
             raise ValueError(f"batch['y'] labels must be in 0..{num_classes - 1}, got range {yv.min()}..{yv.max()}")
     return x, y
+
+
+def _check_target_dtype(value) -> np.dtype:
+    try:
+        dtype = np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in TARGET_DTYPES:
+        raise ValueError(f"target_dtype must be one of {TARGET_DTYPES}, got {value!r}")
+    return dtype
+
+
+def _check_targets(x: Array, y: Array, target_dtype) -> Array:
+    # Integer targets (counts, ordinal scores) are real values too: taken as float32.
+    if not (jnp.issubdtype(y.dtype, jnp.floating) or jnp.issubdtype(y.dtype, jnp.integer)):
+        raise ValueError(f"batch['y'] must hold real-valued targets (float or integer), got dtype {y.dtype}")
+    y = y if jnp.issubdtype(y.dtype, jnp.floating) else y.astype(jnp.float32)
+    base.check_finite(x, "batch['x']")
+    base.check_finite(y, "batch['y']")
+    if base.is_concrete(y) and y.size:
+        # A target beyond the wire type's range would arrive as inf.
+        top, largest = float(np.max(np.abs(np.asarray(y, np.float64)))), float(jnp.finfo(target_dtype).max)
+        if top > largest:
+            raise ValueError(f"batch['y'] targets must fit target_dtype {np.dtype(target_dtype).name} "
+                             f"(|y| <= {largest:g}), got max |y| = {top:g}")
+    return y
 
 
 def _code_rows(payload: Payload) -> Payload:
@@ -199,7 +244,8 @@ def qdata_estimator(
     loss_fn: Callable[..., Array],
     quantizer: Quantizer,
     *,
-    num_classes: int,
+    num_classes: int | None,
+    target_dtype=None,
     gate: Gate = no_gate(),
     correction: Compressor | None = None,
     score_fn: Callable[..., Array] | None = None,
@@ -211,7 +257,13 @@ def qdata_estimator(
     Args:
       loss_fn: ``(params, x, y) -> (b,)`` per-sample losses f(w; x_j, y_j).
       quantizer: the data quantizer Q (:mod:`qdata.codecs.quantizers`).
-      num_classes: C; labels travel at ceil(log2 C) bits.
+      num_classes: C; labels are integers in 0..C-1 and travel at ceil(log2 C) bits. None for
+        real-valued targets (regression): ``batch['y']`` is then a float (b,) array (integer arrays
+        are taken as real values, cast), sent as ``target_dtype`` values, 8 * itemsize bits each.
+      target_dtype: with ``num_classes=None``, the type the targets travel and are cached in:
+        ``jnp.float32`` (default; exact for float32 targets) or ``jnp.float16`` (half the bits; the
+        learner then sees y rounded to fp16, which the correction, when on, compensates: the node
+        corrects against the rounded y). Must be left None with integer labels.
       gate: the importance gate (default :func:`qdata.gate.no_gate`, every sample sent).
       correction: the vector compressor C of the gradient-difference correction; None to send none.
       score_fn: ``(params, x, y) -> (b,)`` scores for the gate; default the per-sample loss. Only
@@ -225,7 +277,14 @@ def qdata_estimator(
       unbiased, ``E[learner_gradient(params, node_message(key, params, batch, state)[0])]`` equals
       ``full_gradient(loss_fn)(params, batch['x'], batch['y'])``.
     """
-    num_classes = base.check_int(num_classes, "num_classes", lo=1)
+    real_targets = num_classes is None
+    if real_targets:
+        target_dtype = _check_target_dtype(jnp.float32 if target_dtype is None else target_dtype)
+    else:
+        num_classes = base.check_int(num_classes, "num_classes", lo=1)
+        if target_dtype is not None:
+            raise ValueError("target_dtype is for real-valued targets (num_classes=None); integer labels "
+                             f"travel at ceil(log2 C) bits, got target_dtype={target_dtype!r} with num_classes={num_classes}")
     if not all(hasattr(quantizer, name) for name in ("encode", "decode", "bits")):
         raise ValueError(f"quantizer must be a base.Quantizer (encode, decode, bits), got {type(quantizer).__name__}")
     if not isinstance(gate, Gate):
@@ -248,7 +307,13 @@ def qdata_estimator(
         pos_width = base.index_width(cache_size)
     if score_fn is None:
         score_fn = loss_score(loss_fn)
-    width = base.index_width(num_classes)
+    if real_targets:
+        width = target_dtype.itemsize * 8
+        label_meta = lambda b: LabelMeta(b, width, None, target_dtype.name)
+    else:
+        width = base.index_width(num_classes)
+        label_meta = lambda b: LabelMeta(b, width, num_classes)
+    label_dtype = target_dtype if real_targets else jnp.int32
     gated = gate.rho < 1.0
     sends_weights = gated and gate.weighted
 
@@ -267,12 +332,19 @@ def qdata_estimator(
     def init_cache(sample_shape_=None):
         del sample_shape_
         rows = jax.tree_util.tree_map(lambda t: jnp.zeros((cache_size,) + t.shape[1:], t.dtype), row_template)
-        return LearnerCache(rows=rows, labels=jnp.zeros((cache_size,), jnp.int32))
+        return LearnerCache(rows=rows, labels=jnp.zeros((cache_size,), label_dtype))
 
-    def _ordered_stream(values: Array, keep: Array, bits_each: int) -> Array:
+    def _ordered(values: Array, keep: Array) -> Array:
         # Kept values first, in sample order (stable sort on "not kept"), zeros after them.
         order = jnp.argsort(1 - keep.astype(jnp.int32), stable=True)
-        return base.pack_codes(jnp.where(keep[order] > 0, values[order], 0), bits_each)
+        return jnp.where(keep[order] > 0, values[order], 0)
+
+    def _ordered_stream(values: Array, keep: Array, bits_each: int) -> Array:
+        return base.pack_codes(_ordered(values, keep), bits_each)
+
+    def _label_stream(y_sent: Array, keep: Array) -> Array:
+        # Real targets are sent as values of the wire type (already cast), not packed codes.
+        return _ordered(y_sent, keep) if real_targets else _ordered_stream(y_sent, keep, width)
 
     def _scatter_rows(table, rows, pos, keep):
         # Rows not kept are sent out of range and dropped by the scatter.
@@ -286,9 +358,12 @@ def qdata_estimator(
         """Steps 1-3 at node i: gate, quantize, correct. Returns (NodeMessage, new state).
 
         Shapes and dtypes of ``batch`` are checked always (also under jit); NaN/inf in ``batch['x']``
-        and labels outside 0..C-1 only when the values are concrete (not traced).
+        and labels outside 0..C-1 (real targets: NaN/inf, or beyond the target dtype's range) only
+        when the values are concrete (not traced).
         """
-        x, y = _check_batch(batch, num_classes)
+        x, y = _check_batch(batch, num_classes, target_dtype)
+        # y as the learner will read it: real targets rounded to the wire type (exact for fp32).
+        y_sent = y.astype(target_dtype) if real_targets else y
         b = x.shape[0]
         k_gate, k_data, k_corr = jax.random.split(key, 3)
 
@@ -321,17 +396,17 @@ def qdata_estimator(
             fresh = mask
 
         data = _keep_rows(encoded, fresh)
-        labels = Payload(arrays={"labels": _ordered_stream(y, fresh, width)}, meta=LabelMeta(b, width, num_classes))
+        labels = Payload(arrays={"labels": _label_stream(y_sent, fresh)}, meta=label_meta(b))
         weights = Payload(rows={"prob": jnp.where(mask > 0, sel.prob, 0.0).astype(jnp.float16)}) if sends_weights else Payload()
         bitmap = Payload(arrays={"bitmap": base.pack_codes(mask.astype(jnp.uint32), 1)}) if gated else Payload()
 
         if correction is not None:
-            # The node decodes its own message so that it uses exactly the Q(x_j) and a_j the learner
-            # will use; then delta is unbiased for what the learner misses.
+            # The node decodes its own message so that it uses exactly the Q(x_j), y~_j and a_j the
+            # learner will use; then delta is unbiased for what the learner misses.
             x_hat = _decoded(_keep_rows(encoded, mask), mask)
             a = _weights_from(weights, mask)
             g_x = jax.grad(weighted_mean_loss)(params, x, y, a)
-            g_q = jax.grad(weighted_mean_loss)(params, x_hat, y, a)
+            g_q = jax.grad(weighted_mean_loss)(params, x_hat, y_sent, a)
             delta = jax.tree_util.tree_map(jnp.subtract, g_x, g_q)
             corr, corr_state = correction.encode(k_corr, delta, corr_state)
         else:
@@ -364,9 +439,13 @@ def qdata_estimator(
         return base.unpack_codes(message.positions.arrays["fresh"], 1, mask.shape[0]).astype(jnp.float32)
 
     def _unstream(stream: Payload, key: str, keep: Array) -> Array:
-        """Row j's value from a stream holding the kept rows' values in order (0 elsewhere)."""
+        """Row j's value from a stream holding the kept rows' values in order (0 elsewhere): int32
+        codes, or for real targets values of the target dtype."""
         meta: LabelMeta = stream.meta
-        values = base.unpack_codes(stream.arrays[key], meta.width, meta.batch).astype(jnp.int32)
+        if meta.dtype is not None:
+            values = stream.arrays[key]
+        else:
+            values = base.unpack_codes(stream.arrays[key], meta.width, meta.batch).astype(jnp.int32)
         position = jnp.cumsum(keep.astype(jnp.int32)) - 1
         return jnp.where(keep > 0, values[jnp.clip(position, 0, meta.batch - 1)], 0)
 

@@ -1,9 +1,11 @@
 """Reduced versions of the convergence checks: every objective, fp32 SGD and a qdata setting, small T.
 
-Statistical margin: the checks compare the mean over seeds with a worst-case bound. On these objectives
-the full run (python -m convergence) shows worst ratios of at most ~0.3 wherever the bound is informative,
-and the 95% band (reported in each result) is far narrower than the gap, so a pass here does not hinge
-on luck; a failure means the bound, the constants or the estimator changed.
+Statistical margin: the checks compare the mean over seeds with a worst-case bound. In the full run
+(python -m convergence) the worst ratios are at most ~0.2 wherever the bound is informative, except on
+ridge where it reaches ~0.96 at the shortest horizon (T = 64: the prescribed step is tiny, so both the
+iterate and the bound sit near the starting value, by construction rather than by chance), and the 95%
+band (reported in each result) is far narrower than the gap, so a pass here does not hinge on luck; a
+failure means the bound, the constants or the estimator changed.
 """
 
 import math
@@ -94,7 +96,8 @@ def test_default_settings():
     C.Setting("qdata B=4 +corr", bits=4, correction=True),
     C.Setting("qdata B=4 +gate", bits=4, gate=True),
 ], ids=lambda s: s.name)
-def test_noise_model_bounds_the_real_estimator(setting):
+@pytest.mark.parametrize("targets", ["binary", "real"])  # real: fp32 targets on the link (num_classes None)
+def test_noise_model_bounds_the_real_estimator(setting, targets):
     """The noise terms the bounds use hold for the real estimator at fixed points of the region:
     E||g - grad F||^2 <= sigma^2 + zeta^2 and ||E g - grad F|| <= zeta.
 
@@ -105,7 +108,7 @@ def test_noise_model_bounds_the_real_estimator(setting):
     import jax
     import jax.numpy as jnp
 
-    obj = O.least_squares(6, num_samples=128, seed=3)
+    obj = O.least_squares(6, num_samples=128, seed=3, targets=targets)
     noise, _ = C.noise_model(obj, setting, batch=8)
     rnd = C.build_round(obj, setting)
     x, y = jnp.asarray(obj.x), jnp.asarray(obj.y)

@@ -70,14 +70,17 @@ def test_cli_writes_report_and_figure(tmp_path, capsys):
     assert "least_squares" in printed and "fp32 SGD" in printed and "worst ratio" in printed
 
 
-def test_communication_bits_are_exact():
+@pytest.mark.parametrize("targets", ["real", "binary"])
+def test_communication_bits_are_exact(targets):
     n, b, k, s = 4, 8, 16, 16
     comm = C.communication_claim((20, 400), n=n, num_samples=64, bits=8, k=k, qsgd_levels=s, batch=b,
-                                 measure_rounds=False)
+                                 measure_rounds=False, targets=targets)
+    # Real targets travel as fp32 values (32 bits each); binary labels at 1 bit, packed in bytes.
+    label_bits = 32 * b if targets == "real" else 8 * math.ceil(b / 8)
     for row in comm["rows"]:
         d = row["d"]
         w = math.ceil(math.log2(d))
-        data_and_labels = b * 8 * n + 8 * math.ceil(b / 8)  # B=8: one byte per coordinate; 1-bit labels
+        data_and_labels = b * 8 * n + label_bits  # B=8: one byte per coordinate
         assert row["qdata B=8"]["bits_per_round"] == data_and_labels
         assert row[f"qdata B=8 +corr(randk k={k})"]["bits_per_round"] == data_and_labels + 32 * k + 8 * math.ceil(k * w / 8)
         assert row["fp32 SGD"]["bits_per_round"] == 32 * d

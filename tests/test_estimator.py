@@ -405,3 +405,212 @@ def test_bad_hyper_parameters_raise_at_construction():
         qdata_estimator(loss_fn, q, num_classes=CLASSES, gate=0.5)
     with pytest.raises(ValueError, match="quantizer"):
         qdata_estimator(loss_fn, None, num_classes=CLASSES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-valued targets (num_classes=None): least squares f(w; x, y) = (w^T x + c - y)^2 / 2.
+
+N_LS = 8
+
+
+def ls_loss(params, x, y):
+    return 0.5 * jnp.square(x @ params["w"] + params["c"] - y)
+
+
+def _regression_problem(b, n=N_LS, seed=20, offset=0.0):
+    """x in [0, 1]^n, y = x^T w_true + 0.3 noise (+ offset), and a parameter point away from w_true."""
+    k = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.uniform(k[0], (b, n))
+    y = x @ jax.random.normal(k[1], (n,)) + 0.3 * jax.random.normal(k[2], (b,)) + offset
+    params = {"w": 0.5 * jax.random.normal(k[3], (n,)), "c": jnp.float32(0.1)}
+    return params, {"x": x, "y": y.astype(jnp.float32)}
+
+
+@settings(max_examples=6)  # each example compiles a new shape (~2 s)
+@given(
+    bits=st.integers(1, 16),
+    b=st.integers(1, 12),
+    n=st.integers(1, 20),
+    gate_kind=st.sampled_from(["none", "top", "bernoulli"]),
+    dtype=st.sampled_from(["float32", "float16"]),
+    seed=st.integers(0, 1000),
+)
+def test_uplink_bits_of_real_targets(bits, b, n, gate_kind, dtype, seed):
+    # A real target costs exactly the bits of its wire type per transmitted sample (32 for fp32, 16
+    # for fp16), whatever b and the gate; the other parts of the ledger are those of integer labels.
+    params, batch = _regression_problem(b, n, seed)
+    gate = {"none": no_gate(), "top": top_fraction_gate(0.5), "bernoulli": bernoulli_gate(0.4)}[gate_kind]
+    est = qdata_estimator(ls_loss, stochastic_rounding(bits, 0.0, 1.0), num_classes=None, target_dtype=dtype,
+                          gate=gate, correction=randk(2))
+    message, _ = jax.jit(est.node_message)(jax.random.key(seed), params, batch, est.init(params))
+    got = {key: int(v) for key, v in jax.jit(est.uplink_bits)(message).items()}
+    m = _sent_rows(message, b, gate_kind != "none")
+    width = {"float32": 32, "float16": 16}[dtype]
+    assert message.labels.arrays["labels"].dtype == np.dtype(dtype)
+    assert got["labels"] == width * m
+    assert got["data"] == m * 8 * math.ceil(n * bits / 8)
+    assert got["weights"] == (16 * m if gate_kind == "bernoulli" else 0)
+    assert got["correction"] == 2 * 32 + 8 * math.ceil(2 * max(1, math.ceil(math.log2(n + 1))) / 8)
+    assert got["total"] == sum(v for key, v in got.items() if key != "total")
+
+
+@pytest.mark.parametrize("gate", [no_gate(), top_fraction_gate(0.5), bernoulli_gate(0.4)], ids=["none", "top", "bern"])
+def test_real_targets_round_trip(gate):
+    # fp32 targets arrive bit for bit: the stream holds the transmitted ones first, in sample order,
+    # then zeros; the learner reads y_j for every transmitted j and 0 for the others.
+    params, batch = _regression_problem(B)
+    est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, gate=gate)
+    message, _ = jax.jit(est.node_message)(jax.random.key(1), params, batch, est.init(params))
+    (_, y, a), _ = jax.jit(est.received)(message)
+    mask = np.asarray(a) > 0
+    m = _sent_rows(message, B, gate.rho < 1)
+    assert mask.sum() == m and 0 < m <= B
+    want = np.asarray(batch["y"])
+    assert np.asarray(y).dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(y)[mask], want[mask])
+    assert np.all(np.asarray(y)[~mask] == 0)
+    stream = np.asarray(message.labels.arrays["labels"])
+    np.testing.assert_array_equal(stream[:m], want[mask])
+    assert np.all(stream[m:] == 0)
+
+
+def test_fp16_targets_are_rounded_and_the_correction_compensates():
+    # Targets near 1000 have an fp16 spacing of 0.5, so the rounding is visible. The learner reads
+    # y rounded to fp16 (exactly), 16 bits each; with an exact (fp32) correction the node corrects
+    # against that rounded y, so g equals the full-precision gradient at the *true* y, not the rounded.
+    params, batch = _regression_problem(B, offset=1000.0)
+    params = dict(params, c=jnp.float32(1000.0))  # residuals (and the gradient) of order 1
+    y16 = np.asarray(batch["y"].astype(jnp.float16))
+    assert np.any(y16.astype(np.float32) != np.asarray(batch["y"]))
+    est = qdata_estimator(ls_loss, stochastic_rounding(8, 0.0, 1.0), num_classes=None, target_dtype=jnp.float16,
+                          correction=fp32())
+    message, _ = jax.jit(est.node_message)(jax.random.key(2), params, batch, est.init(params))
+    (_, y, _), _ = jax.jit(est.received)(message)
+    assert np.asarray(y).dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(y), y16)
+    assert int(est.uplink_bits(message)["labels"]) == 16 * B
+    g = flat(jax.jit(est.learner_gradient)(params, message))
+    ref = flat(full_gradient(ls_loss)(params, batch["x"], batch["y"]))
+    rounded = flat(full_gradient(ls_loss)(params, batch["x"], jnp.asarray(y16, jnp.float32)))
+    # Residuals w^T x + c - y are differences of float32 numbers ~1000 (error ~1e-4 each, along
+    # different paths on the two sides): 1e-3 of the largest coordinate. The rounding (up to 0.25 per
+    # target) moves the gradient by more than 10 times that.
+    tol = 1e-3 * np.abs(ref).max()
+    np.testing.assert_allclose(g, ref, atol=tol)
+    assert np.abs(rounded - ref).max() > 10 * tol
+
+
+def test_correction_makes_the_estimate_unbiased_on_least_squares():
+    # grad f(w; Q(x), y) = (w^T Q(x) + c - y) (Q(x), 1) is quadratic in Q(x): stochastic rounding
+    # alone leaves a bias (E Q Q^T = x x^T + diag Var Q), which the correction removes.
+    params, batch = _regression_problem(B)
+    ref = flat(full_gradient(ls_loss)(params, batch["x"], batch["y"]))
+    draws = 3000
+    est = qdata_estimator(ls_loss, stochastic_rounding(2, 0.0, 1.0), num_classes=None, gate=bernoulli_gate(0.5),
+                          correction=randk(4))
+    g = gradient_draws(est, params, batch, draws)
+    # As in test_correction_makes_the_estimate_unbiased: each of the 9 coordinates of the mean of 3000
+    # i.i.d. draws within 5 empirical standard errors of the full gradient (two-sided normal tail 6e-7
+    # per coordinate); and the band is narrow next to the gradient, so the check is not vacuous.
+    assert max_standard_score(g, ref) <= 5.0
+    assert 5 * np.linalg.norm(g.std(0, ddof=1) / np.sqrt(draws)) < 0.5 * np.linalg.norm(ref)
+    # The statistic sees the bias of the same quantizer without the correction (and without the gate,
+    # whose variance would hide it at this number of draws).
+    plain = qdata_estimator(ls_loss, stochastic_rounding(2, 0.0, 1.0), num_classes=None)
+    assert max_standard_score(gradient_draws(plain, params, batch, draws), ref) > 10.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cache_with_real_targets(dtype):
+    # The learner caches targets in the wire type; a sample already held costs its position only, and
+    # with an exact correction every estimate equals the full-precision gradient at the true targets.
+    shard, b = 20, 12
+    params, shard_batch = _regression_problem(shard, seed=30)
+    sx, sy = shard_batch["x"], shard_batch["y"]
+    est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, target_dtype=dtype,
+                          correction=fp32(), cache_size=shard, sample_shape=(N_LS,))
+    node, cache = est.init(params), est.init_cache()
+    assert cache.labels.dtype == np.dtype(dtype) and cache.labels.shape == (shard,)
+    node_message, learner = jax.jit(est.node_message), jax.jit(est.learner_gradient_cached)
+    width = {"float32": 32, "float16": 16}[dtype]
+    rng = np.random.default_rng(3)
+    held = set()
+    for step in range(3):
+        pos = rng.integers(0, shard, b) if step else np.arange(b) % 7  # duplicates inside the batch
+        batch = {"x": sx[pos], "y": sy[pos], "pos": jnp.asarray(pos, jnp.int32)}
+        msg, node = node_message(jax.random.key(10 + step), params, batch, node)
+        fresh = set(pos.tolist()) - held
+        held |= fresh
+        bits = est.uplink_bits(msg)
+        assert int(bits["labels"]) == width * len(fresh)
+        assert int(bits["data"]) == len(fresh) * 8 * (N_LS * 4 // 8)
+        g, cache = learner(params, msg, cache)
+        ref = full_gradient(ls_loss)(params, batch["x"], batch["y"])
+        np.testing.assert_allclose(flat(g), flat(ref), rtol=1e-4, atol=1e-5 * np.abs(flat(ref)).max())
+    # The learner holds exactly the targets ever sent, in the wire type, at their shard positions.
+    labels = np.asarray(cache.labels)
+    assert labels.dtype == np.dtype(dtype)
+    idx = sorted(held)
+    np.testing.assert_array_equal(labels[idx], np.asarray(sy.astype(dtype))[idx])
+    assert np.all(np.delete(labels, idx) == 0)
+    # The same batch again: nothing but positions crosses the link.
+    msg, node = node_message(jax.random.key(99), params, batch, node)
+    bits = est.uplink_bits(msg)
+    assert int(bits["labels"]) == 0 and int(bits["data"]) == 0
+
+
+def test_real_targets_through_the_one_pass_learner():
+    # qdata_method's learner takes one backward pass over all N*b received samples (y real here):
+    # it must equal the mean of the per-node estimates.
+    from qdata.methods import qdata_method
+
+    nodes = 3
+    params, _ = _regression_problem(B)
+    xs = jax.random.uniform(jax.random.key(40), (nodes, B, N_LS))
+    ys = jax.random.normal(jax.random.key(41), (nodes, B))
+    est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, gate=bernoulli_gate(0.5),
+                          correction=randk(4))
+    states = jax.vmap(lambda _: est.init(params))(jnp.arange(nodes))
+    keys = jax.random.split(jax.random.key(42), nodes)
+    messages, _ = jax.vmap(est.node_message, in_axes=(0, None, 0, 0))(keys, params, {"x": xs, "y": ys}, states)
+    method = qdata_method(est)
+    g, _ = jax.jit(method.learner_gradient)(params, messages, method.init_learner(params, nodes))
+    per_node = jax.vmap(est.learner_gradient, in_axes=(None, 0))(params, messages)
+    np.testing.assert_allclose(flat(g), flat(jax.tree_util.tree_map(lambda v: v.mean(0), per_node)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_real_target_input_checks():
+    params, batch = _regression_problem(B)
+    key = jax.random.key(0)
+    est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None)
+    state = est.init(params)
+    # Integer targets are real values: cast, the same message as the float targets they equal.
+    ints = {"x": batch["x"], "y": jnp.arange(B, dtype=jnp.int32) - 3}
+    as_float = {"x": batch["x"], "y": ints["y"].astype(jnp.float32)}
+    m_int, _ = est.node_message(key, params, ints, state)
+    m_float, _ = est.node_message(key, params, as_float, state)
+    for u, v in zip(jax.tree_util.tree_leaves(m_int), jax.tree_util.tree_leaves(m_float)):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        est.node_message(key, params, {"x": batch["x"], "y": batch["y"].at[2].set(jnp.inf)}, state)
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        est.node_message(key, params, {"x": batch["x"], "y": batch["y"][:, None]}, state)
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        est.node_message(key, params, {"x": batch["x"], "y": batch["y"] > 0}, state)
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        jax.jit(est.node_message)(key, params, {"x": batch["x"], "y": batch["y"][:-1]}, state)
+    half = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, target_dtype="float16")
+    with pytest.raises(ValueError, match=r"batch\['y'\].*float16"):  # 1e5 would arrive as inf
+        half.node_message(key, params, {"x": batch["x"], "y": batch["y"].at[0].set(1e5)}, state)
+    # Float targets with num_classes set are refused (the existing integer-label contract).
+    labelled = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=4)
+    with pytest.raises(ValueError, match=r"batch\['y'\]"):
+        labelled.node_message(key, params, batch, state)
+    q = stochastic_rounding(4, 0.0, 1.0)
+    with pytest.raises(ValueError, match="target_dtype"):
+        qdata_estimator(ls_loss, q, num_classes=None, target_dtype=jnp.int32)
+    with pytest.raises(ValueError, match="target_dtype"):
+        qdata_estimator(ls_loss, q, num_classes=None, target_dtype="fp32")
+    with pytest.raises(ValueError, match="target_dtype"):
+        qdata_estimator(ls_loss, q, num_classes=4, target_dtype=jnp.float32)
