@@ -41,6 +41,7 @@ import json
 import math
 import os
 import time
+import weakref
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -246,7 +247,8 @@ class GateStats(NamedTuple):
     method: str
 
 
-_GATE_CACHE: dict = {}
+# Keyed by the objective itself (weakly), so a freed objective's id cannot be reused by a new one.
+_GATE_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gate_statistics(objective: O.Objective, rho: float, batch: int, *, probes: int = 16, batches: int = 256,
@@ -260,9 +262,10 @@ def gate_statistics(objective: O.Objective, rho: float, batch: int, *, probes: i
     minibatches estimates the expectation; the maximum over points, times ``safety``, estimates the
     sup over the region. An estimate, not a certified bound: the report says so.
     """
-    cache_key = (id(objective), rho, batch, probes, batches, safety, seed)
-    if cache_key in _GATE_CACHE:
-        return _GATE_CACHE[cache_key]
+    cache_key = (rho, batch, probes, batches, safety, seed)
+    cached = _GATE_CACHE.get(objective, {})
+    if cache_key in cached:
+        return cached[cache_key]
     gate = bernoulli_gate(rho)
     score = loss_score(objective.loss_fn)
     x, y = jnp.asarray(objective.x), jnp.asarray(objective.y)
@@ -290,7 +293,7 @@ def gate_statistics(objective: O.Objective, rho: float, batch: int, *, probes: i
     m = safety * max(float(m) for _, m in vals)
     out = GateStats(var, m, f"estimated: {safety:g} x max over {len(pts)} points of the region of the exact "
                             f"expectation over the gate's coins, Monte Carlo over {batches} minibatches")
-    _GATE_CACHE[cache_key] = out
+    _GATE_CACHE.setdefault(objective, {})[cache_key] = out
     return out
 
 
@@ -389,18 +392,17 @@ def make_runner(objective: O.Objective, rnd: Round, batch: int, checkpoints: int
     return call
 
 
-_GRAD_CACHE: dict = {}
+_GRAD_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _grad_sq_norms(objective: O.Objective, ws: np.ndarray) -> np.ndarray:
     """||grad F(w)||^2 for a stack of iterates (..., d), float32 autodiff over the full data."""
-    key = id(objective)
-    if key not in _GRAD_CACHE:
+    if objective not in _GRAD_CACHE:
         x, y = jnp.asarray(objective.x), jnp.asarray(objective.y)
         grad = jax.grad(lambda w: jnp.mean(objective.loss_fn(w, x, y)))
-        _GRAD_CACHE[key] = jax.jit(jax.vmap(lambda w: jnp.sum(jnp.square(grad(w)))))
+        _GRAD_CACHE[objective] = jax.jit(jax.vmap(lambda w: jnp.sum(jnp.square(grad(w)))))
     flat = ws.reshape(-1, ws.shape[-1])
-    return np.asarray(_GRAD_CACHE[key](jnp.asarray(flat)), np.float64).reshape(ws.shape[:-1])
+    return np.asarray(_GRAD_CACHE[objective](jnp.asarray(flat)), np.float64).reshape(ws.shape[:-1])
 
 
 def _band(values: np.ndarray) -> tuple[float, float]:

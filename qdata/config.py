@@ -94,6 +94,12 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.error_feedback and self.compressor.startswith("ef:"):
+            raise ValueError(f"compressor {self.compressor!r} already has error feedback; error_feedback=True "
+                             "would wrap it twice (two memories compensating the same residual)")
+        if self.checkpoint_every and self.checkpoint_every % self.eval_every:
+            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of eval_every="
+                             f"{self.eval_every} (checkpoints are taken at evaluations)")
         if self.gate == "off" and self.rho != 1.0:
             raise ValueError(f"rho={self.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 

@@ -676,19 +676,26 @@ def stack_nodes(indices: Sequence[np.ndarray]) -> NodeData:
     return NodeData(index=index, counts=counts)
 
 
+def sample_batch(key: jax.Array, rows: jax.Array, count, batch_size: int) -> tuple[jax.Array, jax.Array]:
+    """One node's minibatch: ``batch_size`` positions drawn uniformly with replacement among the
+    node's first ``count`` samples, and the training-set rows at those positions. Jit-able.
+
+    Returns:
+      ``(ids, pos)``: (batch_size,) int32 training-set rows and positions in the node's shard.
+    """
+    pos = jax.random.randint(key, (batch_size,), 0, count)
+    return rows[pos], pos
+
+
 def sample_node_batches(key: jax.Array, index: jax.Array, counts: jax.Array, batch_size: int) -> jax.Array:
-    """Each node's minibatch: ``batch_size`` rows drawn uniformly with replacement among the node's
-    first ``counts[i]`` samples (pass :func:`available_counts` for streaming nodes). Jit-able.
+    """Each node's minibatch (:func:`sample_batch`, the sampler the engine uses), one key per node
+    split from ``key``; pass :func:`available_counts` for streaming nodes. Jit-able.
 
     Returns:
       (num_nodes, batch_size) int32 training-set rows.
     """
     keys = jax.random.split(key, index.shape[0])
-
-    def one(k, rows, count):
-        return rows[jax.random.randint(k, (batch_size,), 0, count)]
-
-    return jax.vmap(one)(keys, index, counts)
+    return jax.vmap(lambda k, rows, count: sample_batch(k, rows, count, batch_size)[0])(keys, index, counts)
 
 
 # ----------------------------------------------------------------------------------------------

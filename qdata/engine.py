@@ -30,6 +30,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qdata.codecs.base import Payload
+from qdata.data import sample_batch
 from qdata.methods.base import Method
 
 PyTree = Any
@@ -134,8 +136,9 @@ def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: M
         those. None: all data is there from the start.
 
     Returns:
-      ``run(state, shards, x_train, y_train) -> (state, bits)`` where ``bits`` is a dict of int32
-      arrays of shape (num_rounds, N): each node's exact uplink bits per round, part by part.
+      ``run(state, index, count, x_train, y_train) -> (state, bits, diagnostics)`` where ``bits`` is
+      a dict of int32 arrays of shape (num_rounds, N): each node's exact uplink bits per round, part
+      by part; ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values).
     """
     specs = state_specs(state_template)
 
@@ -154,32 +157,49 @@ def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: M
 
             def one_node(k, rows, n_rows, node_state):
                 k_batch, k_message = jax.random.split(k)
-                pos = jax.random.randint(k_batch, (batch_size,), 0, n_rows)
-                ids = rows[pos]
+                ids, pos = sample_batch(k_batch, rows, n_rows, batch_size)
                 batch = {"x": x_train[ids], "y": y_train[ids], "id": ids, "pos": pos}
                 message, node_state = method.node_message(k_message, node_params, batch, node_state)
-                return message, node_state, method.uplink_bits(message)
+                message, diagnostics = split_diagnostics(message)
+                return message, node_state, method.uplink_bits(message), diagnostics
 
             count_now = count if available is None else available(count, rnd)
-            messages, node_states, bits = jax.vmap(one_node)(node_keys, index, count_now, node_states)
-            # What crosses between devices (and hosts) is the packed payload, nothing larger.
+            messages, node_states, bits, diagnostics = jax.vmap(one_node)(node_keys, index, count_now, node_states)
+            # What crosses between devices (and hosts) is the packed payload, nothing larger; the
+            # ledger's counts and the encoders' diagnostics are gathered beside it for the report.
             messages = jax.lax.all_gather(messages, AXIS, tiled=True, to="invarying")
-            bits = jax.lax.all_gather(bits, AXIS, tiled=True, to="invarying")
+            bits, diagnostics = jax.lax.all_gather((bits, diagnostics), AXIS, tiled=True, to="invarying")
             grads, learner_state = method.learner_gradient(params, messages, learner_state)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state, node_states, learner_state, key, rnd + 1), bits
+            return (params, opt_state, node_states, learner_state, key, rnd + 1), (bits, diagnostics)
 
         carry = (state.params, state.opt_state, state.node_states, state.learner_state, state.key, state.round)
-        carry, bits = jax.lax.scan(one_round, carry, None, length=num_rounds)
-        return TrainState(*carry), bits
+        carry, (bits, diagnostics) = jax.lax.scan(one_round, carry, None, length=num_rounds)
+        return TrainState(*carry), bits, diagnostics
 
     sharded = jax.shard_map(
         body, mesh=mesh,
         in_specs=(specs, P(AXIS), P(AXIS), P(), P()),
-        out_specs=(specs, P()),
+        out_specs=(specs, P(), P()),
     )
     return jax.jit(sharded, donate_argnums=(0,))
+
+
+def split_diagnostics(message: PyTree) -> tuple[PyTree, dict]:
+    """Take the encoders' local diagnostics (``Payload.info``: e.g. how many values were clipped) out
+    of a message, so they never cross a link, and sum them by name (int32)."""
+    totals: dict = {}
+
+    def strip(node):
+        if isinstance(node, Payload):
+            for name, value in node.info.items():
+                totals[name] = totals.get(name, 0) + jnp.sum(jnp.asarray(value, jnp.int32))
+            return node.replace(info={})
+        return node
+
+    message = jax.tree_util.tree_map(strip, message, is_leaf=lambda n: isinstance(n, Payload))
+    return message, totals
 
 
 def check_nodes_fit(num_nodes: int, mesh: Mesh) -> None:

@@ -127,7 +127,7 @@ class Estimator(NamedTuple):
       learner_gradient: ``learner_gradient(params, message) -> grads`` (a pytree like params), g_i.
       uplink_bits: ``uplink_bits(message) -> dict`` of int32 scalars: 'data', 'labels', 'weights',
         'metadata', 'mask', 'correction', 'positions' and 'total'.
-      init_cache: with a cache, ``init_cache(sample_shape) -> LearnerCache`` for one node.
+      init_cache: with a cache, ``init_cache() -> LearnerCache``, the learner's empty cache for one node.
       learner_gradient_cached: with a cache, ``(params, message, cache) -> (grads, cache)``; the
         learner fills the cache from the fresh rows, then reads every transmitted row from it.
       received: ``(message, cache=None) -> ((x_hat, y, a), cache)``, the samples the learner reads
@@ -329,8 +329,7 @@ def qdata_estimator(
         rows = jax.tree_util.tree_map(lambda t: jnp.zeros((cache_size,) + t.shape[1:], t.dtype), row_template)
         return CachedState(corr_state, NodeCache(rows=rows, sent=jnp.zeros((cache_size,), bool)))
 
-    def init_cache(sample_shape_=None):
-        del sample_shape_
+    def init_cache():
         rows = jax.tree_util.tree_map(lambda t: jnp.zeros((cache_size,) + t.shape[1:], t.dtype), row_template)
         return LearnerCache(rows=rows, labels=jnp.zeros((cache_size,), label_dtype))
 

@@ -263,8 +263,9 @@ def bernoulli_gate(rho: float, floor: float = 1e-3) -> Gate:
 
 
 def top_fraction_count(rho: float, b: int) -> int:
-    """ceil(rho * b) computed exactly (rational arithmetic, so 0.3 * 10 gives 3, not 4)."""
-    return max(1, min(b, math.ceil(Fraction(rho) * b))) if b > 0 else 0
+    """ceil(rho * b) for rho as written in decimal: Fraction(repr(rho)), since the binary float of 0.1
+    is slightly above 1/10 and its exact value would make ceil(0.1 * 10) = 2."""
+    return max(1, min(b, math.ceil(Fraction(repr(float(rho))) * b))) if b > 0 else 0
 
 
 def top_fraction_gate(rho: float) -> Gate:

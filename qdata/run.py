@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from qdata import data as qdata_data
 from qdata import engine, models
+from qdata import results as qresults
 from qdata.config import RunConfig
 from qdata.methods import build_method
 
@@ -123,6 +124,8 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     header = exp.describe()
     downlink_per_round = header["downlink_bits_per_node_per_round"] * config.num_nodes
     cumulative: dict[str, int] = {}
+    encoder_counts: dict[str, int] = {}
+    elapsed = 0.0  # wall seconds of the rounds before a resume
     records = [header]
 
     manager = None
@@ -138,7 +141,10 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             ledger=ocp.args.JsonRestore(),
         ))
         state = restored["state"]
-        cumulative = {k: int(v) for k, v in restored["ledger"]["cumulative"].items()}
+        ledger = restored["ledger"]
+        cumulative = {k: int(v) for k, v in ledger["cumulative"].items()}
+        encoder_counts = {k: int(v) for k, v in ledger.get("encoder_counts", {}).items()}
+        elapsed = float(ledger.get("wall_seconds", 0.0))
         records = [r for r in _read_records(results_path) if r["kind"] != "round" or r["round"] <= step]
         if not records or records[0]["kind"] != "config":
             records = [header] + records
@@ -167,10 +173,12 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         if length not in compiled:
             compiled[length] = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
                                                   num_rounds=length, state_template=state, available=available)
-        state, bits = compiled[length](state, index, count, x_train, y_train)
-        bits = engine.fetch(bits)
+        state, bits, diagnostics = compiled[length](state, index, count, x_train, y_train)
+        bits, diagnostics = engine.fetch((bits, diagnostics))
         for part, values in bits.items():
             cumulative[part] = cumulative.get(part, 0) + int(np.asarray(values, np.int64).sum())
+        for name, values in diagnostics.items():
+            encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
         params = engine.fetch(state.params)
         record = {
@@ -182,13 +190,13 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             "cumulative_uplink_bits": dict(cumulative),
             "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
             "cumulative_downlink_bits": downlink_per_round * done,
-            "wall_seconds": time.perf_counter() - start,
+            # What the encoders counted locally (never sent), e.g. data values clipped to the range.
+            "encoder_counts": dict(encoder_counts),
+            "wall_seconds": elapsed + time.perf_counter() - start,
         }
         if config.target_accuracy is not None:
-            reached = last.get("bits_to_target_per_node") if last else None
-            if reached is None and record["test_accuracy"] >= config.target_accuracy:
-                reached = record["cumulative_uplink_bits_per_node"]
-            record["bits_to_target_per_node"] = reached
+            so_far = [r for r in records if r["kind"] == "round"] + [record]
+            record["bits_to_target_per_node"] = qresults.bits_to_reach(so_far, config.target_accuracy)
         if not math.isfinite(record["train_loss"]):
             record["diverged"] = True
         records.append(record)
@@ -198,7 +206,8 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
             manager.save(done, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                ledger=ocp.args.JsonSave({"cumulative": cumulative}),
+                ledger=ocp.args.JsonSave({"cumulative": cumulative, "encoder_counts": encoder_counts,
+                                          "wall_seconds": record["wall_seconds"]}),
             ))
             manager.wait_until_finished()
         if bar is not None:

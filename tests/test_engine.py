@@ -83,9 +83,15 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("method", [
+    # state at the nodes: error memory; PowerSGD's warm start inside it
+    dict(method="gradient", compressor="powersgd:2", error_feedback=True),
+    # state at both ends: the learner's sample cache, the node's record of it, EF memory of the correction
+    dict(method="qdata", cache=True, correction="ef:topk:32", gate="bernoulli", rho=0.5),
+])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, method):
     config = RunConfig(dataset="digits", model="mlp", num_nodes=4, batch_size=16, rounds=12, eval_every=2,
-                       checkpoint_every=4, method="gradient", compressor="topk:0.01", error_feedback=True, seed=1)
+                       checkpoint_every=4, seed=1, **method)
     train(config, tmp_path / "full")
 
     def kill_after_round_6(record):
@@ -115,6 +121,7 @@ def test_ledger_in_results_is_exact(tmp_path):
     assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == per_node_round
     assert rounds[-1]["cumulative_uplink_bits"]["total"] == per_node_round * 2 * 4
     assert rounds[-1]["cumulative_uplink_bits"]["correction"] == 0
+    assert rounds[-1]["encoder_counts"] == {"clipped": 0}  # digits lie in the quantizer's [0, 1]
     # Any accuracy reaches 1%: the first evaluation's cumulative bits, carried forward.
     assert rounds[0]["bits_to_target_per_node"] == rounds[-1]["bits_to_target_per_node"] == per_node_round * 2
     # Neither a gate nor a correction: nodes do not need the model, so no downlink is charged.

@@ -168,7 +168,7 @@ def test_top_fraction_sends_exactly_ceil_rho_b(b, rho, tie_pool, seed):
     gate = top_fraction_gate(rho)
     sel = jax.jit(gate.select)(jax.random.key(0), jnp.asarray(scores))
     mask = np.asarray(sel.mask)
-    count = math.ceil(Fraction(rho) * b)
+    count = math.ceil(Fraction(repr(rho)) * b)
     assert mask.sum() == count
     np.testing.assert_array_equal(sel.weight, mask)
     if count < b:
@@ -177,9 +177,14 @@ def test_top_fraction_sends_exactly_ceil_rho_b(b, rho, tie_pool, seed):
 
 
 def test_top_fraction_count_is_exact_for_decimal_rho():
-    # 0.3 * 10 = 3.0000000000000004 in floating point; the gate must still send 3 of 10.
+    # The binary floats of 0.1, 0.2, 0.8 lie above their decimals: rho * b must still be read as
+    # the decimal says (hand-computed counts, not the code's own formula).
     sel = top_fraction_gate(0.3).select(jax.random.key(0), jnp.arange(10.0))
     np.testing.assert_array_equal(sel.mask, [0, 0, 0, 0, 0, 0, 0, 1, 1, 1])
+    for rho, b, expected in [(0.1, 10, 1), (0.1, 100, 10), (0.2, 5, 1), (0.8, 10, 8), (0.9, 10, 9), (0.15, 20, 3),
+                             (0.7, 10, 7), (0.25, 3, 1), (1.0, 7, 7)]:
+        sel = top_fraction_gate(rho).select(jax.random.key(0), jnp.arange(float(b)))
+        assert int(np.asarray(sel.mask).sum()) == expected, (rho, b)
 
 
 class MLP(nn.Module):

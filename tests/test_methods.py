@@ -36,3 +36,17 @@ def test_one_backward_pass_equals_mean_of_node_estimates(cache):
     for u, v in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(per_node)):
         np.testing.assert_allclose(u, np.mean(v, axis=0), rtol=1e-5, atol=1e-6)
     assert np.asarray(jax.tree_util.tree_leaves(g)[0]).shape == jax.tree_util.tree_leaves(params)[0].shape
+
+
+def test_encoder_diagnostics_are_taken_out_of_the_message():
+    """Payload.info (e.g. the clipped count) is local to the encoder: the engine strips it before the
+    message crosses a link and reports the sums beside the ledger."""
+    from qdata.engine import split_diagnostics
+
+    q = stochastic_rounding(4, 0.0, 1.0)
+    x = jnp.asarray([[0.5, 1.5, -2.0], [0.1, 0.2, 3.0]], jnp.float32)
+    message = {"a": q.encode(jax.random.PRNGKey(0), x), "b": q.encode(jax.random.PRNGKey(1), x[:1])}
+    stripped, counts = jax.jit(split_diagnostics)(message)
+    assert int(counts["clipped"]) == 3 + 2
+    assert stripped["a"].info == {} and stripped["b"].info == {}
+    np.testing.assert_array_equal(stripped["a"].rows["codes"], message["a"].rows["codes"])

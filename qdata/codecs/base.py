@@ -140,8 +140,7 @@ def tree_spec(tree: PyTree) -> TreeSpec:
 
 def flatten(tree: PyTree) -> tuple[Array, TreeSpec]:
     """Concatenate the leaves of ``tree`` into one float32 vector of length d."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    spec = TreeSpec(treedef, tuple(tuple(l.shape) for l in leaves), tuple(jnp.dtype(l.dtype).name for l in leaves))
+    leaves, spec = jax.tree_util.tree_leaves(tree), tree_spec(tree)
     if not leaves:
         return jnp.zeros((0,), jnp.float32), spec
     vec = jnp.concatenate([jnp.ravel(l).astype(jnp.float32) for l in leaves])

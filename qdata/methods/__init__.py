@@ -43,7 +43,8 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
                                 correction=correction, score_fn=score_fn,
                                 cache_size=node_size if config.cache else None,
                                 sample_shape=dataset.sample_shape)
-    needs_params = correction is not None or config.gate != "off"
+    # The model goes down to the nodes only if they use it: to score samples or to correct.
+    needs_params = correction is not None or (config.gate != "off" and config.rho < 1.0)
     return qdata_method(estimator, needs_params=needs_params)
 
 
