@@ -81,11 +81,14 @@ def _time_pair(codec: Callable, copy: Callable, codec_args: tuple, x, repeats: i
     return statistics.median(t_codec), statistics.median(t_copy)
 
 
-def _time(fn: Callable, args: tuple, repeats: int, budget_s: float) -> float:
+def median_time(fn: Callable, args: tuple, repeats: int, budget_s: float = float("inf")) -> float:
+    """Median wall seconds of ``fn(*args)`` (blocked until ready) after a warm-up call; at most
+    ``repeats`` calls, fewer (at least 3) when one call already takes a good part of ``budget_s``."""
     jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    repeats = max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+    if math.isfinite(budget_s):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        repeats = max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -126,8 +129,8 @@ def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: fl
                        q.bits(payload) / x.shape[0], "per sample")
             if split:
                 enc, dec = jax.jit(q.encode), jax.jit(q.decode)
-                row["encode_ms"] = 1e3 * _time(enc, (key, x), repeats, budget_s)
-                row["decode_ms"] = 1e3 * _time(dec, (payload,), repeats, budget_s)
+                row["encode_ms"] = 1e3 * median_time(enc, (key, x), repeats, budget_s)
+                row["decode_ms"] = 1e3 * median_time(dec, (payload,), repeats, budget_s)
             _progress(row)
             rows.append(row)
     return rows
@@ -161,8 +164,8 @@ def bench_compressors(tree, key, repeats: int, split: bool, budget_s: float) -> 
             row = _row("vector", name, leaf.nbytes, t_codec, t_copy, comp.bits(payload), "per vector")
             if split:
                 enc, dec = jax.jit(comp.encode), jax.jit(comp.decode)
-                row["encode_ms"] = 1e3 * _time(enc, (key, tree, state), repeats, budget_s)
-                row["decode_ms"] = 1e3 * _time(dec, (payload,), repeats, budget_s)
+                row["encode_ms"] = 1e3 * median_time(enc, (key, tree, state), repeats, budget_s)
+                row["decode_ms"] = 1e3 * median_time(dec, (payload,), repeats, budget_s)
         except Exception as err:  # noqa: BLE001 - a broken or unfinished compressor must not stop the bench
             print(f"skipped: {name} ({type(err).__name__}: {err})")
             continue

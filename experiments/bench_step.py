@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.bench_codecs import median_time
 from qdata import models
 from qdata.config import RunConfig
 from qdata.data import load_dataset
@@ -39,16 +38,6 @@ def _round_fn(method, optimizer):
         return optax.apply_updates(params, updates), opt_state, node_state, learner_state
 
     return jax.jit(round_fn)
-
-
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _peak_bytes(fn, args) -> int | None:
@@ -89,7 +78,7 @@ def main(argv=None) -> dict:
         fn = _round_fn(method, optimizer)
         fn_args = (jax.random.PRNGKey(1), params, optimizer.init(params), method.init_node(params),
                    method.init_learner(params, 1), batch)
-        rows[label] = {"seconds": _time(fn, fn_args, repeats), "peak_bytes": _peak_bytes(fn, fn_args)}
+        rows[label] = {"seconds": median_time(fn, fn_args, repeats), "peak_bytes": _peak_bytes(fn, fn_args)}
     sgd = rows["sgd"]["seconds"]
     print(f"one round, one node: {model_name} (d={d:,}) on synthetic 32x32x3 data (labelled synthetic), "
           f"batch {batch_size}, {jax.devices()[0].platform} ({jax.device_count()} device), median of {repeats}")
