@@ -1,7 +1,7 @@
 """The ``qdata`` command line.
 
     qdata compare                 # the main job: qdata vs SGD and gradient compression on digits
-    qdata train --method qdata --bits 4 --correction randk_seed:64 --rounds 300
+    qdata train --method qdata --bits 4 --cache --correction ef:topk:32 --rounds 300
     qdata train --config run.toml --out runs/mine --resume
 
 Every flag of ``train`` and ``compare`` is a field of :class:`qdata.config.RunConfig`; a TOML
@@ -17,20 +17,53 @@ import sys
 import typing
 
 
+HELP = {
+    "dataset": "digits | a tensorflow-datasets name (cifar10, mnist, ...) | idx:PATH | synthetic:32x32x3:10",
+    "model": "logreg | mlp | mlp:128x64 | cnn | resnet20 | resnet18",
+    "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients)",
+    "bits": "qdata: bits per data coordinate, 1..16",
+    "quantizer": "qdata: the data quantizer",
+    "gate": "qdata: importance gate (off sends every sample)",
+    "rho": "qdata: the gate's budget, the expected fraction of samples sent, in (0, 1]",
+    "score": "qdata: the gate's importance score",
+    "correction": "qdata: off, or the compressor of the gradient-difference correction (e.g. ef:topk:32, randk:64)",
+    "cache": "qdata: the learner keeps received samples; a sample crosses the link once",
+    "compressor": "gradient: fp32 | fp16 | randk:K | randk_seed:K | topk:K | qsgd:S[:BUCKET] | terngrad | sign | "
+                  "powersgd:R | ef:SPEC (K an integer or a fraction of d)",
+    "error_feedback": "gradient: wrap the compressor in error feedback",
+    "partition": "iid | dirichlet:ALPHA | similarity",
+    "stream_start": "streaming nodes: share of each node's data present at round 0 (1 = all)",
+    "stream_rounds": "streaming nodes: the round by which all data has arrived (0 = the last round)",
+    "batch_size": "samples per node per round",
+    "optimizer": "the learner's optax optimizer: sgd (with --momentum) | adam",
+    "target_accuracy": "record the uplink bits to first reach this test accuracy",
+    "checkpoint_every": "rounds between orbax checkpoints (a multiple of --eval-every; 0 = none)",
+    "num_devices": "devices the nodes are spread over (shard_map); over all processes",
+    "max_train": "use at most this many training samples",
+    "max_test": "use at most this many test samples",
+    "data_dir": "tensorflow-datasets data_dir with prepared datasets",
+}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from qdata import config as qconfig
     from qdata.config import RunConfig
 
+    choices = {"method": qconfig.METHODS, "quantizer": qconfig.QUANTIZERS, "gate": qconfig.GATES,
+               "score": qconfig.SCORES, "optimizer": ("sgd", "adam")}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        text = f"{HELP.get(field.name, '')} (default {field.default})".strip()
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {field.default})")
+                                help=text)
         else:
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             base = args[0] if args else kind  # "int | None" takes an int
-            parser.add_argument(flag, dest=field.name, type=base, default=None, help=f"(default {field.default})")
+            parser.add_argument(flag, dest=field.name, type=base, default=None, help=text,
+                                choices=choices.get(field.name))
 
 
 def _config_from(args: argparse.Namespace, base=None):
@@ -54,7 +87,8 @@ def _maybe_distributed(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qdata", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="qdata", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train_p = sub.add_parser("train", help="one run; writes OUT/results.jsonl and orbax checkpoints")
