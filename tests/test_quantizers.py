@@ -436,3 +436,53 @@ def test_bench_codecs_quick():
     expected = {name for name, (attr, _) in bench_codecs.COMPRESSORS.items() if hasattr(compressors, attr)}
     assert ran == expected
     assert all(r["ratio"] > 0 and r["bits"] > 0 for r in rows if r["kind"] == "vector")
+
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_stochastic_rounding_fixed_point_resolution(bits):
+    # The documented construction, checked code by code: with seed = jax.random.bits(key) and words
+    # w = base.counter_bits(seed, ...), code = (floor(u 2^F) + r) >> F, where for B in {1, 2, 4}
+    # F = 16 and coordinates 2i, 2i + 1 of a row take the low and high halves of word i, and
+    # otherwise F = 24 and r = w >> 8, one word per coordinate. As r is uniform on 0..2^F - 1,
+    # P(round up) = floor(frac(u) 2^F) / 2^F exactly, a bias in (-2^-F Delta, 0].
+    levels = 2**bits - 1
+    rng = np.random.default_rng(bits)
+    # lo = 0, hi = levels: Delta = 1 and u = x exactly. Fractions on and off the 2^-16 grid, and
+    # 2^-17 (below the 16-bit resolution: never rounded up when F = 16).
+    frac = np.concatenate([rng.integers(0, 2**16, 64) / 2.0**16, rng.uniform(0, 1, 60), [2.0**-17] * 4])
+    x = np.minimum(rng.integers(0, levels, (6, 128)) + frac, levels).astype(np.float32)
+    key = jax.random.key(11)
+    q = stochastic_rounding(bits, 0.0, float(levels))
+    codes = np.rint(np.asarray(q.decode(q.encode(key, jnp.asarray(x))), np.float64)).astype(np.uint64)
+    seed = jax.random.bits(key, (), jnp.uint32)
+    if bits in (1, 2, 4):
+        fbits = 16
+        w = np.asarray(base.counter_bits(seed, (6, 64)), np.uint64)
+        r = np.stack([w & 0xFFFF, w >> 16], axis=-1).reshape(6, 128)
+    else:
+        fbits = 24
+        r = np.asarray(base.counter_bits(seed, (6, 128)), np.uint64) >> 8
+    t = np.floor(x.astype(np.float64) * 2.0**fbits).astype(np.uint64)
+    np.testing.assert_array_equal(codes, (t + r) >> fbits)
+    if bits in (1, 2, 4):
+        np.testing.assert_array_equal(codes[:, -4:], np.floor(x[:, -4:]))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("kind", FIXED)
+def test_clip_count_every_width_odd_length_and_vmap(kind, bits):
+    # For B in {1, 2, 4} the out-of-range test is fused into the packing (padded to whole bytes for
+    # an odd length); the count must match a direct count for every width, eagerly, under jit and
+    # per node under vmap (node 0 in range: the exact count must then not run or must give 0).
+    lo, hi = -1.0, 2.0
+    x = np.array(in_range_batch(bits, (3, 2, 13), lo, hi))
+    x[1, 0, 12], x[1, 1, 0], x[2, 1, 5] = hi + 1e-3, lo - 4.0, hi + 9.0  # last coordinate: the padded byte
+    expect = ((x < lo) | (x > hi)).sum(axis=(1, 2))
+    q = make(kind, bits, lo, hi)
+    keys = jax.random.split(jax.random.key(4), 3)
+    for i in range(3):
+        assert int(q.encode(keys[i], jnp.asarray(x[i])).info["clipped"]) == expect[i]
+        assert int(jax.jit(q.encode)(keys[i], jnp.asarray(x[i])).info["clipped"]) == expect[i]
+    batched = jax.jit(jax.vmap(q.encode))(keys, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(batched.info["clipped"]), expect)

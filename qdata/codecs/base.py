@@ -173,22 +173,46 @@ def packed_size(count: int, width: int) -> int:
     return -(-count * width // 8)
 
 
-def pack_codes(codes: Array, width: int) -> Array:
+def pack_codes(codes: Array, width: int, flags: Array | None = None):
     """Pack the last axis of integer ``codes`` (each < 2**width) into a dense stream.
 
     Widths 8, 16, 32 use uint8/uint16/uint32 words; 1, 2 and 4 put 8, 4 and 2 codes in a byte; any
     other width is a little-endian bit stream padded to a whole byte. Leading axes are kept, so a
     batch of samples packs row by row and a gate can drop whole rows.
 
+    Args:
+      codes: integer array, each entry < 2**width.
+      width: bits per code, 1..32.
+      flags: optional boolean array of ``codes``' shape. If given, whether any flag is set is also
+        returned; for widths 1, 2, 4 it is reduced in the same pass as the packing (a separate
+        reduction over ``codes``' shape costs about as much as the packing on CPU).
+
     Returns:
-      Array of shape ``codes.shape[:-1] + (packed_size(codes.shape[-1], width),)``.
+      Array of shape ``codes.shape[:-1] + (packed_size(codes.shape[-1], width),)``; with ``flags``,
+      the pair ``(packed, any_flag)`` with ``any_flag`` a boolean scalar.
     """
     if not 1 <= width <= 32:
         raise ValueError(f"width must be in 1..32, got {width}")
+    if flags is not None and tuple(flags.shape) != tuple(codes.shape):
+        raise ValueError(
+            f"flags must have the shape of codes {tuple(codes.shape)}, got {tuple(flags.shape)}")
     codes = codes.astype(jnp.uint32)
+    lead, count = codes.shape[:-1], codes.shape[-1]
+    if flags is not None and width < 8 and 8 % width == 0:
+        per = 8 // width
+        pad = [(0, 0)] * len(lead) + [(0, (-count) % per)]
+        c = jnp.pad(codes, pad).reshape(*lead, -1, per)
+        f = jnp.pad(flags.astype(jnp.uint8), pad).reshape(*lead, -1, per)
+        c = (c << (jnp.arange(per, dtype=jnp.uint32) * width)).astype(jnp.uint8)
+        # One variadic reduction ORs the disjoint bit fields into bytes and the flags into a byte per
+        # packed byte; XLA emits it as one loop over the codes.
+        packed, hit = jax.lax.reduce((c, f), (jnp.uint8(0), jnp.uint8(0)),
+                                     lambda a, b: (a[0] | b[0], a[1] | b[1]), (c.ndim - 1,))
+        return packed, jnp.max(hit, initial=0) > 0
+    if flags is not None:
+        return pack_codes(codes, width), jnp.any(flags)
     if width in (8, 16, 32):
         return codes.astype(code_dtype(width))
-    lead, count = codes.shape[:-1], codes.shape[-1]
     if 8 % width == 0:
         per = 8 // width
         pad = (-count) % per

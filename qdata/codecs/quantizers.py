@@ -35,15 +35,20 @@ counted in ``payload.info['clipped']`` (an int32, never sent). With ``on_clip="e
 ``x`` with out-of-range values raises ``ValueError``; under ``jax.jit``/``jax.vmap`` the values are
 traced, so the count is reported instead and the caller must check it.
 
-Randomness. The uniforms come from :func:`base.counter_bits`: one 32-bit word per coordinate from a
-32-bit seed drawn from ``key`` with ``jax.random.bits``. Each word is exactly uniform over the seed,
-so the statements above hold exactly in expectation over ``key``; it is several times cheaper than
-drawing every word with threefry. The rounding itself runs in fixed point with 24 fractional bits
-(``floor(u + U) = floor(u) + ((t + r) >> 24)`` with ``t = floor(frac(u) 2^24)`` and ``r`` a 24-bit
-word; for ``B <= 8``, where ``u 2^24 < 2^32``, the same integer is computed in one uint32 as
-``(floor(u 2^24) + r) >> 24``), so ``P(round up) = t / 2^24`` exactly: rounding adds no bias beyond the truncation of
-``frac(u)`` to 24 bits (below ``2^-24 Delta`` per coordinate). Computation is in float32 (float64
-for float64 input), so ``u`` itself carries float32 rounding, about ``2^-24 (|lo| + |hi|)``.
+Randomness. The uniforms come from :func:`base.counter_bits`, 32-bit words from a 32-bit seed drawn
+from ``key`` with ``jax.random.bits``: one word per coordinate, except for stochastic rounding with
+``B in {1, 2, 4}`` (also within :func:`per_sample_range`), where coordinates ``2i`` and ``2i + 1`` take
+the low and high 16 bits of word ``i`` (half the hashing; the halves of a uniform word are uniform and
+independent). Each word is exactly uniform over the seed, so the statements above hold exactly in
+expectation over ``key``, up to the resolution of ``U`` below; it is several times cheaper than drawing
+every word with threefry. The rounding itself runs in fixed point with ``F`` fractional bits, ``F = 16``
+where the 16-bit halves are used and ``F = 24`` otherwise: ``floor(u + U) = floor(u) +
+((t + r) >> F)`` with ``t = floor(frac(u) 2^F)`` and ``r`` an ``F``-bit uniform word (for ``B <= 8``,
+where ``u 2^F < 2^32``, the same integer is computed in one uint32 as ``(floor(u 2^F) + r) >> F``), so
+``P(round up) = t / 2^F`` exactly: rounding adds no bias beyond the truncation of ``frac(u)`` to ``F``
+bits, a bias in ``(-2^-F Delta, 0]`` per coordinate (``2^-16 Delta`` for ``B in {1, 2, 4}``,
+``2^-24 Delta`` otherwise). Computation is in float32 (float64 for float64 input), so ``u`` itself
+carries float32 rounding, about ``2^-24 (|lo| + |hi|)``.
 
 Everything runs under ``jax.jit`` (hyper-parameters are static Python values fixed by the factory)
 and under ``jax.vmap`` over a leading node axis (count bits per node, inside the vmap).
@@ -68,6 +73,12 @@ ROUNDING = ("stochastic", "nearest")
 
 # Fractional bits of the fixed-point rounding; 24 is float32's mantissa, so nothing finer exists.
 _FRAC_BITS = 24
+# Stochastic rounding for B = 1, 2, 4 (2^B - 1 levels) draws 16-bit uniforms, two per hashed word
+# (:func:`_uniform16`); measured faster there, not for B = 8, whose packing is one code per byte.
+_PAIRED_LEVELS = (1, 3, 15)
+_PAIRED_FRAC_BITS = 16
+# Widths whose packing reduces over small groups of codes, so that the clip check fuses into it.
+_FUSED_CHECK_BITS = (1, 2, 4)
 
 
 class QuantizerMeta(NamedTuple):
@@ -208,7 +219,28 @@ def _floor_plus_uniform(u: Array, r24: Array, levels: int) -> Array:
     return whole.astype(jnp.uint32) + ((t + r24) >> _FRAC_BITS)
 
 
+def _uniform16(seed: Array, shape) -> Array:
+    """16-bit uniform words r (U = r / 2^16 in [0, 1)) for a (b, n) batch, regenerable from ``seed``.
+
+    Coordinates ``2i`` and ``2i + 1`` of a row take the low and high halves of word ``i`` of
+    :func:`base.counter_bits`: the halves of an exactly uniform 32-bit word are exactly uniform and
+    independent, and half as many words are hashed. The pairs stay on a minor axis of length 2, which
+    the packing of B = 1, 2, 4 (codes grouped by 8, 4, 2) reads without a transpose.
+    """
+    b, n = shape
+    m = -(-n // 2)
+    w = base.counter_bits(seed, (b, m))
+    r = (w[..., None] >> jnp.asarray([0, 16], jnp.uint32)) & jnp.uint32(0xFFFF)
+    r = r.reshape(b, 2 * m)
+    return r if 2 * m == n else r[:, :n]
+
+
 def _stochastic_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
+    if levels in _PAIRED_LEVELS:
+        # u <= 15, so u 2^16 < 2^20 is exact in float32 and its uint32 truncation is u in fixed point
+        # with 16 fractional bits; adding r carries into the integer part with probability t / 2^16.
+        t = (u * float(1 << _PAIRED_FRAC_BITS)).astype(jnp.uint32)
+        return (t + _uniform16(_seed(key), u.shape)) >> _PAIRED_FRAC_BITS, {}
     return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
 
@@ -262,12 +294,16 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
-        clipped = _count_outside(flat, lo, hi)
         u = jnp.clip((flat - lo) * (levels / (hi - lo)), 0.0, levels)
         codes, arrays = to_codes(key, u, levels)
+        if bits in _FUSED_CHECK_BITS:
+            # The out-of-range test rides along the packing loop instead of a pass of its own.
+            packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi))
+            clipped = _count_outside(flat, lo, hi, outside)
+        else:
+            packed, clipped = base.pack_codes(codes, bits), _count_outside(flat, lo, hi)
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
-        return Payload(arrays=arrays, rows={"codes": base.pack_codes(codes, bits)}, meta=meta,
-                       info={"clipped": clipped})
+        return Payload(arrays=arrays, rows={"codes": packed}, meta=meta, info={"clipped": clipped})
 
     def encode(key, x) -> Payload:
         x = _check_x(x)
