@@ -51,23 +51,19 @@ def default_lineup(base: RunConfig) -> list[tuple[str, RunConfig]]:
     ]
 
 
-def is_gradient_compressor(config: RunConfig) -> bool:
-    return config.method == "gradient"
-
-
 def summarize(runs: list[tuple[str, RunConfig, dict, list[dict]]]) -> dict:
     """The comparison table as data (see the module docstring)."""
     sgd = [r for r in runs if r[1].method == "sgd"]
     reference = qresults.final_accuracy(sgd[0][3]) if sgd else max(qresults.final_accuracy(r[3]) for r in runs)
     target = TARGET_FRACTION * reference
     rows = []
-    for label, config, header, rounds in runs:
+    for label, config, _, rounds in runs:
         rows.append({
             "method": label,
             "final_test_accuracy": qresults.final_accuracy(rounds),
-            "uplink_bits_per_round": qresults.uplink_bits_per_round(header, rounds),
+            "uplink_bits_per_round": qresults.uplink_bits_per_round(rounds),
             "bits_to_target": qresults.bits_to_reach(rounds, target),
-            "gradient_compressor": is_gradient_compressor(config),
+            "gradient_compressor": config.method == "gradient",
         })
     reached = [r["bits_to_target"] for r in rows if r["gradient_compressor"] and r["bits_to_target"] is not None]
     best = min(reached) if reached else None

@@ -37,7 +37,7 @@ def bits_to_reach(rounds: list[dict], target: float) -> float | None:
     return None
 
 
-def uplink_bits_per_round(header: dict, rounds: list[dict]) -> float:
+def uplink_bits_per_round(rounds: list[dict]) -> float:
     """Mean uplink bits per node per round over the whole run (exact totals / rounds / nodes)."""
     if not rounds:
         return float("nan")

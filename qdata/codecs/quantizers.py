@@ -272,9 +272,23 @@ _RULES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def _bits_fn(payload: Payload, mask: Array | None = None):
-    """Exact uplink bits of a quantized batch (:func:`base.payload_bits`); ``mask`` selects samples."""
-    return base.payload_bits(payload, mask)
+def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tuple, *, unbiased: bool,
+               delta: float | None) -> Quantizer:
+    """The public encode/decode around jitted ones: input checks (and ``on_clip="error"`` against
+    ``error_range``) before any work, the payload's kind checked before decoding; bits read off the
+    packed arrays (:func:`base.payload_bits`)."""
+
+    def encode(key, x) -> Payload:
+        x = _check_x(x)
+        if on_clip == "error":
+            _raise_if_clipped(x, *error_range)
+        return encode_jit(key, x)
+
+    def decode(payload: Payload) -> Array:
+        _check_meta(payload, kind)
+        return decode_jit(payload)
+
+    return Quantizer(encode=encode, decode=decode, bits=base.payload_bits, unbiased=unbiased, delta=delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,12 +319,6 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         return Payload(arrays=arrays, rows={"codes": packed}, meta=meta, info={"clipped": clipped})
 
-    def encode(key, x) -> Payload:
-        x = _check_x(x)
-        if on_clip == "error":
-            _raise_if_clipped(x, lo, hi)
-        return _encode(key, x)
-
     @jax.jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
@@ -320,11 +328,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         x_hat = lo + to_levels(codes, payload.arrays, cdt) * jnp.asarray(delta, cdt)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
-    def decode(payload: Payload) -> Array:
-        _check_meta(payload, kind)
-        return _decode(payload)
-
-    return Quantizer(encode=encode, decode=decode, bits=_bits_fn, unbiased=unbiased, delta=delta)
+    return _quantizer(kind, _encode, _decode, on_clip, (lo, hi), unbiased=unbiased, delta=delta)
 
 
 def stochastic_rounding(bits: int, lo: float, hi: float, *, on_clip: str = "count") -> Quantizer:
@@ -467,12 +471,6 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         rows = {"codes": base.pack_codes(codes, bits), "lo": lo_sent, "hi": hi_sent}
         return Payload(rows=rows, meta=meta, info={"clipped": clipped})
 
-    def encode(key, x) -> Payload:
-        x = _check_x(x)
-        if on_clip == "error":
-            _raise_if_clipped(x, -big, big)
-        return _encode(key, x)
-
     @jax.jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
@@ -483,9 +481,5 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         x_hat = lo + codes.astype(cdt) * (width / levels)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
-    def decode(payload: Payload) -> Array:
-        _check_meta(payload, kind)
-        return _decode(payload)
-
-    return Quantizer(encode=encode, decode=decode, bits=_bits_fn, unbiased=rounding == "stochastic",
-                     delta=None)
+    return _quantizer(kind, _encode, _decode, on_clip, (-big, big), unbiased=rounding == "stochastic",
+                      delta=None)
