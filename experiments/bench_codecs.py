@@ -19,9 +19,12 @@ also times encode and decode as separate jitted calls, for information. A slow c
 repeats (about ``--budget`` seconds each, at least 3).
 
 The quantizers are compute bound on CPU (a copy is a memcpy; a quantizer hashes, rounds, packs and
-unpacks every coordinate), so the ratio depends on the vector width XLA emits: on AVX-512 machines
-``XLA_FLAGS=--xla_cpu_prefer_vector_width=512`` (XLA's default is 256) makes them markedly faster.
-The header prints the XLA_FLAGS in force; compare ratios only between runs on the same machine.
+unpacks every coordinate), so the ratio depends on the code XLA emits. The codecs' own jitted
+functions compile with :func:`qdata.codecs.base.codec_compiler_options` (fast min/max; 512-bit vectors
+on AVX-512 CPUs); the round trips here, being jits of their own, are compiled with the same options,
+and so is the copy, so that both sides of the ratio get the same compiler. ``--plain`` drops them
+(XLA's defaults for both). The header prints the options and XLA_FLAGS in force; compare ratios only
+between runs on the same machine.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from qdata.codecs import quantizers
+from qdata.codecs import base, quantizers
 
 TARGET_RATIO = 0.25
 
@@ -111,8 +114,9 @@ def _progress(row: dict) -> None:
     print(f"  {row['codec']}: {row['roundtrip_ms']:.3f} ms, ratio {row['ratio']:.3f}", flush=True)
 
 
-def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: float) -> list[dict]:
-    copy = jax.jit(lambda a: a + 0)
+def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: float,
+                     options: dict | None = None) -> list[dict]:
+    copy = jax.jit(lambda a: a + 0, compiler_options=options)
     rows = []
     for name, make in QUANTIZERS.items():
         for b in bit_widths:
@@ -122,13 +126,14 @@ def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: fl
                 payload = q.encode(k, a)
                 return payload, q.decode(payload)
 
-            roundtrip = jax.jit(roundtrip)
+            roundtrip = jax.jit(roundtrip, compiler_options=options)
             t_codec, t_copy = _time_pair(roundtrip, copy, (key, x), x, repeats, budget_s)
             payload, _ = roundtrip(key, x)
             row = _row("data", f"{name}(B={b})", x.nbytes, t_codec, t_copy,
                        q.bits(payload) / x.shape[0], "per sample")
             if split:
-                enc, dec = jax.jit(q.encode), jax.jit(q.decode)
+                enc = jax.jit(q.encode, compiler_options=options)
+                dec = jax.jit(q.decode, compiler_options=options)
                 row["encode_ms"] = 1e3 * median_time(enc, (key, x), repeats, budget_s)
                 row["decode_ms"] = 1e3 * median_time(dec, (payload,), repeats, budget_s)
             _progress(row)
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed calls per codec, roughly")
     parser.add_argument("--only", choices=("data", "vector"), default=None, help="bench one family only")
     parser.add_argument("--out", default=None, help="append the rows to this JSON-lines file")
+    parser.add_argument("--plain", action="store_true",
+                        help="compile the data round trips and the copy with XLA's default options "
+                             "instead of the codecs' own (qdata.codecs.base.codec_compiler_options)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -210,14 +218,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tree = {"w": jax.random.normal(key_v, matrix, jnp.float32)}
     config = {"quick": args.quick, "batch": batch, "sample": sample, "vector": math.prod(matrix),
               "repeats": repeats, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-              "data": "synthetic", "xla_flags": os.environ.get("XLA_FLAGS", "")}
+              "data": "synthetic", "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "compiler_options": {} if args.plain else base.codec_compiler_options()}
     print(f"synthetic data {batch} x {sample} float32 in [0, 1]; synthetic vector d = {math.prod(matrix)} "
           f"float32; {jax.default_backend()} ({jax.devices()[0]}); XLA_FLAGS={config['xla_flags']!r}; "
+          f"compiler options (round trips and copy) {config['compiler_options']}; "
           f"median of up to {repeats} round trips")
 
     rows = []
     if args.only in (None, "data"):
-        rows += bench_quantizers(x, key, bit_widths, repeats, not args.quick, args.budget)
+        rows += bench_quantizers(x, key, bit_widths, repeats, not args.quick, args.budget,
+                                 config["compiler_options"] or None)
     if args.only in (None, "vector"):
         rows += bench_compressors(tree, key, repeats, not args.quick, args.budget)
     _print_table(rows)

@@ -439,34 +439,46 @@ def test_bench_codecs_quick():
 
 
 
+def _fixed_point_codes(x, bits, seed, rows, cols, model):
+    """The documented construction of stochastic rounding's codes, in numpy (lo = 0, Delta = 1)."""
+    if bits in (1, 2, 4):
+        fbits = 16
+        w = np.asarray(base.counter_bits(seed, (rows, cols // 2)), np.uint64)
+        r = np.stack([w & 0xFFFF, w >> 16], axis=-1).reshape(rows, cols)
+        scaled = x.astype(np.float64) * 2.0**fbits
+        t = (np.rint(scaled) if model == "round" else np.floor(scaled)).astype(np.uint64)
+    else:
+        fbits = 24
+        r = np.asarray(base.counter_bits(seed, (rows, cols)), np.uint64) >> 8
+        t = np.floor(x.astype(np.float64) * 2.0**fbits).astype(np.uint64)
+    return (t + r) >> fbits
+
+
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_stochastic_rounding_fixed_point_resolution(bits):
     # The documented construction, checked code by code: with seed = jax.random.bits(key) and words
-    # w = base.counter_bits(seed, ...), code = (floor(u 2^F) + r) >> F, where for B in {1, 2, 4}
-    # F = 16 and coordinates 2i, 2i + 1 of a row take the low and high halves of word i, and
-    # otherwise F = 24 and r = w >> 8, one word per coordinate. As r is uniform on 0..2^F - 1,
-    # P(round up) = floor(frac(u) 2^F) / 2^F exactly, a bias in (-2^-F Delta, 0].
+    # w = base.counter_bits(seed, ...), code = (t + r) >> F with r uniform on 0..2^F - 1, so
+    # P(round up) = frac(t / 2^F) exactly. For B in {1, 2, 4}: F = 16, t = round(u 2^16) (half to
+    # even), coordinates 2i, 2i + 1 of a row take the low and high halves of word i; the bias is
+    # within [-2^-17 Delta, 2^-17 Delta]. Otherwise F = 24, t = floor(u 2^24) and r = w >> 8, one word
+    # per coordinate; the bias is in (-2^-24 Delta, 0].
     levels = 2**bits - 1
+    rows, cols = 128, 8192  # 1M coordinates: a floor-for-round slip changes a code with prob. 2^-17 each
     rng = np.random.default_rng(bits)
-    # lo = 0, hi = levels: Delta = 1 and u = x exactly. Fractions on and off the 2^-16 grid, and
-    # 2^-17 (below the 16-bit resolution: never rounded up when F = 16).
-    frac = np.concatenate([rng.integers(0, 2**16, 64) / 2.0**16, rng.uniform(0, 1, 60), [2.0**-17] * 4])
-    x = np.minimum(rng.integers(0, levels, (6, 128)) + frac, levels).astype(np.float32)
+    # lo = 0, hi = levels: Delta = 1 and u = x exactly. Fractions on and off the 2^-16 grid, halfway
+    # between two grid points (ties: half to even), and 2^-18 (rounds to 0: never rounded up at F = 16).
+    frac = np.concatenate([rng.integers(0, 2**16, 2048) / 2.0**16, rng.uniform(0, 1, 5120),
+                           (rng.integers(0, 2**16 - 1, 1020) + 0.5) / 2.0**16, [2.0**-18] * 4])
+    x = np.minimum(rng.integers(0, levels, (rows, cols)) + frac, levels).astype(np.float32)
     key = jax.random.key(11)
     q = stochastic_rounding(bits, 0.0, float(levels))
     codes = np.rint(np.asarray(q.decode(q.encode(key, jnp.asarray(x))), np.float64)).astype(np.uint64)
     seed = jax.random.bits(key, (), jnp.uint32)
-    if bits in (1, 2, 4):
-        fbits = 16
-        w = np.asarray(base.counter_bits(seed, (6, 64)), np.uint64)
-        r = np.stack([w & 0xFFFF, w >> 16], axis=-1).reshape(6, 128)
-    else:
-        fbits = 24
-        r = np.asarray(base.counter_bits(seed, (6, 128)), np.uint64) >> 8
-    t = np.floor(x.astype(np.float64) * 2.0**fbits).astype(np.uint64)
-    np.testing.assert_array_equal(codes, (t + r) >> fbits)
+    np.testing.assert_array_equal(codes, _fixed_point_codes(x, bits, seed, rows, cols, "round"))
     if bits in (1, 2, 4):
         np.testing.assert_array_equal(codes[:, -4:], np.floor(x[:, -4:]))
+        # The check can tell the rounding of t apart: truncating instead would change some codes.
+        assert np.any(codes != _fixed_point_codes(x, bits, seed, rows, cols, "floor"))
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

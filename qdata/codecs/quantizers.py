@@ -41,14 +41,20 @@ from ``key`` with ``jax.random.bits``: one word per coordinate, except for stoch
 the low and high 16 bits of word ``i`` (half the hashing; the halves of a uniform word are uniform and
 independent). Each word is exactly uniform over the seed, so the statements above hold exactly in
 expectation over ``key``, up to the resolution of ``U`` below; it is several times cheaper than drawing
-every word with threefry. The rounding itself runs in fixed point with ``F`` fractional bits, ``F = 16``
-where the 16-bit halves are used and ``F = 24`` otherwise: ``floor(u + U) = floor(u) +
-((t + r) >> F)`` with ``t = floor(frac(u) 2^F)`` and ``r`` an ``F``-bit uniform word (for ``B <= 8``,
-where ``u 2^F < 2^32``, the same integer is computed in one uint32 as ``(floor(u 2^F) + r) >> F``), so
-``P(round up) = t / 2^F`` exactly: rounding adds no bias beyond the truncation of ``frac(u)`` to ``F``
-bits, a bias in ``(-2^-F Delta, 0]`` per coordinate (``2^-16 Delta`` for ``B in {1, 2, 4}``,
-``2^-24 Delta`` otherwise). Computation is in float32 (float64 for float64 input), so ``u`` itself
-carries float32 rounding, about ``2^-24 (|lo| + |hi|)``.
+every word with threefry. The rounding itself runs in fixed point with ``F`` fractional bits: ``code =
+(t + r) >> F`` with ``t`` the integer ``u 2^F`` and ``r`` an ``F``-bit uniform word, so ``P(round up) =
+frac(t / 2^F)`` exactly.
+
+* ``F = 16`` where the 16-bit halves are used: ``t = round(u 2^16)`` (half to even), obtained without
+  a float-to-integer conversion as the low bits of ``u 2^16 + 2^23`` (exact below ``2^23``); rounding
+  then adds a bias of at most ``2^-17 Delta`` per coordinate either way. Nearest rounding takes
+  ``round(u)`` the same way (identical to ``jnp.round``).
+* ``F = 24`` otherwise: ``t = floor(u 2^24)`` (for ``B <= 8``, where ``u 2^24 < 2^32``, computed in one
+  uint32 as ``(floor(u 2^24) + r) >> 24``), a bias in ``(-2^-24 Delta, 0]``.
+
+Computation is in float32 (float64 for float64 input), so ``u`` itself carries float32 rounding, about
+``2^-24 (|lo| + |hi|)``. The encode and decode functions compile with
+:func:`base.codec_compiler_options` when called at top level (512-bit vectors on AVX-512 CPUs).
 
 Everything runs under ``jax.jit`` (hyper-parameters are static Python values fixed by the factory)
 and under ``jax.vmap`` over a leading node axis (count bits per node, inside the vmap).
@@ -235,23 +241,40 @@ def _uniform16(seed: Array, shape) -> Array:
     return r if 2 * m == n else r[:, :n]
 
 
-def _stochastic_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
+def _rne_bits(v: Array) -> Array:
+    """The bits of ``v + 2^p`` (``p`` = 23 for float32, 52 for float64) as unsigned integers: for
+    ``0 <= v < 2^p`` they are ``bits(2^p) + round(v)`` (round half to even, the FPU's rounding), and
+    ``bits(2^p)`` has its low ``p`` bits zero. One add instead of a float-to-int conversion."""
+    if v.dtype == jnp.float64:
+        return jax.lax.bitcast_convert_type(v + jnp.float64(2.0**52), jnp.uint64)
+    return jax.lax.bitcast_convert_type(v + jnp.float32(2.0**23), jnp.uint32)
+
+
+def _stochastic_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
+    """Codes ``floor(u + U)`` for ``u = clip(a * scale, 0, levels)`` (``a = x - lo``)."""
     if levels in _PAIRED_LEVELS:
-        # u <= 15, so u 2^16 < 2^20 is exact in float32 and its uint32 truncation is u in fixed point
-        # with 16 fractional bits; adding r carries into the integer part with probability t / 2^16.
-        t = (u * float(1 << _PAIRED_FRAC_BITS)).astype(jnp.uint32)
-        return (t + _uniform16(_seed(key), u.shape)) >> _PAIRED_FRAC_BITS, {}
+        # v = u 2^16 <= 15 * 2^16 < 2^23 (exact: power-of-two scaling of the clipped u), so
+        # _rne_bits gives t = round(v), u in fixed point with 16 fractional bits, in its low bits;
+        # adding r carries into the integer part with probability frac(t / 2^16). The constant
+        # above bit 23 shifts to 0x4B00 (float32), whose low 8 bits are zero: the mask keeps the code.
+        one = float(1 << _PAIRED_FRAC_BITS)
+        t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
+        r = _uniform16(_seed(key), a.shape).astype(t.dtype)
+        return (((t + r) >> _PAIRED_FRAC_BITS) & levels).astype(jnp.uint32), {}
+    u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
 
-def _nearest_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
-    del key, levels
-    return jnp.round(u).astype(jnp.uint32), {}
+def _nearest_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
+    del key
+    # round(u) half to even, as jnp.round; u <= 2^16 - 1 < 2^23 and bits(2^23) has its low 23 bits zero.
+    return (_rne_bits(jax.lax.clamp(0.0, a * scale, float(levels))) & levels).astype(jnp.uint32), {}
 
 
-def _dither_codes(key, u: Array, levels: int) -> tuple[Array, dict]:
+def _dither_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     # round(u + U - 1/2) = floor(u + U) away from ties; the seed is sent so the decoder can subtract U.
     seed = _seed(key)
+    u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(seed, u.shape), levels), {"seed": seed}
 
 
@@ -303,13 +326,12 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
     delta = (hi - lo) / levels
     to_codes, to_levels = _RULES[kind]
 
-    @jax.jit
+    @base.codec_jit
     def _encode(key, x):
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
-        u = jnp.clip((flat - lo) * (levels / (hi - lo)), 0.0, levels)
-        codes, arrays = to_codes(key, u, levels)
+        codes, arrays = to_codes(key, flat - lo, levels / (hi - lo), levels)
         if bits in _FUSED_CHECK_BITS:
             # The out-of-range test rides along the packing loop instead of a pass of its own.
             packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi))
@@ -319,7 +341,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         return Payload(arrays=arrays, rows={"codes": packed}, meta=meta, info={"clipped": clipped})
 
-    @jax.jit
+    @base.codec_jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
         cdt = _compute_dtype(meta.dtype)
@@ -454,7 +476,7 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         width = hi - lo
         return lo, width, width > 0
 
-    @jax.jit
+    @base.codec_jit
     def _encode(key, x):
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
@@ -465,13 +487,12 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         lo, width, spread = _steps(lo_sent, hi_sent, cdt)
         clipped = _count_outside(flat, -big, big, jnp.any(row_min < -big) | jnp.any(row_max > big))
         scale = jnp.where(spread, levels / jnp.where(spread, width, 1.0), 0.0)
-        u = jnp.clip((flat - lo) * scale, 0.0, levels)
-        codes, _ = to_codes(key, u, levels)
+        codes, _ = to_codes(key, flat - lo, scale, levels)
         meta = QuantizerMeta(kind, bits, None, None, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         rows = {"codes": base.pack_codes(codes, bits), "lo": lo_sent, "hi": hi_sent}
         return Payload(rows=rows, meta=meta, info={"clipped": clipped})
 
-    @jax.jit
+    @base.codec_jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
         cdt = _compute_dtype(meta.dtype)
