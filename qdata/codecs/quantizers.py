@@ -163,6 +163,14 @@ def _raise_if_clipped(x: Array, lo, hi) -> None:
         )
 
 
+def _min_max(flat: Array, axes: tuple) -> tuple[Array, Array]:
+    """Min and max over ``axes`` in one pass (one variadic reduction): separate ``jnp.min`` and
+    ``jnp.max`` read ``flat`` twice, which costs about as much as the rounding itself."""
+    inf = jnp.asarray(jnp.inf, flat.dtype)
+    return jax.lax.reduce((flat, flat), (inf, -inf),
+                          lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), axes)
+
+
 def _count_outside(flat: Array, lo, hi, outside: Array | None = None) -> Array:
     """int32 count of values of ``flat`` below ``lo`` or above ``hi``.
 
@@ -171,12 +179,7 @@ def _count_outside(flat: Array, lo, hi, outside: Array | None = None) -> Array:
     out of range. (Under ``vmap`` both branches run; the result is the same.)
     """
     if outside is None:
-        # Min and max in one pass over flat (one variadic reduction); separate jnp.min and jnp.max
-        # read flat twice, which costs about as much as the rounding itself.
-        inf = jnp.asarray(jnp.inf, flat.dtype)
-        low, high = jax.lax.reduce(
-            (flat, flat), (inf, -inf),
-            lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), tuple(range(flat.ndim)))
+        low, high = _min_max(flat, tuple(range(flat.ndim)))
         outside = (low < lo) | (high > hi)
     return jax.lax.cond(outside, lambda f: jnp.sum((f < lo) | (f > hi), dtype=jnp.int32),
                         # Built from f (not a constant) so both branches have f's sharding type
@@ -481,7 +484,7 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
-        row_min, row_max = jnp.min(flat, axis=1), jnp.max(flat, axis=1)
+        row_min, row_max = _min_max(flat, (1,))
         lo_sent = _outward(row_min, range_dtype, -math.inf)
         hi_sent = _outward(row_max, range_dtype, math.inf)
         lo, width, spread = _steps(lo_sent, hi_sent, cdt)
