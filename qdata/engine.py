@@ -7,8 +7,8 @@ simulation. Each round, inside ``shard_map``:
 
 1. every node draws its minibatch from its own shard of the training set and computes its message
    (``method.node_message``), and its exact uplink bits (``method.uplink_bits``);
-2. the messages (the packed payloads: uint8 codes, fp16 weights, ...) are ``all_gather``-ed over the
-   mesh axis, so the collective moves the compressed bytes and nothing else;
+2. the messages (the packed payloads: codes in bytes or uint32 words, fp16 weights, ...) are
+   ``all_gather``-ed over the mesh axis, so the collective moves the compressed bytes and nothing else;
 3. the learner, replicated on every device, turns the N messages into g (``method.learner_gradient``)
    and applies the optax update.
 

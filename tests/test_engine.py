@@ -194,7 +194,7 @@ print(json.dumps(out))
 
 def test_devices_exchange_the_packed_payloads_only():
     """Read the compiled round: what the collective moves between devices is the packed message
-    (uint8 codes, labels, positions; int32 bit counts of the ledger), never a d-sized gradient for
+    (uint32 words of codes, uint8 labels and positions; int32 bit counts of the ledger), never a d-sized gradient for
     qdata; for SGD it is the d fp32 gradient values."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
@@ -208,7 +208,7 @@ def test_devices_exchange_the_packed_payloads_only():
 
     qdata = [parse(t) for t in out["qdata"]["gathers"]]
     d = out["qdata"]["d"]
-    assert ([4, 8, 32], "ui8") in qdata  # 8 samples of 64 4-bit codes per node
-    assert all(dtype in ("ui8", "i32") for _, dtype in qdata)
+    assert ([4, 8, 8], "ui32") in qdata  # 8 samples of 64 4-bit codes per node: 8 words each
+    assert all(dtype in ("ui8", "ui32", "i32") for _, dtype in qdata)
     assert max(int(np.prod(dims[1:])) for dims, _ in qdata) < d // 100  # per node
     assert ([4, d], "f32") in [parse(t) for t in out["sgd"]["gathers"]]

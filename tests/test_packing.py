@@ -111,3 +111,35 @@ def test_sub_byte_layout_matches_reference(width, count):
     np.testing.assert_array_equal(np.asarray(base.pack_codes(jnp.asarray(codes), width)), expect)
     back = jax.jit(base.unpack_codes, static_argnums=(1, 2))(jnp.asarray(expect), width, count)
     np.testing.assert_array_equal(np.asarray(back), codes)
+
+
+@given(width=st.sampled_from([1, 2, 4, 8, 3, 16]), words_per_row=st.integers(1, 5), rows=st.integers(1, 3),
+       extra=st.sampled_from([0, 1]), seed=st.integers(0, 2**31))
+def test_words_container_is_the_same_bit_stream(width, words_per_row, rows, extra, seed):
+    # pack_codes(words=True): rows that fill whole uint32 words are stored as such; viewed as
+    # little-endian bytes they are the byte stream, bit for bit, with the same size; other rows (a
+    # code more, or a width that does not divide 32) are packed as without it.
+    count = words_per_row * 32 // width + extra if 32 % width == 0 else 5 * words_per_row
+    codes = _codes(seed, (rows, count), width)
+    plain = np.asarray(base.pack_codes(jnp.asarray(codes), width))
+    flags = np.zeros(codes.shape, bool)
+    flags[-1, -1] = seed % 2 == 0
+    words, hit = base.pack_codes(jnp.asarray(codes), width, jnp.asarray(flags), words=True)
+    assert bool(hit) == bool(flags.any())
+    assert words.shape == (rows, base.packed_size(count, width, words=True))
+    if base.word_packable(count, width):
+        assert words.dtype == jnp.uint32
+        as_bytes = np.asarray(words).astype("<u4").view(np.uint8).reshape(rows, -1)
+        np.testing.assert_array_equal(as_bytes, plain.view(np.uint8).reshape(rows, -1))
+    else:
+        np.testing.assert_array_equal(np.asarray(words), plain)
+    assert base.array_bits(words) == base.array_bits(plain)
+    np.testing.assert_array_equal(np.asarray(base.unpack_codes(words, width, count)), codes)
+    np.testing.assert_array_equal(np.asarray(jax.jit(base.unpack_codes, static_argnums=(1, 2))(words, width, count)),
+                                  codes)
+
+
+def test_words_container_refuses_a_wrong_count():
+    words = base.pack_codes(jnp.zeros((2, 16), jnp.uint32), 4, words=True)
+    with pytest.raises(ValueError, match="do not hold"):
+        base.unpack_codes(words, 4, 15)

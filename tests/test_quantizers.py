@@ -86,7 +86,7 @@ def test_round_trip_shape_bits_and_error_bound(kind, bits, b, sample_shape, lo, 
     assert x_hat.shape == x.shape and x_hat.dtype == x.dtype
 
     n = math.prod(sample_shape)
-    assert payload.rows["codes"].shape == (b, base.packed_size(n, bits))
+    assert payload.rows["codes"].shape == (b, base.packed_size(n, bits, words=True))
     leaves = jax.tree_util.tree_leaves((payload.arrays, payload.rows))
     assert q.bits(payload) == sum(l.size * l.dtype.itemsize * 8 for l in leaves)
     assert q.bits(payload) == b * math.ceil(n * bits / 8) * 8 + extra_bits(kind, b)
@@ -414,6 +414,32 @@ def test_vmap_over_nodes_matches_each_node(kind):
         assert int(bits[i]) == int(q.bits(own, mask[i]))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tuned_and_enclosed_compilations_agree(kind):
+    # A codec called on its own compiles with base.codec_compiler_options (512-bit vectors on
+    # AVX-512 CPUs); traced inside another jit, vmap or a closure over concrete arrays it compiles with
+    # the enclosing computation. Both must give the same payload bit for bit: node and learner may
+    # sit in differently compiled programs.
+    x = in_range_batch(4, (6, 77), -0.1, 1.1)  # odd length, a few values clipped
+    q, key = make(kind, 4), jax.random.key(3)
+    own = q.encode(key, x)
+    closed = jax.jit(lambda: q.encode(key, x))()  # concrete arguments inside a trace
+    mapped = jax.vmap(q.encode)(key[None], x[None])
+    for other in (closed, jax.tree_util.tree_map(lambda a: a[0], mapped)):
+        for a, b in zip(jax.tree_util.tree_leaves(own), jax.tree_util.tree_leaves(other)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(q.decode(own), jax.jit(lambda: q.decode(own))())
+
+
+def test_codec_compiler_options_are_valid_here():
+    options = base.codec_compiler_options()
+    assert isinstance(options, dict)
+    if jax.default_backend() != "cpu":
+        assert options == {}
+    # Whatever they are, XLA accepts them on this machine.
+    np.testing.assert_array_equal(jax.jit(lambda a: a + 1, compiler_options=options)(jnp.arange(3)), [1, 2, 3])
+
+
 # ----------------------------------------------------------------------------------------------
 # The benchmark must keep running.
 
@@ -441,10 +467,10 @@ def test_bench_codecs_quick():
 
 def _fixed_point_codes(x, bits, seed, rows, cols, model):
     """The documented construction of stochastic rounding's codes, in numpy (lo = 0, Delta = 1)."""
-    if bits in (1, 2, 4):
-        fbits = 16
+    if bits in (1, 2, 4, 8):
+        fbits = 16 if bits < 8 else 15
         w = np.asarray(base.counter_bits(seed, (rows, cols // 2)), np.uint64)
-        r = np.stack([w & 0xFFFF, w >> 16], axis=-1).reshape(rows, cols)
+        r = np.stack([w & 0xFFFF, w >> 16], axis=-1).reshape(rows, cols) >> (16 - fbits)
         scaled = x.astype(np.float64) * 2.0**fbits
         t = (np.rint(scaled) if model == "round" else np.floor(scaled)).astype(np.uint64)
     else:
@@ -454,14 +480,15 @@ def _fixed_point_codes(x, bits, seed, rows, cols, model):
     return (t + r) >> fbits
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_stochastic_rounding_fixed_point_resolution(bits):
     # The documented construction, checked code by code: with seed = jax.random.bits(key) and words
     # w = base.counter_bits(seed, ...), code = (t + r) >> F with r uniform on 0..2^F - 1, so
-    # P(round up) = frac(t / 2^F) exactly. For B in {1, 2, 4}: F = 16, t = round(u 2^16) (half to
-    # even), coordinates 2i, 2i + 1 of a row take the low and high halves of word i; the bias is
-    # within [-2^-17 Delta, 2^-17 Delta]. Otherwise F = 24, t = floor(u 2^24) and r = w >> 8, one word
-    # per coordinate; the bias is in (-2^-24 Delta, 0].
+    # P(round up) = frac(t / 2^F) exactly. For B in {1, 2, 4, 8}: coordinates 2i, 2i + 1 of a row
+    # take the low and high halves of word i (their top F bits), F = 16 (15 at B = 8) and
+    # t = round(u 2^F) (half to even); the bias is within 2^-(F+1) Delta either way. Otherwise
+    # F = 24, t = floor(u 2^24) and r = w >> 8, one word per coordinate; the bias is in
+    # (-2^-24 Delta, 0].
     levels = 2**bits - 1
     rows, cols = 128, 8192  # 1M coordinates: a floor-for-round slip changes a code with prob. 2^-17 each
     rng = np.random.default_rng(bits)
@@ -475,7 +502,7 @@ def test_stochastic_rounding_fixed_point_resolution(bits):
     codes = np.rint(np.asarray(q.decode(q.encode(key, jnp.asarray(x))), np.float64)).astype(np.uint64)
     seed = jax.random.bits(key, (), jnp.uint32)
     np.testing.assert_array_equal(codes, _fixed_point_codes(x, bits, seed, rows, cols, "round"))
-    if bits in (1, 2, 4):
+    if bits in (1, 2, 4, 8):
         np.testing.assert_array_equal(codes[:, -4:], np.floor(x[:, -4:]))
         # The check can tell the rounding of t apart: truncating instead would change some codes.
         assert np.any(codes != _fixed_point_codes(x, bits, seed, rows, cols, "floor"))

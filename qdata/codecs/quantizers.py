@@ -5,9 +5,11 @@ A node sends ``Q(x_j)`` instead of the sample ``x_j in R^n``. Every factory here
 
 * ``encode(key, x) -> Payload`` with ``x`` of shape ``(b, *sample_shape)``, samples on the leading
   axis. Each coordinate becomes an integer code in ``0..2^B-1``; the codes of a sample are packed
-  with :func:`base.pack_codes` into ``payload.rows['codes']`` of shape ``(b, packed_size(n, B))``
-  (8, 4, 2 codes per byte for B = 1, 2, 4; uint8/uint16 words for B = 8, 16; a bit stream
-  otherwise), so sample ``j`` costs exactly ``8 * ceil(n B / 8)`` bits.
+  with :func:`base.pack_codes` into ``payload.rows['codes']`` of shape
+  ``(b, packed_size(n, B, words=True))``: uint32 words when a row fills whole words (B = 1, 2, 4, 8
+  and ``n B`` a multiple of 32, as for images), otherwise 8, 4, 2 codes per byte for B = 1, 2, 4,
+  uint8/uint16 words for B = 8, 16 and a bit stream for other B; either way sample ``j`` costs
+  exactly ``8 * ceil(n B / 8)`` bits.
 * ``decode(payload) -> x_hat`` of the shape and dtype of ``x``.
 * ``bits(payload, mask=None)``: :func:`base.payload_bits`, read off the packed arrays; with a 0/1
   ``mask`` over samples only the transmitted rows count.
@@ -37,17 +39,19 @@ traced, so the count is reported instead and the caller must check it.
 
 Randomness. The uniforms come from :func:`base.counter_bits`, 32-bit words from a 32-bit seed drawn
 from ``key`` with ``jax.random.bits``: one word per coordinate, except for stochastic rounding with
-``B in {1, 2, 4}`` (also within :func:`per_sample_range`), where coordinates ``2i`` and ``2i + 1`` take
-the low and high 16 bits of word ``i`` (half the hashing; the halves of a uniform word are uniform and
-independent). Each word is exactly uniform over the seed, so the statements above hold exactly in
-expectation over ``key``, up to the resolution of ``U`` below; it is several times cheaper than drawing
-every word with threefry. The rounding itself runs in fixed point with ``F`` fractional bits: ``code =
-(t + r) >> F`` with ``t`` the integer ``u 2^F`` and ``r`` an ``F``-bit uniform word, so ``P(round up) =
-frac(t / 2^F)`` exactly.
+``B in {1, 2, 4, 8}`` (also within :func:`per_sample_range`), where coordinates ``2i`` and ``2i + 1``
+take the low and high 16 bits of word ``i`` (half the hashing; the halves of a uniform word are
+uniform and independent). Each word is exactly uniform over the seed, so the statements above hold
+exactly in expectation over ``key``, up to the resolution of ``U`` below; it is several times cheaper
+than drawing every word with threefry. The rounding itself runs in fixed point with ``F`` fractional
+bits: ``code = (t + r) >> F`` with ``t`` the integer ``u 2^F`` and ``r`` an ``F``-bit uniform word, so
+``P(round up) = frac(t / 2^F)`` exactly.
 
-* ``F = 16`` where the 16-bit halves are used: ``t = round(u 2^16)`` (half to even), obtained without
-  a float-to-integer conversion as the low bits of ``u 2^16 + 2^23`` (exact below ``2^23``); rounding
-  then adds a bias of at most ``2^-17 Delta`` per coordinate either way. Nearest rounding takes
+* Paired 16-bit uniforms, ``F = 16`` for ``B <= 4`` and ``F = 15`` at ``B = 8`` (the top 15 bits of
+  the half), so that ``u 2^F < 2^23``: ``t = round(u 2^F)`` (half to even), obtained without a
+  float-to-integer conversion as the low bits of ``u 2^F + 2^23``; rounding then adds a bias of at
+  most ``2^-(F+1) Delta`` per coordinate either way (``2^-17``, ``2^-16 Delta`` at ``B = 8``, where
+  float32's own resolution of ``u`` near its top, ``2^-16``, is no finer). Nearest rounding takes
   ``round(u)`` the same way (identical to ``jnp.round``).
 * ``F = 24`` otherwise: ``t = floor(u 2^24)`` (for ``B <= 8``, where ``u 2^24 < 2^32``, computed in one
   uint32 as ``(floor(u 2^24) + r) >> 24``), a bias in ``(-2^-24 Delta, 0]``.
@@ -79,11 +83,18 @@ ROUNDING = ("stochastic", "nearest")
 
 # Fractional bits of the fixed-point rounding; 24 is float32's mantissa, so nothing finer exists.
 _FRAC_BITS = 24
-# Stochastic rounding for B = 1, 2, 4 (2^B - 1 levels) draws 16-bit uniforms, two per hashed word
-# (:func:`_uniform16`); measured faster there, not for B = 8, whose packing is one code per byte.
-_PAIRED_LEVELS = (1, 3, 15)
-_PAIRED_FRAC_BITS = 16
-# Widths whose packing reduces over small groups of codes, so that the clip check fuses into it.
+# Stochastic rounding for B = 1, 2, 4, 8 (2^B - 1 levels) draws 16-bit uniforms, two per hashed word
+# (:func:`_uniform16`): measured faster there, where the packing groups codes in pairs or more.
+_PAIRED_LEVELS = (1, 3, 15, 255)
+
+
+def _paired_frac_bits(levels: int) -> int:
+    """F for the paired 16-bit uniforms: 16, or 15 at B = 8 so that ``levels 2^F < 2^23``."""
+    return 16 if levels < 128 else 15
+
+
+# Widths whose packing reduces over small groups of codes, so that the clip check fuses into it (also
+# B = 8 when the rows fill uint32 words, see base.pack_codes(words=True)).
 _FUSED_CHECK_BITS = (1, 2, 4)
 
 
@@ -256,14 +267,15 @@ def _rne_bits(v: Array) -> Array:
 def _stochastic_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     """Codes ``floor(u + U)`` for ``u = clip(a * scale, 0, levels)`` (``a = x - lo``)."""
     if levels in _PAIRED_LEVELS:
-        # v = u 2^16 <= 15 * 2^16 < 2^23 (exact: power-of-two scaling of the clipped u), so
-        # _rne_bits gives t = round(v), u in fixed point with 16 fractional bits, in its low bits;
-        # adding r carries into the integer part with probability frac(t / 2^16). The constant
-        # above bit 23 shifts to 0x4B00 (float32), whose low 8 bits are zero: the mask keeps the code.
-        one = float(1 << _PAIRED_FRAC_BITS)
+        # v = u 2^F <= levels 2^F < 2^23 (exact: power-of-two scaling of the clipped u), so
+        # _rne_bits gives t = round(v), u in fixed point with F fractional bits, in its low bits;
+        # adding r carries into the integer part with probability frac(t / 2^F). The constant above
+        # bit 23 shifts to 0x4B << (24 - F) (float32), whose low 8 bits are zero: the mask keeps the code.
+        frac = _paired_frac_bits(levels)
+        one = float(1 << frac)
         t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
-        r = _uniform16(_seed(key), a.shape).astype(t.dtype)
-        return (((t + r) >> _PAIRED_FRAC_BITS) & levels).astype(jnp.uint32), {}
+        r = (_uniform16(_seed(key), a.shape) >> (16 - frac)).astype(t.dtype)
+        return (((t + r) >> frac) & levels).astype(jnp.uint32), {}
     u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
@@ -335,12 +347,12 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
         codes, arrays = to_codes(key, flat - lo, levels / (hi - lo), levels)
-        if bits in _FUSED_CHECK_BITS:
+        if bits in _FUSED_CHECK_BITS or base.word_packable(n, bits):
             # The out-of-range test rides along the packing loop instead of a pass of its own.
-            packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi))
+            packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi), words=True)
             clipped = _count_outside(flat, lo, hi, outside)
         else:
-            packed, clipped = base.pack_codes(codes, bits), _count_outside(flat, lo, hi)
+            packed, clipped = base.pack_codes(codes, bits, words=True), _count_outside(flat, lo, hi)
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         return Payload(arrays=arrays, rows={"codes": packed}, meta=meta, info={"clipped": clipped})
 
@@ -492,7 +504,7 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         scale = jnp.where(spread, levels / jnp.where(spread, width, 1.0), 0.0)
         codes, _ = to_codes(key, flat - lo, scale, levels)
         meta = QuantizerMeta(kind, bits, None, None, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
-        rows = {"codes": base.pack_codes(codes, bits), "lo": lo_sent, "hi": hi_sent}
+        rows = {"codes": base.pack_codes(codes, bits, words=True), "lo": lo_sent, "hi": hi_sent}
         return Payload(rows=rows, meta=meta, info={"clipped": clipped})
 
     @base.codec_jit
