@@ -12,12 +12,15 @@ append the rows as JSON lines). Inputs (synthetic, labelled so in the output):
 Each codec is timed as one jitted round trip ``key, x -> (payload, decode(payload))``: the packed
 payload is an output, so it is materialised as it would be on the link, and one dispatch is paid,
 as for the baseline, a jitted copy ``x -> x + 0`` (which writes a new buffer) of the same array.
-Codec and copy are timed alternately in the same loop (after a warm-up), each call ended by
-``block_until_ready``, up to 500 times (fewer for slow codecs, see ``--budget``), and the medians are
-compared: ``ratio = t_copy / t_codec`` is the codec's
-throughput as a fraction of a copy's. Target for the data quantizers: ratio >= 0.25. The full run
-also times encode and decode as separate jitted calls, for information. A slow codec gets fewer
-repeats (about ``--budget`` seconds each, at least 3).
+Each call is ended by ``block_until_ready`` and followed by a timed copy; the medians are compared:
+``ratio = t_copy / t_codec`` is the codec's throughput as a fraction of a copy's (``paired``: the
+median over the (codec, copy) pairs of the same quotient). Target for the data quantizers:
+ratio >= 0.25. The data quantizers are timed in 5 blocks of 100 (codec, copy) pairs each (after a
+1 s warm-up of the machine), the codecs taking turns block by block: within a block a codec runs
+back to back, as a node encoding batch after batch would, and each codec's blocks are spread over
+the run, so that a busy spell of this shared machine falls on all of them alike. A vector compressor
+is timed alternately with its copy, up to 500 times or about ``--budget`` seconds (at least 3). The
+full run also times encode and decode as separate jitted calls, for information.
 
 The quantizers are compute bound on CPU (a copy is a memcpy; a quantizer hashes, rounds, packs and
 unpacks every coordinate), so the ratio depends on the code XLA emits. The codecs' own jitted
@@ -120,10 +123,39 @@ def _progress(row: dict) -> None:
     print(f"  {row['codec']}: {row['roundtrip_ms']:.3f} ms, ratio {row['ratio']:.3f}", flush=True)
 
 
+def _time_in_blocks(codecs: dict, copy: Callable, x, repeats: int, blocks: int = 5) -> dict:
+    """For each codec ``name -> (fn, args)``: median seconds of ``fn(*args)``, of the copy timed just
+    after it, and the median over those pairs of ``t_copy / t_codec``.
+
+    Each codec is timed in ``blocks`` blocks of alternating (codec, copy) pairs, ``repeats`` pairs in
+    all, and the codecs take turns block by block: within a block a codec runs back to back, as it
+    would encoding batch after batch (a few untimed calls first), and its blocks are spread over the
+    whole run, so that a busy spell of a shared machine falls on all codecs alike.
+    """
+    per_block = max(1, repeats // blocks)
+    times = {name: ([], []) for name in codecs}
+    for _ in range(blocks):
+        for name, (fn, args) in codecs.items():
+            for _ in range(3):
+                jax.block_until_ready(fn(*args))
+                jax.block_until_ready(copy(x))
+            for _ in range(per_block):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                t_codec = time.perf_counter() - start
+                start = time.perf_counter()
+                jax.block_until_ready(copy(x))
+                times[name][0].append(t_codec)
+                times[name][1].append(time.perf_counter() - start)
+    return {name: (statistics.median(tc), statistics.median(tp),
+                   statistics.median(p / c for c, p in zip(tc, tp)))
+            for name, (tc, tp) in times.items()}
+
+
 def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: float,
                      options: dict | None = None) -> list[dict]:
     copy = jax.jit(lambda a: a + 0, compiler_options=options)
-    rows = []
+    codecs, quants = {}, {}
     for name, make in QUANTIZERS.items():
         for b in bit_widths:
             q = make(b)
@@ -132,18 +164,20 @@ def bench_quantizers(x, key, bit_widths, repeats: int, split: bool, budget_s: fl
                 payload = q.encode(k, a)
                 return payload, q.decode(payload)
 
-            roundtrip = jax.jit(roundtrip, compiler_options=options)
-            times = _time_pair(roundtrip, copy, (key, x), x, repeats, budget_s)
-            payload, _ = roundtrip(key, x)
-            row = _row("data", f"{name}(B={b})", x.nbytes, times,
-                       q.bits(payload) / x.shape[0], "per sample")
-            if split:
-                enc = jax.jit(q.encode, compiler_options=options)
-                dec = jax.jit(q.decode, compiler_options=options)
-                row["encode_ms"] = 1e3 * median_time(enc, (key, x), repeats, budget_s)
-                row["decode_ms"] = 1e3 * median_time(dec, (payload,), repeats, budget_s)
-            _progress(row)
-            rows.append(row)
+            codecs[f"{name}(B={b})"] = (jax.jit(roundtrip, compiler_options=options), (key, x))
+            quants[f"{name}(B={b})"] = q
+    timed = _time_in_blocks(codecs, copy, x, repeats)
+    rows = []
+    for name, q in quants.items():
+        payload, _ = codecs[name][0](key, x)
+        row = _row("data", name, x.nbytes, timed[name], q.bits(payload) / x.shape[0], "per sample")
+        if split:
+            enc = jax.jit(q.encode, compiler_options=options)
+            dec = jax.jit(q.decode, compiler_options=options)
+            row["encode_ms"] = 1e3 * median_time(enc, (key, x), repeats, budget_s)
+            row["decode_ms"] = 1e3 * median_time(dec, (payload,), repeats, budget_s)
+        _progress(row)
+        rows.append(row)
     return rows
 
 

@@ -509,6 +509,31 @@ def test_stochastic_rounding_fixed_point_resolution(bits):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_subtractive_dither_construction_and_error_range(bits):
+    # Dither draws one 24-bit word per coordinate, r = counter_bits(seed) >> 8 with
+    # seed = jax.random.bits(key): code = (floor(u 2^24) + r) >> 24 and the decoder subtracts
+    # U = r / 2^24, which keeps the error within [-Delta/2, Delta/2].
+    levels = 2**bits - 1
+    rows, cols = 64, 4096
+    rng = np.random.default_rng(100 + bits)
+    frac = np.concatenate([rng.uniform(0, 1, 2048), (rng.integers(0, 2**16 - 1, 2044) + 0.5) / 2.0**16,
+                           [0.0, 2.0**-18, 1 - 2.0**-18, 0.5]])
+    x = np.minimum(rng.integers(0, levels, (rows, cols)) + frac, levels).astype(np.float32)
+    key = jax.random.key(5)
+    q = subtractive_dither(bits, 0.0, float(levels))
+    payload = q.encode(key, jnp.asarray(x))
+    codes = np.asarray(base.unpack_codes(payload.rows["codes"], bits, cols), np.uint64)
+    seed = jax.random.bits(key, (), jnp.uint32)
+    r = np.asarray(base.counter_bits(seed, (rows, cols)), np.uint64) >> np.uint64(8)
+    t = np.floor(x.astype(np.float64) * 2.0**24).astype(np.uint64)
+    np.testing.assert_array_equal(codes, (t + r) >> np.uint64(24))
+    x_hat = np.asarray(q.decode(payload), np.float64)
+    np.testing.assert_allclose(x_hat, codes - r / 2.0**24 + 0.5, rtol=0, atol=levels * 2.0**-22)
+    err = x_hat - x.astype(np.float64)
+    assert np.abs(err).max() <= 0.5 + levels * 2.0**-22  # Delta = 1
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("kind", FIXED)
 def test_clip_count_every_width_odd_length_and_vmap(kind, bits):
     # For B in {1, 2, 4} the out-of-range test is fused into the packing (padded to whole bytes for

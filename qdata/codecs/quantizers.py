@@ -264,18 +264,27 @@ def _rne_bits(v: Array) -> Array:
     return jax.lax.bitcast_convert_type(v + jnp.float32(2.0**23), jnp.uint32)
 
 
+def _paired_uniform(seed: Array, shape, levels: int) -> Array:
+    """``F``-bit uniform words ``r`` (``U = r / 2^F``) from the paired 16-bit halves, for B in {1, 2, 4, 8}."""
+    return _uniform16(seed, shape) >> (16 - _paired_frac_bits(levels))
+
+
+def _paired_floor_plus_uniform(a: Array, scale, r: Array, levels: int) -> Array:
+    """``floor(t / 2^F + r / 2^F)`` with ``t = round(u 2^F)``, ``u = clip(a * scale, 0, levels)``."""
+    # v = u 2^F <= levels 2^F < 2^23 (exact: power-of-two scaling of the clipped u), so _rne_bits
+    # gives t = round(v), u in fixed point with F fractional bits, in its low bits; adding r carries
+    # into the integer part with probability frac(t / 2^F). The constant above bit 23 shifts to
+    # 0x4B << (24 - F) (float32), whose low 8 bits are zero: the mask keeps the code.
+    frac = _paired_frac_bits(levels)
+    one = float(1 << frac)
+    t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
+    return (((t + r.astype(t.dtype)) >> frac) & levels).astype(jnp.uint32)
+
+
 def _stochastic_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     """Codes ``floor(u + U)`` for ``u = clip(a * scale, 0, levels)`` (``a = x - lo``)."""
     if levels in _PAIRED_LEVELS:
-        # v = u 2^F <= levels 2^F < 2^23 (exact: power-of-two scaling of the clipped u), so
-        # _rne_bits gives t = round(v), u in fixed point with F fractional bits, in its low bits;
-        # adding r carries into the integer part with probability frac(t / 2^F). The constant above
-        # bit 23 shifts to 0x4B << (24 - F) (float32), whose low 8 bits are zero: the mask keeps the code.
-        frac = _paired_frac_bits(levels)
-        one = float(1 << frac)
-        t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
-        r = (_uniform16(_seed(key), a.shape) >> (16 - frac)).astype(t.dtype)
-        return (((t + r) >> frac) & levels).astype(jnp.uint32), {}
+        return _paired_floor_plus_uniform(a, scale, _paired_uniform(_seed(key), a.shape, levels), levels), {}
     u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
@@ -288,17 +297,20 @@ def _nearest_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
 
 def _dither_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     # round(u + U - 1/2) = floor(u + U) away from ties; the seed is sent so the decoder can subtract U.
+    # One 24-bit word per coordinate: the decoder regenerates U, and paired 16-bit halves, whose layout
+    # differs from the unpacked codes', measured slower to decode than they saved in encoding.
     seed = _seed(key)
     u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(seed, u.shape), levels), {"seed": seed}
 
 
-def _plain_levels(codes: Array, arrays: dict, dtype) -> Array:
-    del arrays
+def _plain_levels(codes: Array, arrays: dict, dtype, levels: int) -> Array:
+    del arrays, levels
     return codes.astype(dtype)
 
 
-def _dither_levels(codes: Array, arrays: dict, dtype) -> Array:
+def _dither_levels(codes: Array, arrays: dict, dtype, levels: int) -> Array:
+    del levels
     dither = _uniform24(arrays["seed"], codes.shape).astype(dtype) * (2.0**-_FRAC_BITS)
     return codes.astype(dtype) - dither + 0.5
 
@@ -362,7 +374,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         cdt = _compute_dtype(meta.dtype)
         n = math.prod(meta.sample_shape)
         codes = base.unpack_codes(payload.rows["codes"], meta.bits, n)
-        x_hat = lo + to_levels(codes, payload.arrays, cdt) * jnp.asarray(delta, cdt)
+        x_hat = lo + to_levels(codes, payload.arrays, cdt, levels) * jnp.asarray(delta, cdt)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
     return _quantizer(kind, _encode, _decode, on_clip, (lo, hi), unbiased=unbiased, delta=delta)
