@@ -414,6 +414,20 @@ def test_vmap_over_nodes_matches_each_node(kind):
         assert int(bits[i]) == int(q.bits(own, mask[i]))
 
 
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=True, width=32), min_size=6, max_size=6),
+       rows=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_min_max_on_integer_keys_matches_numpy(values, rows, seed):
+    # The range check and per-sample ranges reduce integer keys that order as the floats do; every
+    # finite value (and +-inf, -0.0, subnormals, the extremes) must come back exactly.
+    rng = np.random.default_rng(seed)
+    x = rng.permutation(np.array(values * rows, np.float32)).reshape(rows, 6)
+    lo, hi = quantizers._min_max(jnp.asarray(x), (1,))
+    np.testing.assert_array_equal(np.asarray(lo), x.min(axis=1))
+    np.testing.assert_array_equal(np.asarray(hi), x.max(axis=1))
+    lo, hi = quantizers._min_max(jnp.asarray(x), (0, 1))
+    assert float(lo) == x.min() and float(hi) == x.max()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_tuned_and_enclosed_compilations_agree(kind):
     # A codec called on its own compiles with base.codec_compiler_options (512-bit vectors on

@@ -175,11 +175,22 @@ def _raise_if_clipped(x: Array, lo, hi) -> None:
 
 
 def _min_max(flat: Array, axes: tuple) -> tuple[Array, Array]:
-    """Min and max over ``axes`` in one pass (one variadic reduction): separate ``jnp.min`` and
-    ``jnp.max`` read ``flat`` twice, which costs about as much as the rounding itself."""
-    inf = jnp.asarray(jnp.inf, flat.dtype)
-    return jax.lax.reduce((flat, flat), (inf, -inf),
-                          lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), axes)
+    """Min and max over ``axes`` in one pass (one variadic reduction: separate ``jnp.min`` and
+    ``jnp.max`` read ``flat`` twice, which costs about as much as the rounding itself), on integer
+    keys that order as the floats do (sign-magnitude to two's complement: XLA vectorizes integer
+    min/max reductions better than float ones, which must propagate NaN). Exact for finite values."""
+    itype = jnp.int64 if flat.dtype == jnp.float64 else jnp.int32
+    flat = flat.astype(jnp.float32) if itype == jnp.int32 else flat
+    magnitude = jnp.iinfo(itype).max
+
+    def key(values):  # an involution: key(key(v)) = v
+        return values ^ ((values >> (jnp.iinfo(itype).bits - 1)) & magnitude)
+
+    k = key(jax.lax.bitcast_convert_type(flat, itype))
+    low, high = jax.lax.reduce((k, k), (jnp.asarray(magnitude, itype), jnp.asarray(-magnitude - 1, itype)),
+                               lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), axes)
+    return (jax.lax.bitcast_convert_type(key(low), flat.dtype),
+            jax.lax.bitcast_convert_type(key(high), flat.dtype))
 
 
 def _count_outside(flat: Array, lo, hi, outside: Array | None = None) -> Array:
