@@ -341,6 +341,7 @@ def counter_bits(seed: Array, shape: tuple[int, ...]) -> Array:
 # How the codecs' own jitted functions are compiled.
 
 
+@functools.cache
 def _cpu_has_avx512() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -352,7 +353,6 @@ def _cpu_has_avx512() -> bool:
     return False
 
 
-@functools.cache
 def codec_compiler_options() -> dict:
     """XLA options for the codecs' jitted encode/decode (``jax.jit(..., compiler_options=...)``).
 
@@ -363,7 +363,8 @@ def codec_compiler_options() -> dict:
 
     The options apply to an executable as a whole: they take effect when a codec is called on its
     own (``q.encode(key, x)``), not when it is traced inside an enclosing ``jax.jit``, which compiles
-    with that jit's options (pass these there too if wanted, as the benchmark does).
+    with that jit's options (pass these there too if wanted, as the benchmark does). A new dict each
+    call.
     """
     if jax.default_backend() == "cpu" and _cpu_has_avx512():
         return {"xla_cpu_prefer_vector_width": 512}

@@ -50,8 +50,8 @@ bits: ``code = (t + r) >> F`` with ``t`` the integer ``u 2^F`` and ``r`` an ``F`
 * Paired 16-bit uniforms, ``F = 16`` for ``B <= 4`` and ``F = 15`` at ``B = 8`` (the top 15 bits of
   the half), so that ``u 2^F < 2^23``: ``t = round(u 2^F)`` (half to even), obtained without a
   float-to-integer conversion as the low bits of ``u 2^F + 2^23``; rounding then adds a bias of at
-  most ``2^-(F+1) Delta`` per coordinate either way (``2^-17``, ``2^-16 Delta`` at ``B = 8``, where
-  float32's own resolution of ``u`` near its top, ``2^-16``, is no finer). Nearest rounding takes
+  most ``2^-(F+1) Delta`` per coordinate either way (``2^-17 Delta``; ``2^-16 Delta`` at ``B = 8``,
+  where float32's own resolution of ``u`` near its top, ``2^-16``, is no finer). Nearest rounding takes
   ``round(u)`` the same way (identical to ``jnp.round``).
 * ``F = 24`` otherwise: ``t = floor(u 2^24)`` (for ``B <= 8``, where ``u 2^24 < 2^32``, computed in one
   uint32 as ``(floor(u 2^24) + r) >> 24``), a bias in ``(-2^-24 Delta, 0]``.
@@ -315,13 +315,12 @@ def _dither_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     return _floor_plus_uniform(u, _uniform24(seed, u.shape), levels), {"seed": seed}
 
 
-def _plain_levels(codes: Array, arrays: dict, dtype, levels: int) -> Array:
-    del arrays, levels
+def _plain_levels(codes: Array, arrays: dict, dtype) -> Array:
+    del arrays
     return codes.astype(dtype)
 
 
-def _dither_levels(codes: Array, arrays: dict, dtype, levels: int) -> Array:
-    del levels
+def _dither_levels(codes: Array, arrays: dict, dtype) -> Array:
     dither = _uniform24(arrays["seed"], codes.shape).astype(dtype) * (2.0**-_FRAC_BITS)
     return codes.astype(dtype) - dither + 0.5
 
@@ -385,7 +384,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         cdt = _compute_dtype(meta.dtype)
         n = math.prod(meta.sample_shape)
         codes = base.unpack_codes(payload.rows["codes"], meta.bits, n)
-        x_hat = lo + to_levels(codes, payload.arrays, cdt, levels) * jnp.asarray(delta, cdt)
+        x_hat = lo + to_levels(codes, payload.arrays, cdt) * jnp.asarray(delta, cdt)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
     return _quantizer(kind, _encode, _decode, on_clip, (lo, hi), unbiased=unbiased, delta=delta)
