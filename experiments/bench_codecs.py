@@ -69,37 +69,31 @@ COMPRESSORS: dict[str, tuple[str, Callable]] = {
 }
 
 
+def _budgeted_repeats(fn: Callable, args: tuple, repeats: int, budget_s: float) -> int:
+    """Compile and warm ``fn``, then time one call: at most ``repeats`` calls, fewer (at least 3)
+    when one call already takes a good part of ``budget_s``."""
+    jax.block_until_ready(fn(*args))
+    if not math.isfinite(budget_s):
+        return repeats
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
+
+
 def _time_pair(codec: Callable, copy: Callable, codec_args: tuple, x, repeats: int,
                budget_s: float) -> tuple[float, float, float]:
-    """Median seconds of ``codec(*codec_args)`` and ``copy(x)``, timed alternately after a warm-up,
-    and the median over the pairs of ``t_copy / t_codec`` (each codec call with the copy after it)."""
-    jax.block_until_ready(codec(*codec_args))  # compile
+    """One codec timed alternately with the copy (see :func:`_time_in_blocks`, one block), as many
+    times as ``budget_s`` allows."""
     jax.block_until_ready(copy(x))
-    start = time.perf_counter()
-    jax.block_until_ready(codec(*codec_args))
-    repeats = max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
-    t_codec, t_copy = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(codec(*codec_args))
-        t_codec.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        t_copy.append(time.perf_counter() - start)
-    paired = statistics.median(c / t for c, t in zip(t_copy, t_codec))
-    return statistics.median(t_codec), statistics.median(t_copy), paired
+    repeats = _budgeted_repeats(codec, codec_args, repeats, budget_s)
+    return _time_in_blocks({"codec": (codec, codec_args)}, copy, x, repeats, blocks=1, warm=0)["codec"]
 
 
 def median_time(fn: Callable, args: tuple, repeats: int, budget_s: float = float("inf")) -> float:
     """Median wall seconds of ``fn(*args)`` (blocked until ready) after a warm-up call; at most
     ``repeats`` calls, fewer (at least 3) when one call already takes a good part of ``budget_s``."""
-    jax.block_until_ready(fn(*args))
-    if math.isfinite(budget_s):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        repeats = max(3, min(repeats, int(budget_s / max(time.perf_counter() - start, 1e-9))))
     times = []
-    for _ in range(repeats):
+    for _ in range(_budgeted_repeats(fn, args, repeats, budget_s)):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
@@ -123,20 +117,20 @@ def _progress(row: dict) -> None:
     print(f"  {row['codec']}: {row['roundtrip_ms']:.3f} ms, ratio {row['ratio']:.3f}", flush=True)
 
 
-def _time_in_blocks(codecs: dict, copy: Callable, x, repeats: int, blocks: int = 5) -> dict:
+def _time_in_blocks(codecs: dict, copy: Callable, x, repeats: int, blocks: int = 5, warm: int = 3) -> dict:
     """For each codec ``name -> (fn, args)``: median seconds of ``fn(*args)``, of the copy timed just
     after it, and the median over those pairs of ``t_copy / t_codec``.
 
     Each codec is timed in ``blocks`` blocks of alternating (codec, copy) pairs, ``repeats`` pairs in
     all, and the codecs take turns block by block: within a block a codec runs back to back, as it
-    would encoding batch after batch (a few untimed calls first), and its blocks are spread over the
-    whole run, so that a busy spell of a shared machine falls on all codecs alike.
+    would encoding batch after batch (``warm`` untimed pairs first), and its blocks are spread over
+    the whole run, so that a busy spell of a shared machine falls on all codecs alike.
     """
     per_block = max(1, repeats // blocks)
     times = {name: ([], []) for name in codecs}
     for _ in range(blocks):
         for name, (fn, args) in codecs.items():
-            for _ in range(3):
+            for _ in range(warm):
                 jax.block_until_ready(fn(*args))
                 jax.block_until_ready(copy(x))
             for _ in range(per_block):

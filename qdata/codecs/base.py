@@ -172,6 +172,13 @@ def word_packable(count: int, width: int) -> bool:
     return width in (1, 2, 4, 8) and (count * width) % 32 == 0
 
 
+def flags_fuse(count: int, width: int, words: bool = False) -> bool:
+    """Whether :func:`pack_codes` reduces its ``flags`` in the packing pass itself (widths 1, 2, 4 in
+    bytes, and any width that fills uint32 words with ``words=True``); otherwise they cost a
+    reduction of their own."""
+    return (words and word_packable(count, width)) or width in (1, 2, 4)
+
+
 def packed_size(count: int, width: int, words: bool = False) -> int:
     """Number of container elements holding ``count`` codes of ``width`` bits."""
     if words and word_packable(count, width):
@@ -198,8 +205,8 @@ def pack_codes(codes: Array, width: int, flags: Array | None = None, *, words: b
       codes: integer array, each entry < 2**width.
       width: bits per code, 1..32.
       flags: optional boolean array of ``codes``' shape. If given, whether any flag is set is also
-        returned; for widths 1, 2, 4 (and 8 in words) it is reduced in the same pass as the packing
-        (a separate reduction over ``codes``' shape costs about as much as the packing on CPU).
+        returned; where :func:`flags_fuse` it is reduced in the same pass as the packing (a
+        separate reduction over ``codes``' shape costs about as much as the packing on CPU).
       words: use uint32 words where the row fills them (see above).
 
     Returns:
@@ -222,7 +229,7 @@ def pack_codes(codes: Array, width: int, flags: Array | None = None, *, words: b
         packed, hit = jax.lax.reduce((c, f), (jnp.uint32(0), jnp.uint8(0)),
                                      lambda a, b: (a[0] | b[0], a[1] | b[1]), (c.ndim - 1,))
         return packed, jnp.max(hit, initial=0) > 0
-    if flags is not None and width < 8 and 8 % width == 0:
+    if flags is not None and flags_fuse(count, width):
         per = 8 // width
         pad = [(0, 0)] * len(lead) + [(0, (-count) % per)]
         c = jnp.pad(codes, pad).reshape(*lead, -1, per)

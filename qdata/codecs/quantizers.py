@@ -93,10 +93,6 @@ def _paired_frac_bits(levels: int) -> int:
     return 16 if levels < 128 else 15
 
 
-# Widths whose packing reduces over small groups of codes, so that the clip check fuses into it (also
-# B = 8 when the rows fill uint32 words, see base.pack_codes(words=True)).
-_FUSED_CHECK_BITS = (1, 2, 4)
-
 
 class QuantizerMeta(NamedTuple):
     """Static record of a quantized batch, known to both sides (never sent, never counted).
@@ -275,27 +271,18 @@ def _rne_bits(v: Array) -> Array:
     return jax.lax.bitcast_convert_type(v + jnp.float32(2.0**23), jnp.uint32)
 
 
-def _paired_uniform(seed: Array, shape, levels: int) -> Array:
-    """``F``-bit uniform words ``r`` (``U = r / 2^F``) from the paired 16-bit halves, for B in {1, 2, 4, 8}."""
-    return _uniform16(seed, shape) >> (16 - _paired_frac_bits(levels))
-
-
-def _paired_floor_plus_uniform(a: Array, scale, r: Array, levels: int) -> Array:
-    """``floor(t / 2^F + r / 2^F)`` with ``t = round(u 2^F)``, ``u = clip(a * scale, 0, levels)``."""
-    # v = u 2^F <= levels 2^F < 2^23 (exact: power-of-two scaling of the clipped u), so _rne_bits
-    # gives t = round(v), u in fixed point with F fractional bits, in its low bits; adding r carries
-    # into the integer part with probability frac(t / 2^F). The constant above bit 23 shifts to
-    # 0x4B << (24 - F) (float32), whose low 8 bits are zero: the mask keeps the code.
-    frac = _paired_frac_bits(levels)
-    one = float(1 << frac)
-    t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
-    return (((t + r.astype(t.dtype)) >> frac) & levels).astype(jnp.uint32)
-
-
 def _stochastic_codes(key, a: Array, scale, levels: int) -> tuple[Array, dict]:
     """Codes ``floor(u + U)`` for ``u = clip(a * scale, 0, levels)`` (``a = x - lo``)."""
     if levels in _PAIRED_LEVELS:
-        return _paired_floor_plus_uniform(a, scale, _paired_uniform(_seed(key), a.shape, levels), levels), {}
+        # v = u 2^F <= levels 2^F < 2^23 (exact: power-of-two scaling of the clipped u), so _rne_bits
+        # gives t = round(v), u in fixed point with F fractional bits, in its low bits; adding an F-bit
+        # uniform r carries into the integer part with probability frac(t / 2^F). The constant above
+        # bit 23 shifts to 0x4B << (24 - F) (float32), whose low 8 bits are zero: the mask keeps the code.
+        frac = _paired_frac_bits(levels)
+        one = float(1 << frac)
+        t = _rne_bits(jax.lax.clamp(0.0, a * (scale * one), levels * one))
+        r = (_uniform16(_seed(key), a.shape) >> (16 - frac)).astype(t.dtype)
+        return (((t + r) >> frac) & levels).astype(jnp.uint32), {}
     u = jnp.clip(a * scale, 0.0, levels)
     return _floor_plus_uniform(u, _uniform24(_seed(key), u.shape), levels), {}
 
@@ -369,7 +356,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
         codes, arrays = to_codes(key, flat - lo, levels / (hi - lo), levels)
-        if bits in _FUSED_CHECK_BITS or base.word_packable(n, bits):
+        if base.flags_fuse(n, bits, words=True):
             # The out-of-range test rides along the packing loop instead of a pass of its own.
             packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi), words=True)
             clipped = _count_outside(flat, lo, hi, outside)
