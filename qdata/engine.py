@@ -1,21 +1,30 @@
-"""The round loop: nodes simulated with ``vmap``, spread over devices with ``shard_map``, hosts with
-``jax.distributed``.
+"""The round: nodes simulated on devices with ``shard_map``, hosts with ``jax.distributed``.
 
 One program serves every scale. The N nodes are laid along a 1-D device mesh axis ``'nodes'``
-(N/D nodes per device, ``vmap`` within a device); a mesh of one device is the single-device
-simulation. Each round, inside ``shard_map``:
+(N/D nodes per device); a mesh of one device is the single-device simulation. Each device holds
+only its own nodes' data (in the source dtype, e.g. uint8 pixels), their node states, and the
+learner's share that serves them (e.g. its cache of their samples). One round, inside ``shard_map``:
 
-1. every node draws its minibatch from its own shard of the training set and computes its message
-   (``method.node_message``), and its exact uplink bits (``method.uplink_bits``);
-2. the messages (the packed payloads: codes in bytes or uint32 words, fp16 weights, ...) are
-   ``all_gather``-ed over the mesh axis, so the collective moves the compressed bytes and nothing else;
-3. the learner, replicated on every device, turns the N messages into g (``method.learner_gradient``)
-   and applies the optax update.
+1. every node draws its minibatch from its own shard and computes its message
+   (``method.node_message``) and its exact uplink bits (``method.uplink_bits``);
+2. the messages (the packed payloads: codes in bytes or uint32 words, fp16 weights, ...) are handed
+   to the learner's share on the same device: what the ledger counts is exactly this payload;
+3. the learner, data-parallel over the devices, turns its share of the messages into its share of
+   g (``method.learner_gradient``), the shares are averaged by a ``pmean`` of the d-sized gradient
+   (the learner's own data parallelism, inside the learner, not a link, not charged), and every
+   device applies the same optax update.
 
-Several rounds run inside one compiled ``lax.scan``. Over several processes the same program runs
-after :func:`initialize_distributed` (gloo collectives on CPU); the mesh then spans every process's
-devices. Keys are derived from (seed, round, global node index), so the result does not depend on
-how nodes are placed on devices.
+Rounds are driven from the host, one compiled round per call (:func:`make_round`): on XLA:CPU a
+round inside a ``lax.scan`` runs 7-14x slower than the same round called from the host (the loop
+body loses XLA:CPU's fast convolution and copy paths; measured in ``experiments/bench_step.py``),
+and on an accelerator the host loop costs one asynchronous dispatch a round. Within a device the
+nodes are either ``vmap``-ed or unrolled (``node_map``): ``vmap`` turns N per-node convolution
+gradients into one grouped convolution, which XLA:CPU runs 2-3x slower than N plain ones, so on CPU
+a device's nodes are unrolled (up to :data:`UNROLL_MAX` of them; beyond that compile time grows).
+
+Over several processes the same program runs after :func:`initialize_distributed` (gloo
+collectives on CPU); the mesh then spans every process's devices. Keys are derived from (seed,
+round, global node index), so results do not depend on how nodes are placed on devices.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from qdata.methods.base import Method
 
 PyTree = Any
 AXIS = "nodes"
+NODE_MAPS = ("auto", "vmap", "unroll")
+UNROLL_MAX = 16  # most nodes per device that "auto" unrolls on CPU
 
 
 class TrainState(NamedTuple):
@@ -44,9 +55,26 @@ class TrainState(NamedTuple):
     params: PyTree
     opt_state: PyTree
     node_states: PyTree  # leading axis: nodes
-    learner_state: PyTree
+    learner_state: PyTree  # leading axis: nodes (the learner's share serving each node)
     key: jax.Array  # raw uint32[2] key
     round: jax.Array  # int32 scalar: rounds done
+
+
+class NodeShards(NamedTuple):
+    """Each node's training data as a padded rectangle, sharded over the mesh by node.
+
+    Attributes:
+      x: (N, L, *sample_shape) samples in the dataset's source dtype (uint8 pixels stay uint8);
+        ``x[i, :count[i]]`` are node i's samples in arrival order, the padding repeats its first one.
+      y: (N, L) int32 labels.
+      index: (N, L) int32 rows of the training set (the sample ids).
+      count: (N,) int32 samples per node.
+    """
+
+    x: Any
+    y: Any
+    index: Any
+    count: Any
 
 
 def node_mesh(num_devices: int | None = None) -> Mesh:
@@ -86,6 +114,27 @@ def put(mesh: Mesh, tree: PyTree, spec: P) -> PyTree:
     return jax.tree_util.tree_map(one, tree)
 
 
+def place_shards(mesh: Mesh, x_train, y_train, index, count) -> NodeShards:
+    """Put each node's samples on the device that simulates it, and only there.
+
+    Args:
+      x_train, y_train: the training set on the host, x in its source dtype.
+      index, count: the partition as :func:`qdata.data.stack_nodes` gives it.
+
+    Each device (and each process) gathers only the rows of its own nodes: no device holds the
+    whole training set, and no float copy of it is made.
+    """
+    index, count = np.asarray(index, np.int32), np.asarray(count, np.int32)
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def by_node(source):
+        shape = index.shape + source.shape[1:]
+        return jax.make_array_from_callback(shape, sharding, lambda idx: source[index[idx[:2]]])
+
+    return NodeShards(x=by_node(np.asarray(x_train)), y=by_node(np.asarray(y_train, np.int32)),
+                      index=put(mesh, index, P(AXIS)), count=put(mesh, count, P(AXIS)))
+
+
 def fetch(tree: PyTree) -> PyTree:
     """Bring (replicated or sharded) global arrays back to this host as numpy."""
 
@@ -112,11 +161,13 @@ def init_state(method: Method, optimizer: optax.GradientTransformation, params: 
 
 
 def state_specs(state: TrainState) -> TrainState:
-    """Partition specs: node states split over the mesh axis, everything else replicated."""
+    """Partition specs: node states and the learner's per-node shares split over the mesh axis, the
+    model, the optimizer state, the key and the round counter replicated."""
     rep = lambda t: jax.tree_util.tree_map(lambda _: P(), t)
+    by_node = lambda t: jax.tree_util.tree_map(lambda _: P(AXIS), t)
     return TrainState(params=rep(state.params), opt_state=rep(state.opt_state),
-                      node_states=jax.tree_util.tree_map(lambda _: P(AXIS), state.node_states),
-                      learner_state=rep(state.learner_state), key=P(), round=P())
+                      node_states=by_node(state.node_states), learner_state=by_node(state.learner_state),
+                      key=P(), round=P())
 
 
 def place_state(mesh: Mesh, state: TrainState) -> TrainState:
@@ -125,65 +176,93 @@ def place_state(mesh: Mesh, state: TrainState) -> TrainState:
                                   is_leaf=lambda x: isinstance(x, P))
 
 
-def make_rounds(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                batch_size: int, num_rounds: int, state_template: TrainState,
-                available: Callable[[jax.Array, jax.Array], jax.Array] | None = None):
-    """Compile ``num_rounds`` rounds of ``method`` into one function.
+def unrolls_nodes(node_map: str, nodes_per_device: int) -> bool:
+    """Whether a device's nodes are unrolled (True) or ``vmap``-ed (False); see the module docstring."""
+    if node_map not in NODE_MAPS:
+        raise ValueError(f"node_map must be one of {NODE_MAPS}, got {node_map!r}")
+    if node_map == "auto":
+        return jax.default_backend() == "cpu" and nodes_per_device <= UNROLL_MAX
+    return node_map == "unroll"
+
+
+def _map_nodes(fn: Callable, args: tuple, unroll: bool):
+    """``fn`` over the leading (node) axis of ``args``: ``vmap``, or one call per node, stacked."""
+    if not unroll:
+        return jax.vmap(fn)(*args)
+    count = jax.tree_util.tree_leaves(args)[0].shape[0]
+    outs = [fn(*jax.tree_util.tree_map(lambda a: a[i], args)) for i in range(count)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+               batch_size: int, state_template: TrainState,
+               available: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+               to_float: Callable[[jax.Array], jax.Array] | None = None, node_map: str = "auto"):
+    """Compile one round of ``method`` (the module docstring's three steps) into one function.
 
     Args:
       available: for streaming nodes, ``available(counts, round) -> counts_now``: how many of each
         node's samples have arrived (see :func:`qdata.data.available_counts`); nodes draw only among
         those. None: all data is there from the start.
+      to_float: turns stored samples (e.g. uint8 pixels) into the float values the method sees
+        (:meth:`qdata.data.Dataset.to_float`); default a cast to float32.
+      node_map: ``"vmap"``, ``"unroll"`` or ``"auto"`` (see :func:`unrolls_nodes`).
 
     Returns:
-      ``run(state, index, count, x_train, y_train) -> (state, bits, diagnostics)`` where ``bits`` is
-      a dict of int32 arrays of shape (num_rounds, N): each node's exact uplink bits per round, part
-      by part; ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values).
+      ``run(state, shards) -> (state, bits, diagnostics)`` for :class:`NodeShards` ``shards``:
+      ``bits`` is a dict of each node's exact uplink bits this round, part by part (leading axis N),
+      ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values).
     """
     specs = state_specs(state_template)
+    unrolls_nodes(node_map, 1)  # checks node_map before any work
+    to_float = to_float or (lambda x: x.astype(jnp.float32))
 
-    def body(state: TrainState, index, count, x_train, y_train):
-        n_local = index.shape[0]
-        first = jax.lax.axis_index(AXIS) * n_local
-        node_ids = first + jnp.arange(n_local)
+    def body(state: TrainState, shards: NodeShards):
+        n_local = shards.count.shape[0]
+        node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
+        round_key = jax.random.fold_in(state.key, state.round)
+        node_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
+        # Each node holds its own copy of w: without this cast, jax.grad inside shard_map would
+        # sum the gradients over devices (the transpose of a broadcast).
+        params = jax.lax.pcast(state.params, (AXIS,), to="varying")
+        count = shards.count if available is None else available(shards.count, state.round)
 
-        def one_round(carry, _):
-            params, opt_state, node_states, learner_state, key, rnd = carry
-            round_key = jax.random.fold_in(key, rnd)
-            node_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
-            # Each device's nodes hold their own copy of w: without this cast, jax.grad inside
-            # shard_map would sum the nodes' gradients over devices (the transpose of a broadcast).
-            node_params = jax.lax.pcast(params, (AXIS,), to="varying")
+        def one_node(k, x, y, index, n, node_state):
+            k_batch, k_message = jax.random.split(k)
+            ids, pos = sample_batch(k_batch, index, n, batch_size)
+            batch = {"x": to_float(x[pos]), "y": y[pos], "id": ids, "pos": pos}
+            message, node_state = method.node_message(k_message, params, batch, node_state)
+            message, diagnostics = split_diagnostics(message)
+            return message, node_state, method.uplink_bits(message), diagnostics
 
-            def one_node(k, rows, n_rows, node_state):
-                k_batch, k_message = jax.random.split(k)
-                ids, pos = sample_batch(k_batch, rows, n_rows, batch_size)
-                batch = {"x": x_train[ids], "y": y_train[ids], "id": ids, "pos": pos}
-                message, node_state = method.node_message(k_message, node_params, batch, node_state)
-                message, diagnostics = split_diagnostics(message)
-                return message, node_state, method.uplink_bits(message), diagnostics
+        args = (node_keys, shards.x, shards.y, shards.index, count, state.node_states)
+        messages, node_states, bits, diagnostics = _map_nodes(one_node, args, unrolls_nodes(node_map, n_local))
+        # Steps 2-3: the payloads go to the learner's share on this device; its gradient shares are
+        # averaged over the devices (equal node counts per device, so this is the mean over nodes).
+        grads, learner_state = method.learner_gradient(params, messages, state.learner_state)
+        grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(new_params, opt_state, node_states, learner_state, state.key, state.round + 1)
+        return new_state, bits, diagnostics
 
-            count_now = count if available is None else available(count, rnd)
-            messages, node_states, bits, diagnostics = jax.vmap(one_node)(node_keys, index, count_now, node_states)
-            # What crosses between devices (and hosts) is the packed payload, nothing larger; the
-            # ledger's counts and the encoders' diagnostics are gathered beside it for the report.
-            messages = jax.lax.all_gather(messages, AXIS, tiled=True, to="invarying")
-            bits, diagnostics = jax.lax.all_gather((bits, diagnostics), AXIS, tiled=True, to="invarying")
-            grads, learner_state = method.learner_gradient(params, messages, learner_state)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state, node_states, learner_state, key, rnd + 1), (bits, diagnostics)
-
-        carry = (state.params, state.opt_state, state.node_states, state.learner_state, state.key, state.round)
-        carry, (bits, diagnostics) = jax.lax.scan(one_round, carry, None, length=num_rounds)
-        return TrainState(*carry), bits, diagnostics
-
-    sharded = jax.shard_map(
-        body, mesh=mesh,
-        in_specs=(specs, P(AXIS), P(AXIS), P(), P()),
-        out_specs=(specs, P(), P()),
-    )
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(specs, P(AXIS), P(AXIS)))
     return jax.jit(sharded, donate_argnums=(0,))
+
+
+def run_rounds(one_round: Callable, state: TrainState, shards: NodeShards, num_rounds: int):
+    """``num_rounds`` calls of a compiled :func:`make_round`, driven from the host.
+
+    Returns:
+      ``(state, bits, diagnostics)`` with the per-round ``bits`` and ``diagnostics`` stacked on the
+      host: dicts of numpy arrays of shape (num_rounds, N).
+    """
+    per_round = []
+    for _ in range(num_rounds):
+        state, bits, diagnostics = one_round(state, shards)
+        per_round.append((bits, diagnostics))  # stays on device: no host sync between rounds
+    bits, diagnostics = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *fetch(per_round))
+    return state, bits, diagnostics
 
 
 def split_diagnostics(message: PyTree) -> tuple[PyTree, dict]:

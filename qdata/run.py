@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import PartitionSpec as P
 
 from qdata import data as qdata_data
 from qdata import engine, models
@@ -60,6 +59,7 @@ class Experiment:
         self.method = build_method(config, self.model, self.dataset, self.d, node_size=self.index.shape[1])
         self.optimizer = make_optimizer(config)
         self.loss_fn = models.per_sample_loss(self.model)
+        self.to_float = getattr(self.dataset, "to_float", None)
 
     def describe(self) -> dict:
         ds = self.dataset
@@ -116,8 +116,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     exp = Experiment(config)
     mesh = engine.node_mesh(config.num_devices)
     engine.check_nodes_fit(config.num_nodes, mesh)
-    index, count = engine.put(mesh, (exp.index, exp.count), P(engine.AXIS))
-    x_train, y_train = engine.put(mesh, (exp.dataset.x_train, exp.dataset.y_train), P())
+    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
                                                         config.num_nodes, config.seed))
 
@@ -155,11 +154,12 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     n_fit = min(len(exp.dataset.y_train), 2048)
     x_fit, y_fit = exp.dataset.x_train[:n_fit], exp.dataset.y_train[:n_fit]
     mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
-    compiled: dict[int, Callable] = {}
     available = None
     if config.stream_start < 1.0:
         available = functools.partial(qdata_data.available_counts, start_fraction=config.stream_start,
                                       arrival_rounds=config.stream_rounds or max(config.rounds - 1, 1))
+    one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
+                                  state_template=state, available=available, to_float=exp.to_float)
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -170,11 +170,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     start = time.perf_counter()
     while done < config.rounds:
         length = min(config.eval_every - done % config.eval_every, config.rounds - done)
-        if length not in compiled:
-            compiled[length] = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
-                                                  num_rounds=length, state_template=state, available=available)
-        state, bits, diagnostics = compiled[length](state, index, count, x_train, y_train)
-        bits, diagnostics = engine.fetch((bits, diagnostics))
+        state, bits, diagnostics = engine.run_rounds(one_round, state, shards, length)
         for part, values in bits.items():
             cumulative[part] = cumulative.get(part, 0) + int(np.asarray(values, np.int64).sum())
         for name, values in diagnostics.items():

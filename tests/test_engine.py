@@ -170,10 +170,10 @@ def test_train_from_a_toml_config_with_flag_overrides(tmp_path):
     assert out.returncode == 2 and "bitz" in out.stderr
 
 
-_HLO_SCRIPT = r'''
+_HLO_SCRIPT = r"""
 import json, os, re
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-from jax.sharding import PartitionSpec as P
+import numpy as np
 from qdata import engine
 from qdata.config import RunConfig
 from qdata.run import Experiment
@@ -183,32 +183,39 @@ for method in ("qdata", "sgd"):
     exp = Experiment(cfg)
     mesh = engine.node_mesh(4)
     st = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
-    idx, cnt = engine.put(mesh, (exp.index, exp.count), P("nodes"))
-    x, y = engine.put(mesh, (exp.dataset.x_train, exp.dataset.y_train), P())
-    fn = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=8, num_rounds=1, state_template=st)
-    text = fn.lower(st, idx, cnt, x, y).as_text()
-    out[method] = {"d": exp.d, "gathers": re.findall(r"all_gather.*?-> tensor<([^>]*)>", text)}
+    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
+    fn = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=8, state_template=st)
+    text = fn.lower(st, shards).compile().as_text()
+    collectives = re.findall(r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                             r"(?:-start)?\(", text)
+    out[method] = {
+        "d": exp.d, "max_len": int(exp.index.shape[1]),
+        "collectives": [[kind, re.findall(r"(\w+)\[([\d,]*)\]", shapes)] for shapes, kind in collectives],
+        "x_shards": sorted({tuple(s.data.shape) for s in shards.x.addressable_shards}),
+        "cache_shards": sorted({tuple(s.data.shape)[0] for leaf in
+                                __import__("jax").tree_util.tree_leaves(st.learner_state)
+                                for s in leaf.addressable_shards}),
+    }
 print(json.dumps(out))
-'''
+"""
 
 
-def test_devices_exchange_the_packed_payloads_only():
-    """Read the compiled round: what the collective moves between devices is the packed message
-    (uint32 words of codes, uint8 labels and positions; int32 bit counts of the ledger), never a d-sized gradient for
-    qdata; for SGD it is the d fp32 gradient values."""
+def test_devices_hold_their_nodes_and_exchange_only_the_learners_gradient():
+    """Read the compiled 4-device round. The node-to-learner hand-over is local (each device's
+    learner share serves its own nodes): the one collective is the learner's own all-reduce of its
+    d-sized gradient, for qdata as for SGD; no sample, payload or ledger count is gathered. Each
+    device holds only its node's rows of the training set and of the learner's cache."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", _HLO_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-
-    def parse(t):
-        *dims, dtype = t.split("x")
-        return [int(v) for v in dims], dtype
-
-    qdata = [parse(t) for t in out["qdata"]["gathers"]]
-    d = out["qdata"]["d"]
-    assert ([4, 8, 8], "ui32") in qdata  # 8 samples of 64 4-bit codes per node: 8 words each
-    assert all(dtype in ("ui8", "ui32", "i32") for _, dtype in qdata)
-    assert max(int(np.prod(dims[1:])) for dims, _ in qdata) < d // 100  # per node
-    assert ([4, d], "f32") in [parse(t) for t in out["sgd"]["gathers"]]
+    for method in ("qdata", "sgd"):
+        found = out[method]
+        kinds = [kind for kind, _ in found["collectives"]]
+        assert kinds == ["all-reduce"], found["collectives"]
+        shapes = found["collectives"][0][1]
+        assert {dtype for dtype, _ in shapes} == {"f32"}
+        assert sum(int(np.prod([int(v) for v in dims.split(",") if v])) for _, dims in shapes) == found["d"]
+        assert found["x_shards"] == [[1, found["max_len"], 8, 8, 1]]  # one node's rows per device
+    assert out["qdata"]["cache_shards"] == [1]  # the learner's cache of one node per device
