@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
     model = models.make_model(model_name, dataset.num_classes)
     params = models.init_params(model, jax.random.PRNGKey(0), dataset.sample_shape)
     d = models.param_count(params)
-    batch = {"x": jnp.asarray(dataset.x_train[:batch_size]), "y": jnp.asarray(dataset.y_train[:batch_size]),
+    batch = {"x": jnp.asarray(dataset.to_float(dataset.x_train[:batch_size])),
+             "y": jnp.asarray(dataset.y_train[:batch_size]),
              "id": jnp.arange(batch_size, dtype=jnp.int32), "pos": jnp.arange(batch_size, dtype=jnp.int32)}
     optimizer = optax.sgd(0.01, momentum=0.9)
     base = RunConfig(dataset="synthetic", model=model_name, batch_size=batch_size, num_nodes=1)

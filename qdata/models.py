@@ -14,9 +14,11 @@ backward passes, and the learner recombines gradients computed on different batc
 would couple the samples of a batch (f would depend on the whole batch) and would differ between a
 node and the learner, breaking that decomposition; GroupNorm normalises each sample on its own.
 
-Input shapes are checked before any layer runs: a model given inputs it cannot take (a CNN on flat
+Inputs are checked before any layer runs: a model given inputs it cannot take (a CNN on flat
 vectors, or params initialised for another sample shape) raises a ValueError naming the expected and
-actual shapes instead of an error deep inside XLA.
+actual shapes instead of an error deep inside XLA, and integer inputs (stored pixels, 0..255, which a
+float layer would silently take as values 255 times too large) are refused: models take the float
+values ``Dataset.to_float(x)``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def _expected_param_shapes(cls, config: tuple, sample_shape: tuple, dtype: str) 
 
 def _check_input(module: nn.Module, x, *, image: bool) -> None:
     name = type(module).__name__
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} takes float inputs, got x of dtype {jnp.dtype(x.dtype).name}: stored samples "
+                         f"(uint8 pixels) must be converted to their values first, with Dataset.to_float(x)")
     if image and x.ndim != 4:
         raise ValueError(f"{name} expects images of shape (batch, H, W, C), got x of shape {tuple(x.shape)}")
     if not image and x.ndim < 2:
@@ -341,10 +346,18 @@ def _correct_count(model: nn.Module):
     return count
 
 
-def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024,
+             to_float: Callable | None = None) -> float:
     """Share of samples whose arg-max logit is the label, evaluated in jitted batches.
 
     The last batch is padded to ``batch_size`` (padding masked out) so one compilation serves all.
+
+    Args:
+      model, params: the classifier and its parameters w.
+      x, y: the samples and their labels.
+      batch_size: samples per jitted batch.
+      to_float: applied to each batch of ``x`` before the model sees it, e.g. ``Dataset.to_float``
+        for samples stored as uint8: the float values then exist one batch at a time.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -359,6 +372,8 @@ def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024) -> 
     correct = 0
     for start in range(0, total, size):
         xb, yb = x[start:start + size], y[start:start + size]
+        if to_float is not None:
+            xb = to_float(xb)
         valid = np.ones(size, bool)
         if xb.shape[0] < size:
             pad = size - xb.shape[0]

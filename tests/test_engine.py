@@ -184,7 +184,7 @@ for method in ("qdata", "sgd"):
     mesh = engine.node_mesh(4)
     st = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
     idx, cnt = engine.put(mesh, (exp.index, exp.count), P("nodes"))
-    x, y = engine.put(mesh, (exp.dataset.x_train, exp.dataset.y_train), P())
+    x, y = engine.put(mesh, (exp.dataset.to_float(exp.dataset.x_train), exp.dataset.y_train), P())
     fn = engine.make_rounds(exp.method, exp.optimizer, mesh, batch_size=8, num_rounds=1, state_template=st)
     text = fn.lower(st, idx, cnt, x, y).as_text()
     out[method] = {"d": exp.d, "gathers": re.findall(r"all_gather.*?-> tensor<([^>]*)>", text)}

@@ -167,3 +167,27 @@ def test_resnets_use_group_norm_or_none():
     params = random_params(model, (4, 4, 3))
     assert not norm_layers(params)
     assert jax.jit(model.apply)({"params": params}, jnp.zeros((1, 4, 4, 3))).shape == (1, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored samples
+
+
+def test_integer_inputs_are_refused():
+    model, params = small_model("mlp", (8, 8, 1), {"hidden": (32, 16)})
+    with pytest.raises(ValueError, match="takes float inputs, got x of dtype uint8.*Dataset.to_float"):
+        model.apply({"params": params}, jnp.zeros((2, 8, 8, 1), jnp.uint8))
+    with pytest.raises(ValueError, match="takes float inputs"):
+        M.accuracy(model, params, np.zeros((3, 8, 8, 1), np.uint8), np.zeros(3, np.int32))
+
+
+def test_accuracy_converts_stored_samples_batch_by_batch():
+    from qdata.data import to_float
+
+    model, params = small_model("mlp", (8, 8, 1), {"hidden": (32, 16)})
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (37, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 7, 37).astype(np.int32)
+    convert = lambda x: to_float(x, 255.0)
+    expected = M.accuracy(model, params, convert(stored), y)
+    assert M.accuracy(model, params, stored, y, batch_size=10, to_float=convert) == expected
