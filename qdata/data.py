@@ -41,7 +41,7 @@ import numpy as np
 from qdata.codecs.base import check_finite
 
 __all__ = [
-    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "to_float",
+    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "to_float", "check_image_size",
     "partition_iid", "partition_dirichlet", "partition_similarity", "partition", "PARTITIONS",
     "NodeData", "stack_nodes", "sample_node_batches", "available_counts", "streaming_counts",
 ]
@@ -232,10 +232,8 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
     seed = _check_int(seed, "seed", minimum=0)
     max_train = None if max_train is None else _check_int(max_train, "max_train", minimum=1)
     max_test = None if max_test is None else _check_int(max_test, "max_test", minimum=1)
-    image_size = None if image_size is None else _check_int(image_size, "image_size", minimum=1)
     spec = spec.strip()
-    if image_size is not None and (spec == "digits" or spec.startswith(("idx:", "synthetic:"))):
-        raise ValueError(f"image_size applies to tensorflow-datasets sources only, not {spec!r}")
+    image_size = check_image_size(image_size, spec)
     if spec == "digits":
         data = _load_digits()
     elif spec.startswith("idx:"):
@@ -251,6 +249,34 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
     x_train, y_train = _subsample(data.x_train, data.y_train, max_train, rng)
     x_test, y_test = _subsample(data.x_test, data.y_test, max_test, rng)
     return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def check_image_size(image_size, spec: str) -> int | None:
+    """Check ``image_size`` for the dataset ``spec`` before any data is read (also used by RunConfig).
+
+    Args:
+      image_size: None, or the side in pixels of the square images a tensorflow-datasets source is
+        resized and centre-cropped to (:func:`load_dataset`).
+      spec: the dataset spec it comes with.
+
+    Returns:
+      ``image_size`` as an int, or None.
+
+    Raises:
+      ValueError: ``image_size`` not a positive integer, or given for a source that is not from
+        tensorflow-datasets ('digits', 'idx:PATH', 'synthetic:...').
+    """
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer (the side in pixels of the square images, "
+                         f"e.g. 64 or 224) or None, got {image_size!r}")
+    spec = spec.strip() if isinstance(spec, str) else spec
+    if isinstance(spec, str) and (spec == "digits" or spec.startswith(("idx:", "synthetic:"))):
+        raise ValueError(f"image_size applies to tensorflow-datasets sources only (e.g. 'imagenet2012', "
+                         f"'cifar10'), not {spec!r}: leave image_size unset (None) for 'digits', 'idx:PATH' "
+                         f"and 'synthetic:...' sources")
+    return int(image_size)
 
 
 def _check_int(value, name: str, minimum: int) -> int:

@@ -76,6 +76,17 @@ def test_tfds_mock(mocked_tfds, name, shape):
     assert np.all((ds.y_train >= 0) & (ds.y_train < 10))
 
 
+def test_tfds_imagenet_mock_needs_and_takes_image_size(mocked_tfds):
+    # imagenet2012's images differ in size: without image_size it cannot be stacked, with it every
+    # image is resized and centre-cropped to a square, kept as uint8.
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("imagenet2012", max_test=2)
+    ds = load_dataset("imagenet2012", image_size=16, max_test=2)
+    assert ds.name == "imagenet2012@16" and ds.num_classes == 1000
+    assert ds.x_train.shape == (9, 16, 16, 3) and ds.x_test.shape == (2, 16, 16, 3)
+    assert ds.x_train.dtype == np.uint8 and ds.x_divisor == 255.0 and ds.value_range == (0.0, 1.0)
+
+
 class QdataToyImages(tfds.core.GeneratorBasedBuilder):
     """A tiny image dataset prepared offline in the array_record format, to exercise the real
     read path (prepared-data check, tfds.data_source, batched random access)."""
@@ -164,6 +175,22 @@ def test_malformed_spec(spec):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         load_dataset("digits", **kwargs)
+
+
+@pytest.mark.parametrize("image_size", [0, -3, 2.5, True, "32"])
+def test_image_size_must_be_a_positive_int(image_size):
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        data.check_image_size(image_size, "imagenet2012")
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        load_dataset("imagenet2012", image_size=image_size)
+
+
+@pytest.mark.parametrize("spec", ["digits", " digits", "idx:/tmp/x", "synthetic:8x8x1:3"])
+def test_image_size_only_for_tfds_sources(spec):
+    with pytest.raises(ValueError, match=r"image_size applies to tensorflow-datasets sources only.*'imagenet2012'"):
+        data.check_image_size(32, spec)
+    assert data.check_image_size(None, spec) is None
+    assert data.check_image_size(np.int64(224), "imagenet2012") == 224
 
 
 def test_non_string_spec():
