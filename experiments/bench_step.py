@@ -80,7 +80,7 @@ def _engine_round(config, model, dataset, params, optimizer, devices: int):
     shards = engine.place_shards(mesh, dataset.x_train, dataset.y_train, nodes.index, nodes.counts)
     state = engine.place_state(mesh, engine.init_state(method, optimizer, params, config.num_nodes, 0))
     one_round = engine.make_round(method, optimizer, mesh, batch_size=config.batch_size, state_template=state,
-                                  to_float=getattr(dataset, "to_float", None))
+                                  to_float=dataset.to_float)
     peak = _peak_bytes(one_round.lower(state, shards).compile())
     holder = [state]
 
@@ -112,8 +112,7 @@ def bench_model(name: str, nodes: int, batch_size: int, repeats: int, device_cou
     params = models.init_params(model, jax.random.PRNGKey(0), dataset.sample_shape)
     optimizer = optax.sgd(0.01, momentum=0.9)
     total = nodes * batch_size
-    x, y = jnp.asarray(dataset.to_float(dataset.x_train[:total]) if hasattr(dataset, "to_float")
-                       else dataset.x_train[:total]), jnp.asarray(dataset.y_train[:total])
+    x, y = jnp.asarray(dataset.to_float(dataset.x_train[:total])), jnp.asarray(dataset.y_train[:total])
     calls, peaks = {}, {}
     calls["plain"], peaks["plain"] = _plain_step(models.per_sample_loss(model), optimizer, params, x, y)
     base = RunConfig(dataset="synthetic", model=name, batch_size=batch_size, num_nodes=nodes)

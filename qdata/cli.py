@@ -18,8 +18,10 @@ import typing
 
 
 HELP = {
-    "dataset": "digits | a tensorflow-datasets name (cifar10, mnist, ...) | idx:PATH | synthetic:32x32x3:10",
-    "model": "logreg | mlp | mlp:128x64 | cnn | resnet20 | resnet18",
+    "dataset": "digits | a tensorflow-datasets name (cifar10, mnist, imagenet2012 with --image-size, ...) | "
+               "idx:PATH | synthetic:32x32x3:10",
+    "model": "logreg | mlp | mlp:128x64 | cnn | resnet20 | resnet18 (CIFAR stem: 3x3 conv) | resnet18_imagenet "
+             "(ImageNet stem: 7x7 stride-2 conv and 3x3 stride-2 max-pool, for imagenet2012)",
     "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients)",
     "bits": "qdata: bits per data coordinate, 1..16",
     "quantizer": "qdata: the data quantizer",
@@ -42,6 +44,8 @@ HELP = {
     "max_train": "use at most this many training samples",
     "max_test": "use at most this many test samples",
     "data_dir": "tensorflow-datasets data_dir with prepared datasets",
+    "image_size": "tensorflow-datasets only: resize each image's shorter side to SIZE and centre-crop it to "
+                  "SIZExSIZE (required by datasets of varying image size, such as imagenet2012)",
 }
 
 

@@ -24,6 +24,7 @@ import tomllib
 from dataclasses import dataclass
 
 from qdata.codecs import compressors
+from qdata.data import check_image_size
 
 METHODS = ("qdata", "sgd", "gradient")
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
@@ -70,6 +71,9 @@ class RunConfig:
     max_train: int | None = None
     max_test: int | None = None
     data_dir: str | None = None
+    # tensorflow-datasets only: images resized and centre-cropped to image_size x image_size
+    # (required for datasets of varying image size, such as imagenet2012)
+    image_size: int | None = None
 
     def __post_init__(self):
         checks = [
@@ -94,6 +98,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_image_size(self.image_size, self.dataset)
         if self.error_feedback and self.compressor.startswith("ef:"):
             raise ValueError(f"compressor {self.compressor!r} already has error feedback; error_feedback=True "
                              "would wrap it twice (two memories compensating the same residual)")

@@ -15,13 +15,19 @@ Then the training set is partitioned over N nodes (:func:`partition`: iid, Diric
 similarity-based dispatch), stacked into a padded index matrix for jit (:func:`stack_nodes`), and
 optionally made to arrive over time (:func:`available_counts`, :func:`streaming_counts`).
 
-Conventions: samples on the leading axis; ``x`` float32, ``y`` int32; image pixels in [0, 1]. Each
-node's index list is in a random order, which is also the order its samples arrive in when streaming.
+Conventions: samples on the leading axis; ``y`` int32. ``x`` is kept as its source stores it, so a
+dataset takes no more memory on the host or on a device than its files: 8-bit images (IDX files,
+tensorflow-datasets images, digits' 0..16 intensities) stay uint8, other data is float32. The value a
+model sees is ``x / x_divisor`` in float32 (:meth:`Dataset.to_float`, jit-able; image pixels in
+[0, 1]), converted where the samples are used: the engine converts each node's minibatch, the
+evaluation the test samples. Each node's index list is in a random order, which is also the order its
+samples arrive in when streaming.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import math
 import os
@@ -35,7 +41,7 @@ import numpy as np
 from qdata.codecs.base import check_finite
 
 __all__ = [
-    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES",
+    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "to_float", "check_image_size",
     "partition_iid", "partition_dirichlet", "partition_similarity", "partition", "PARTITIONS",
     "NodeData", "stack_nodes", "sample_node_batches", "available_counts", "streaming_counts",
 ]
@@ -56,6 +62,7 @@ IDX_FILES = {
     "y_test": "t10k-labels-idx1-ubyte",
 }
 DIGITS_TEST_SIZE = 360
+DIGITS_LEVELS = 16.0  # digits' intensities run from 0 to 16
 # The digits split never depends on the run's seed, so test accuracies are comparable across seeds.
 _DIGITS_SPLIT_SEED = 0
 SYNTHETIC_DEFAULT_SIZES = (10_000, 2_000)
@@ -67,16 +74,19 @@ class DatasetUnavailableError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-    """A classification dataset held in host memory.
+    """A classification dataset held in host memory, in the dtype of its source.
 
     Attributes:
-      x_train, x_test: float32 arrays of shape (N, *sample_shape); images in [0, 1].
+      x_train, x_test: arrays of shape (N, *sample_shape), uint8 (8-bit images, stored as read) or
+        float32. The value of a sample is ``x / x_divisor`` (:meth:`to_float`); images in [0, 1].
       y_train, y_test: int32 labels in [0, num_classes).
       num_classes: C; labels travel in ceil(log2 C) bits.
       name: what reports call it (contains "synthetic" for synthetic data).
       synthetic: True when the data is generated, not measured.
-      value_range: (lo, hi), the dataset-wide range of x known to both sides of a link (the data
-        quantizer's default range); (0, 1) for images.
+      value_range: (lo, hi), the dataset-wide range of the float values ``to_float(x)`` known to both
+        sides of a link (the data quantizer's default range); (0, 1) for images.
+      x_divisor: what the stored integers are divided by to give the float values: 255 for 8-bit
+        images, 16 for digits; 1 for float32 data, which is stored as its values.
     """
 
     x_train: np.ndarray
@@ -87,13 +97,14 @@ class Dataset:
     name: str
     synthetic: bool = False
     value_range: tuple[float, float] = (0.0, 1.0)
+    x_divisor: float = 1.0
 
     def __post_init__(self):
+        _check_storage(self.name, self.x_train.dtype, self.x_test.dtype, self.x_divisor)
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.dtype != np.float32 or y.dtype != np.int32:
-                raise ValueError(f"dataset {self.name!r}: x_{split} must be float32 and y_{split} int32, "
-                                 f"got {x.dtype} and {y.dtype}")
+            if y.dtype != np.int32:
+                raise ValueError(f"dataset {self.name!r}: y_{split} must be int32, got {y.dtype}")
             if y.ndim != 1 or x.ndim < 2 or x.shape[0] != y.shape[0]:
                 raise ValueError(f"dataset {self.name!r}: x_{split} of shape {x.shape} and y_{split} of shape "
                                  f"{y.shape} must hold the same number of samples on the leading axis")
@@ -108,6 +119,14 @@ class Dataset:
         lo, hi = self.value_range
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"dataset {self.name!r}: value_range needs finite lo < hi, got {self.value_range}")
+
+    def to_float(self, x):
+        """The float32 values ``x / x_divisor`` of stored samples ``x`` (see :func:`to_float`).
+
+        Numpy in, numpy out; jax arrays and tracers in, jax out; jit- and vmap-able. float32 input is
+        returned as is, so converting twice is harmless.
+        """
+        return to_float(x, self.x_divisor)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -126,6 +145,59 @@ class Dataset:
     @property
     def num_test(self) -> int:
         return int(self.x_test.shape[0])
+
+
+def _check_storage(name: str, train_dtype, test_dtype, x_divisor) -> None:
+    if train_dtype != test_dtype or train_dtype not in (np.uint8, np.float32):
+        raise ValueError(f"dataset {name!r}: x_train and x_test must both be uint8 (8-bit data, stored as read) or "
+                         f"both float32, got {train_dtype} and {test_dtype}")
+    if isinstance(x_divisor, bool) or not isinstance(x_divisor, (int, float, np.integer, np.floating)):
+        raise ValueError(f"dataset {name!r}: x_divisor must be a number, got {x_divisor!r}")
+    if train_dtype == np.uint8 and not (math.isfinite(x_divisor) and x_divisor > 0):
+        raise ValueError(f"dataset {name!r}: uint8 samples need a finite x_divisor > 0 (255 for 8-bit images), "
+                         f"got {x_divisor!r}")
+    if train_dtype == np.float32 and x_divisor != 1:
+        raise ValueError(f"dataset {name!r}: float32 samples are stored as their values and need x_divisor=1, "
+                         f"got {x_divisor!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _level_values(x_divisor: float) -> np.ndarray:
+    # Each of the 256 uint8 levels divided in float32 on the host, the loaders' formula
+    # (x.astype(float32) / divisor, correctly rounded). XLA turns a division by a constant into a
+    # multiplication by its reciprocal, which for 255 is one ulp off at 126 of the 256 levels, so
+    # jitted code looks the values up in this table rather than dividing.
+    table = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(x_divisor)
+    table.flags.writeable = False
+    return table
+
+
+def to_float(x, x_divisor: float = 1.0):
+    """The float32 values ``x / x_divisor`` of samples stored as uint8, or float32 ``x`` unchanged.
+
+    The result is bit-identical to ``x.astype(np.float32) / np.float32(x_divisor)`` computed by numpy
+    (a 256-entry table lookup, exact on every backend, where an XLA division would not be).
+
+    Args:
+      x: uint8 or float32 array (numpy, jax, or a tracer inside jit/vmap).
+      x_divisor: what uint8 levels are divided by (:attr:`Dataset.x_divisor`); unused for float32.
+
+    Returns:
+      A float32 array of x's shape: numpy for numpy input, jax otherwise.
+
+    Raises:
+      ValueError: x of another dtype.
+    """
+    dtype = np.dtype(x.dtype)
+    if dtype == np.float32:
+        return x
+    if dtype != np.uint8:
+        raise ValueError(f"to_float takes uint8 or float32 samples, got {dtype}")
+    table = _level_values(float(x_divisor))
+    if isinstance(x, np.ndarray):
+        return table[x]
+    # uint8 indices are always inside the 256-entry table.
+    return jnp.asarray(table).at[x].get(mode="promise_in_bounds")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,10 +232,8 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
     seed = _check_int(seed, "seed", minimum=0)
     max_train = None if max_train is None else _check_int(max_train, "max_train", minimum=1)
     max_test = None if max_test is None else _check_int(max_test, "max_test", minimum=1)
-    image_size = None if image_size is None else _check_int(image_size, "image_size", minimum=1)
     spec = spec.strip()
-    if image_size is not None and (spec == "digits" or spec.startswith(("idx:", "synthetic:"))):
-        raise ValueError(f"image_size applies to tensorflow-datasets sources only, not {spec!r}")
+    image_size = check_image_size(image_size, spec)
     if spec == "digits":
         data = _load_digits()
     elif spec.startswith("idx:"):
@@ -181,6 +251,34 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
     return dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
+def check_image_size(image_size, spec: str) -> int | None:
+    """Check ``image_size`` for the dataset ``spec`` before any data is read (also used by RunConfig).
+
+    Args:
+      image_size: None, or the side in pixels of the square images a tensorflow-datasets source is
+        resized and centre-cropped to (:func:`load_dataset`).
+      spec: the dataset spec it comes with.
+
+    Returns:
+      ``image_size`` as an int, or None.
+
+    Raises:
+      ValueError: ``image_size`` not a positive integer, or given for a source that is not from
+        tensorflow-datasets ('digits', 'idx:PATH', 'synthetic:...').
+    """
+    if image_size is None:
+        return None
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer (the side in pixels of the square images, "
+                         f"e.g. 64 or 224) or None, got {image_size!r}")
+    spec = spec.strip() if isinstance(spec, str) else spec
+    if isinstance(spec, str) and (spec == "digits" or spec.startswith(("idx:", "synthetic:"))):
+        raise ValueError(f"image_size applies to tensorflow-datasets sources only (e.g. 'imagenet2012', "
+                         f"'cifar10'), not {spec!r}: leave image_size unset (None) for 'digits', 'idx:PATH' "
+                         f"and 'synthetic:...' sources")
+    return int(image_size)
+
+
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -195,14 +293,16 @@ def _subsample(x, y, limit, rng):
 
 
 def _finished(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, synthetic=False,
-              value_range=(0.0, 1.0)) -> Dataset:
-    """Build the Dataset after the NaN/inf check every source goes through."""
+              value_range=(0.0, 1.0), x_divisor=1.0) -> Dataset:
+    """Build the Dataset after the NaN/inf check every source goes through; uint8 samples stay
+    uint8 (their value is x / x_divisor), anything else becomes float32."""
     for split, x in (("x_train", x_train), ("x_test", x_test)):
         check_finite(x, name=f"{split} of dataset {name!r}")
-    return Dataset(x_train=np.ascontiguousarray(x_train, np.float32), y_train=np.asarray(y_train, np.int32),
-                   x_test=np.ascontiguousarray(x_test, np.float32), y_test=np.asarray(y_test, np.int32),
+    stored = lambda x: np.ascontiguousarray(x, np.uint8 if x.dtype == np.uint8 else np.float32)
+    return Dataset(x_train=stored(x_train), y_train=np.asarray(y_train, np.int32),
+                   x_test=stored(x_test), y_test=np.asarray(y_test, np.int32),
                    num_classes=int(num_classes), name=name, synthetic=synthetic,
-                   value_range=(float(value_range[0]), float(value_range[1])))
+                   value_range=(float(value_range[0]), float(value_range[1])), x_divisor=float(x_divisor))
 
 
 def _load_digits() -> Dataset:
@@ -210,12 +310,12 @@ def _load_digits() -> Dataset:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    # Pixel values are integer intensities 0..16.
-    x = (digits.images.astype(np.float32) / 16.0)[..., None]
+    # Pixel values are integer intensities 0..16 (held as float64 by scikit-learn): stored as uint8.
+    x = digits.images.astype(np.uint8)[..., None]
     y = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=_DIGITS_SPLIT_SEED)
-    return _finished("digits", x_train, y_train, x_test, y_test, 10)
+    return _finished("digits", x_train, y_train, x_test, y_test, 10, x_divisor=DIGITS_LEVELS)
 
 
 # IDX dtype codes (LeCun's MNIST page): the third magic byte; data is big-endian.
@@ -268,7 +368,12 @@ def _load_idx(directory: str) -> Dataset:
         if x.ndim == 3:  # (N, H, W) grey-scale: one channel
             arrays[f"x_{split}"] = x[..., None]
     integer = np.issubdtype(arrays["x_train"].dtype, np.integer)
-    if integer:
+    x_divisor = 1.0
+    if arrays["x_train"].dtype == np.uint8 and arrays["x_test"].dtype == np.uint8:
+        # 8-bit intensities, the MNIST case: stored as read, value x / 255.
+        x_train, x_test, x_divisor = arrays["x_train"], arrays["x_test"], 255.0
+        value_range = (0.0, 1.0)
+    elif integer:
         x_train = arrays["x_train"].astype(np.float32) / 255.0
         x_test = arrays["x_test"].astype(np.float32) / 255.0
         value_range = (0.0, 1.0)
@@ -282,7 +387,8 @@ def _load_idx(directory: str) -> Dataset:
     if min(y_train.min(), y_test.min()) < 0:
         raise ValueError(f"{directory}: labels must be non-negative")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return _finished(name, x_train, y_train, x_test, y_test, num_classes, value_range=value_range)
+    return _finished(name, x_train, y_train, x_test, y_test, num_classes, value_range=value_range,
+                     x_divisor=x_divisor)
 
 
 def _parse_synthetic(spec: str) -> tuple[tuple[int, ...], int]:
@@ -385,7 +491,8 @@ def _load_tfds(spec: str, data_dir, seed: int, max_train, max_test, image_size) 
     x_train, y_train = _read_split(sources[0], max_train, rng, image_key, label_key, image_size)
     x_test, y_test = _read_split(sources[1], max_test, rng, image_key, label_key, image_size)
     name = spec if image_size is None else f"{spec}@{image_size}"
-    return _finished(name, x_train, y_train, x_test, y_test, num_classes)
+    x_divisor = 255.0 if x_train.dtype == np.uint8 else 1.0
+    return _finished(name, x_train, y_train, x_test, y_test, num_classes, x_divisor=x_divisor)
 
 
 def _supervised_keys(info, spec: str) -> tuple[str, str]:
@@ -426,13 +533,14 @@ def _read_split(source, limit, rng, image_key, label_key, image_size):
             if img.ndim == 2:
                 img = img[..., None]
             if x is None:
-                x = np.empty((len(ids),) + img.shape, np.float32)
-                integer = np.issubdtype(img.dtype, np.integer)
+                # 8-bit pixels are stored as read (value x / 255); other integers are taken as
+                # intensities out of 255 and converted, floats kept.
+                x = np.empty((len(ids),) + img.shape, np.uint8 if img.dtype == np.uint8 else np.float32)
+                convert = x.dtype != np.uint8 and np.issubdtype(img.dtype, np.integer)
             if img.shape != x.shape[1:]:
                 raise ValueError(f"images of several shapes ({x.shape[1:]} and {img.shape}); pass image_size "
                                  f"to resize them")
-            # Integer pixels are 8-bit intensities 0..255.
-            x[row] = img / np.float32(255.0) if integer else img
+            x[row] = img / np.float32(255.0) if convert else img
             labels[row] = int(ex[label_key])
             row += 1
     return x, labels
@@ -633,7 +741,8 @@ def partition(spec: str, dataset: Dataset, num_nodes: int, seed: int) -> list[np
             raise ValueError(f"malformed partition spec {spec!r}: expected 'dirichlet:ALPHA' with a number ALPHA > 0") from None
         return partition_dirichlet(dataset.y_train, num_nodes, alpha, seed)
     if spec in ("similarity", "similarity:unbalanced"):
-        return partition_similarity(dataset.x_train, num_nodes, seed, balanced=spec == "similarity")
+        return partition_similarity(dataset.to_float(dataset.x_train), num_nodes, seed,
+                                    balanced=spec == "similarity")
     raise ValueError(f"unknown partition spec {spec!r}; accepted: {', '.join(PARTITIONS)}")
 
 

@@ -14,9 +14,11 @@ backward passes, and the learner recombines gradients computed on different batc
 would couple the samples of a batch (f would depend on the whole batch) and would differ between a
 node and the learner, breaking that decomposition; GroupNorm normalises each sample on its own.
 
-Input shapes are checked before any layer runs: a model given inputs it cannot take (a CNN on flat
+Inputs are checked before any layer runs: a model given inputs it cannot take (a CNN on flat
 vectors, or params initialised for another sample shape) raises a ValueError naming the expected and
-actual shapes instead of an error deep inside XLA.
+actual shapes instead of an error deep inside XLA, and integer inputs (stored pixels, 0..255, which a
+float layer would silently take as values 255 times too large) are refused: models take the float
+values ``Dataset.to_float(x)``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from flax.traverse_util import flatten_dict
 from qdata.codecs.base import is_concrete
 
 __all__ = [
-    "LogisticRegression", "MLP", "SmallCNN", "ResNet20", "ResNet18", "MODELS", "make_model",
+    "LogisticRegression", "MLP", "SmallCNN", "ResNet20", "ResNet18", "ResNet18ImageNet", "STEMS", "MODELS",
+    "make_model",
     "init_params", "param_count", "cross_entropy", "per_sample_loss", "logits_and_features", "accuracy",
 ]
 
@@ -66,6 +69,9 @@ def _expected_param_shapes(cls, config: tuple, sample_shape: tuple, dtype: str) 
 
 def _check_input(module: nn.Module, x, *, image: bool) -> None:
     name = type(module).__name__
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} takes float inputs, got x of dtype {jnp.dtype(x.dtype).name}: stored samples "
+                         f"(uint8 pixels) must be converted to their values first, with Dataset.to_float(x)")
     if image and x.ndim != 4:
         raise ValueError(f"{name} expects images of shape (batch, H, W, C), got x of shape {tuple(x.shape)}")
     if not image and x.ndim < 2:
@@ -198,15 +204,21 @@ class _BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
+STEMS = ("cifar", "imagenet")
+
+
 class _ResNet(nn.Module):
     num_classes: int
     stage_channels: Sequence[int]
     blocks_per_stage: int
     norm_groups: int | None
     shortcut: str
+    stem: str = "cifar"  # one of STEMS
 
     def __post_init__(self):
         _check_classes(self.num_classes)
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         object.__setattr__(self, "stage_channels", tuple(int(c) for c in self.stage_channels))
         if self.norm_groups is not None and any(c % self.norm_groups for c in self.stage_channels):
             raise ValueError(f"norm_groups={self.norm_groups} must divide every stage width {self.stage_channels}")
@@ -215,10 +227,17 @@ class _ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, return_features: bool = False):
         _check_input(self, x, image=True)
-        # CIFAR-style stem: one 3x3 conv at stride 1, no max-pool (small images keep their resolution).
         c0 = self.stage_channels[0]
-        x = nn.Conv(c0, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
-        x = nn.relu(_norm(self.norm_groups, c0)(x))
+        if self.stem == "imagenet":
+            # He et al. (2016), Table 1: a 7x7 conv at stride 2, then a 3x3 max-pool at stride 2
+            # (224 -> 112 -> 56 before the first stage); paddings 3 and 1 as in torchvision.
+            x = nn.Conv(c0, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False, kernel_init=_conv_init)(x)
+            x = nn.relu(_norm(self.norm_groups, c0)(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            # CIFAR stem: one 3x3 conv at stride 1, no max-pool (small images keep their resolution).
+            x = nn.Conv(c0, (3, 3), use_bias=False, kernel_init=_conv_init)(x)
+            x = nn.relu(_norm(self.norm_groups, c0)(x))
         for stage, c in enumerate(self.stage_channels):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
@@ -247,12 +266,23 @@ class ResNet18(_ResNet):
     """ResNet-18 (He et al. 2016) with the CIFAR stem (3x3 conv at stride 1, no max-pool): 4 stages of
     2 basic blocks with 64, 128, 256, 512 channels, 1x1 projection shortcuts, global average pooling
     (features h, 512-d); ~11.2M parameters for 10 classes. GroupNorm with 32 groups (Wu & He 2018)
-    replaces BatchNorm (see the module docstring)."""
+    replaces BatchNorm (see the module docstring). ``stem="imagenet"`` (:class:`ResNet18ImageNet`)
+    gives the ImageNet stem."""
 
     stage_channels: Sequence[int] = (64, 128, 256, 512)
     blocks_per_stage: int = 2
     norm_groups: int | None = 32
     shortcut: str = "projection"
+
+
+class ResNet18ImageNet(ResNet18):
+    """ResNet-18 with the ImageNet stem of He et al. (2016), Table 1: a 7x7 conv at stride 2, the norm,
+    ReLU and a 3x3 max-pool at stride 2, so a 224x224 image enters the first stage at 56x56; the rest
+    is :class:`ResNet18`. 11,689,512 parameters for 1000 classes, torchvision's ``resnet18`` figure:
+    GroupNorm has the same scale and bias per channel as BatchNorm, whose running statistics are
+    buffers, not parameters."""
+
+    stem: str = "imagenet"
 
 
 MODELS = {
@@ -261,6 +291,7 @@ MODELS = {
     "cnn": SmallCNN,
     "resnet20": ResNet20,
     "resnet18": ResNet18,
+    "resnet18_imagenet": ResNet18ImageNet,
 }
 
 
@@ -341,10 +372,18 @@ def _correct_count(model: nn.Module):
     return count
 
 
-def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024,
+             to_float: Callable | None = None) -> float:
     """Share of samples whose arg-max logit is the label, evaluated in jitted batches.
 
     The last batch is padded to ``batch_size`` (padding masked out) so one compilation serves all.
+
+    Args:
+      model, params: the classifier and its parameters w.
+      x, y: the samples and their labels.
+      batch_size: samples per jitted batch.
+      to_float: applied to each batch of ``x`` before the model sees it, e.g. ``Dataset.to_float``
+        for samples stored as uint8: the float values then exist one batch at a time.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -359,6 +398,8 @@ def accuracy(model: nn.Module, params: PyTree, x, y, batch_size: int = 1024) -> 
     correct = 0
     for start in range(0, total, size):
         xb, yb = x[start:start + size], y[start:start + size]
+        if to_float is not None:
+            xb = to_float(xb)
         valid = np.ones(size, bool)
         if xb.shape[0] < size:
             pad = size - xb.shape[0]

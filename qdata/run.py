@@ -50,7 +50,8 @@ class Experiment:
     def __init__(self, config: RunConfig):
         self.config = config
         self.dataset = qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
-                                              max_train=config.max_train, max_test=config.max_test)
+                                              max_train=config.max_train, max_test=config.max_test,
+                                              image_size=config.image_size)
         self.model = models.make_model(config.model, self.dataset.num_classes)
         self.params = models.init_params(self.model, jax.random.PRNGKey(config.seed), self.dataset.sample_shape)
         self.d = models.param_count(self.params)
@@ -59,7 +60,6 @@ class Experiment:
         self.method = build_method(config, self.model, self.dataset, self.d, node_size=self.index.shape[1])
         self.optimizer = make_optimizer(config)
         self.loss_fn = models.per_sample_loss(self.model)
-        self.to_float = getattr(self.dataset, "to_float", None)
 
     def describe(self) -> dict:
         ds = self.dataset
@@ -152,14 +152,14 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
 
     x_eval, y_eval = exp.dataset.x_test, exp.dataset.y_test
     n_fit = min(len(exp.dataset.y_train), 2048)
-    x_fit, y_fit = exp.dataset.x_train[:n_fit], exp.dataset.y_train[:n_fit]
+    x_fit, y_fit = exp.dataset.to_float(exp.dataset.x_train[:n_fit]), exp.dataset.y_train[:n_fit]
     mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
     available = None
     if config.stream_start < 1.0:
         available = functools.partial(qdata_data.available_counts, start_fraction=config.stream_start,
                                       arrival_rounds=config.stream_rounds or max(config.rounds - 1, 1))
     one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
-                                  state_template=state, available=available, to_float=exp.to_float)
+                                  state_template=state, available=available, to_float=exp.dataset.to_float)
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -180,7 +180,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         record = {
             "kind": "round",
             "round": done,
-            "test_accuracy": float(models.accuracy(exp.model, params, x_eval, y_eval)),
+            "test_accuracy": float(models.accuracy(exp.model, params, x_eval, y_eval, to_float=exp.dataset.to_float)),
             "train_loss": float(mean_loss(params, x_fit, y_fit)),
             "uplink_bits_last_round_per_node": {k: float(np.mean(v[-1])) for k, v in bits.items()},
             "cumulative_uplink_bits": dict(cumulative),

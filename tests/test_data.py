@@ -31,12 +31,14 @@ def test_digits_shapes_range_and_split(digits):
 
     assert digits.x_train.shape == (1797 - data.DIGITS_TEST_SIZE, 8, 8, 1)
     assert digits.x_test.shape == (data.DIGITS_TEST_SIZE, 8, 8, 1)
-    assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
+    # Stored as the source holds it: integer intensities 0..16, value x / 16.
+    assert digits.x_train.dtype == np.uint8 and digits.y_train.dtype == np.int32
+    assert digits.x_divisor == 16.0
     assert digits.sample_shape == (8, 8, 1) and digits.n == 64
     assert digits.num_classes == 10 and digits.value_range == (0.0, 1.0)
     assert digits.name == "digits" and not digits.synthetic
-    both = np.concatenate([digits.x_train, digits.x_test])
-    assert both.min() == 0.0 and both.max() == 1.0
+    both = digits.to_float(np.concatenate([digits.x_train, digits.x_test]))
+    assert both.dtype == np.float32 and both.min() == 0.0 and both.max() == 1.0
     # The split is a partition of the 1797 images: same multiset of (image, label) rows.
     raw = load_digits()
     ours = np.concatenate([both.reshape(len(both), -1) * 16, np.concatenate([digits.y_train, digits.y_test])[:, None]], 1)
@@ -62,27 +64,27 @@ def test_digits_split_is_fixed_and_max_train_subsets(digits):
 # tensorflow-datasets
 
 
-@pytest.fixture
-def mocked_tfds(monkeypatch):
-    # tfds.testing.mock_data fakes the data source but leaves is_prepared() False; qdata checks
-    # is_prepared() first, so the test declares the (mocked) data prepared.
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
-                        lambda self, *a, **k: pytest.fail("qdata must never download"))
-    with tfds.testing.mock_data(num_examples=9):
-        yield
-
-
 @pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_mock(mocked_tfds, name, shape):
     ds = load_dataset(name, max_test=4)
     assert ds.name == name and not ds.synthetic and ds.num_classes == 10
     assert ds.x_train.shape == (9,) + shape and ds.x_test.shape == (4,) + shape
-    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
-    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    # 8-bit pixels are kept as read; their values are x / 255, in [0, 1].
+    assert ds.x_train.dtype == np.uint8 and ds.x_divisor == 255.0 and ds.y_train.dtype == np.int32
+    values = ds.to_float(ds.x_train)
+    assert values.dtype == np.float32 and 0.0 <= values.min() and values.max() <= 1.0
     assert np.all((ds.y_train >= 0) & (ds.y_train < 10))
-    # Pixels come from uint8, so they are multiples of 1/255.
-    np.testing.assert_allclose(ds.x_train * 255, np.round(ds.x_train * 255), atol=1e-3)
+
+
+def test_tfds_imagenet_mock_needs_and_takes_image_size(mocked_tfds):
+    # imagenet2012's images differ in size: without image_size it cannot be stacked, with it every
+    # image is resized and centre-cropped to a square, kept as uint8.
+    with pytest.raises(ValueError, match="image_size"):
+        load_dataset("imagenet2012", max_test=2)
+    ds = load_dataset("imagenet2012", image_size=16, max_test=2)
+    assert ds.name == "imagenet2012@16" and ds.num_classes == 1000
+    assert ds.x_train.shape == (9, 16, 16, 3) and ds.x_test.shape == (2, 16, 16, 3)
+    assert ds.x_train.dtype == np.uint8 and ds.x_divisor == 255.0 and ds.value_range == (0.0, 1.0)
 
 
 class QdataToyImages(tfds.core.GeneratorBasedBuilder):
@@ -126,14 +128,15 @@ def test_tfds_prepared_array_record(tmp_path, monkeypatch):
         images, labels = toy_examples(split)
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
         # tfds shuffles the records on write: compare as multisets of (image, label).
-        got = sorted(zip(map(bytes, np.round(x * 255).astype(np.uint8)), y.tolist()))
+        assert x.dtype == np.uint8
+        got = sorted(zip(map(bytes, x), y.tolist()))
         want = sorted(zip(map(bytes, images), labels.tolist()))
         assert got == want
     small = load_dataset("qdata_toy_images", data_dir=str(tmp_path), max_train=5, seed=3)
     assert small.x_train.shape == (5,) + QdataToyImages.SHAPE
     resized = load_dataset("qdata_toy_images", data_dir=tmp_path, image_size=4)
     assert resized.sample_shape == (4, 4, 3) and resized.name == "qdata_toy_images@4"
-    assert 0.0 <= resized.x_train.min() and resized.x_train.max() <= 1.0
+    assert resized.x_train.dtype == np.uint8 and resized.x_divisor == 255.0
 
 
 def test_tfds_unavailable_is_fast_and_clear(tmp_path, monkeypatch):
@@ -174,6 +177,22 @@ def test_bad_arguments(kwargs):
         load_dataset("digits", **kwargs)
 
 
+@pytest.mark.parametrize("image_size", [0, -3, 2.5, True, "32"])
+def test_image_size_must_be_a_positive_int(image_size):
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        data.check_image_size(image_size, "imagenet2012")
+    with pytest.raises(ValueError, match="image_size must be a positive integer"):
+        load_dataset("imagenet2012", image_size=image_size)
+
+
+@pytest.mark.parametrize("spec", ["digits", " digits", "idx:/tmp/x", "synthetic:8x8x1:3"])
+def test_image_size_only_for_tfds_sources(spec):
+    with pytest.raises(ValueError, match=r"image_size applies to tensorflow-datasets sources only.*'imagenet2012'"):
+        data.check_image_size(32, spec)
+    assert data.check_image_size(None, spec) is None
+    assert data.check_image_size(np.int64(224), "imagenet2012") == 224
+
+
 def test_non_string_spec():
     with pytest.raises(ValueError, match="spec"):
         load_dataset(3)
@@ -209,10 +228,20 @@ def test_idx(tmp_path, gz):
     arrays = make_idx_dir(tmp_path, gz, np.random.default_rng(0))
     ds = load_dataset(f"idx:{tmp_path}")
     assert ds.name == f"idx:{tmp_path.name}" and ds.sample_shape == (5, 4, 1)
-    np.testing.assert_array_equal(ds.x_train[..., 0], arrays["x_train"].astype(np.float32) / 255)
-    np.testing.assert_array_equal(ds.x_test[..., 0], arrays["x_test"].astype(np.float32) / 255)
+    np.testing.assert_array_equal(ds.x_train[..., 0], arrays["x_train"])
+    assert ds.x_train.dtype == np.uint8 and ds.x_divisor == 255.0
+    np.testing.assert_array_equal(ds.to_float(ds.x_test)[..., 0], arrays["x_test"].astype(np.float32) / 255)
     np.testing.assert_array_equal(ds.y_train, arrays["y_train"])
     assert ds.num_classes == 3 and ds.value_range == (0.0, 1.0)
+
+
+def test_idx_int16_images_become_float32_as_before(tmp_path):
+    arrays = make_idx_dir(tmp_path, False, np.random.default_rng(0))
+    for key in ("x_train", "x_test"):
+        write_idx(tmp_path / data.IDX_FILES[key], arrays[key].astype(np.int16), 0x0B)
+    ds = load_dataset(f"idx:{tmp_path}")
+    assert ds.x_train.dtype == np.float32 and ds.x_divisor == 1.0
+    np.testing.assert_array_equal(ds.x_train[..., 0], arrays["x_train"].astype(np.float32) / 255)
 
 
 def test_idx_wider_dtypes_roundtrip(tmp_path):
@@ -264,7 +293,7 @@ def test_synthetic_shapes_and_label(spec, shape, classes):
     ds = load_dataset(spec, seed=2, max_train=50, max_test=20)
     assert ds.synthetic and "synthetic" in ds.name
     assert ds.x_train.shape == (50,) + shape and ds.x_test.shape == (20,) + shape
-    assert ds.num_classes == classes and ds.x_train.dtype == np.float32
+    assert ds.num_classes == classes and ds.x_train.dtype == np.float32 and ds.x_divisor == 1.0
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
     again = load_dataset(spec, seed=2, max_train=50, max_test=20)
     np.testing.assert_array_equal(again.x_train, ds.x_train)
@@ -343,7 +372,7 @@ def within_node_spread(x, parts):
 
 
 def test_similarity_groups_similar_points(digits):
-    x, y = digits.x_train, digits.y_train
+    x, y = digits.to_float(digits.x_train), digits.y_train
     sim = data.partition_similarity(x, 10, seed=0)
     iid = data.partition_iid(y, 10, seed=0)
     assert_exact_cover(sim, y.size, 10)
@@ -443,3 +472,73 @@ def test_dataset_validates():
         Dataset(x, np.array([0, 1, 5], np.int32), x, np.zeros(3, np.int32), 3, "bad")
     with pytest.raises(ValueError, match="float32"):
         Dataset(x.astype(np.float64), np.zeros(3, np.int32), x, np.zeros(3, np.int32), 3, "bad")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored dtype and float values
+
+
+def as_bits(a):
+    return np.asarray(a).view(np.uint32)
+
+
+@pytest.mark.parametrize("divisor", [255.0, 16.0, 3.0])
+def test_to_float_is_bit_identical_to_the_float32_division(divisor):
+    levels = np.arange(256, dtype=np.uint8)
+    old = levels.astype(np.float32) / np.float32(divisor)  # what the loaders stored before
+    got = {
+        "numpy": data.to_float(levels, divisor),
+        "jax": data.to_float(jnp.asarray(levels), divisor),
+        "jit": jax.jit(lambda x: data.to_float(x, divisor))(levels),
+        "vmap": jax.vmap(lambda x: data.to_float(x, divisor))(levels.reshape(16, 16)).reshape(-1),
+    }
+    assert isinstance(got["numpy"], np.ndarray)
+    for how, values in got.items():
+        assert values.dtype == np.float32, how
+        np.testing.assert_array_equal(as_bits(values), as_bits(old), err_msg=how)
+    # Why a table and not arithmetic: a multiplication by the reciprocal (what XLA makes of a
+    # division by a constant) is one ulp off at some levels.
+    if divisor == 255.0:
+        assert np.any(levels.astype(np.float32) * np.float32(1 / divisor) != old)
+
+
+def test_dataset_to_float_matches_the_old_loaders(digits, tmp_path):
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    old = np.sort((images.astype(np.float32) / 16.0).reshape(len(images), -1), axis=0)
+    both = np.concatenate([digits.to_float(digits.x_train), digits.to_float(digits.x_test)])
+    np.testing.assert_array_equal(np.sort(both.reshape(len(both), -1), axis=0), old)
+    arrays = make_idx_dir(tmp_path, False, np.random.default_rng(4))
+    ds = load_dataset(f"idx:{tmp_path}")
+    np.testing.assert_array_equal(as_bits(ds.to_float(ds.x_train)[..., 0]),
+                                  as_bits(arrays["x_train"].astype(np.float32) / 255.0))
+
+
+def test_to_float_passes_float32_through_and_rejects_other_dtypes():
+    x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+    assert data.to_float(x, 255.0) is x  # already values: converting twice is harmless
+    y = jnp.asarray(x)
+    assert data.to_float(y) is y
+    for bad in (np.zeros(3, np.int32), np.zeros(3, np.float64), jnp.zeros(3, jnp.bfloat16)):
+        with pytest.raises(ValueError, match="uint8 or float32"):
+            data.to_float(bad, 255.0)
+
+
+def test_dataset_rejects_bad_storage():
+    y = np.zeros(4, np.int32)
+    ok_u8 = np.zeros((4, 2), np.uint8)
+    ok_f32 = np.zeros((4, 2), np.float32)
+    make = lambda x_train, x_test, **kw: Dataset(x_train, y, x_test, y, num_classes=2, name="t", **kw)
+    assert make(ok_u8, ok_u8, x_divisor=255.0).x_divisor == 255.0
+    with pytest.raises(ValueError, match="uint8 .* or both float32, got float64"):
+        make(ok_u8.astype(np.float64), ok_u8.astype(np.float64))
+    with pytest.raises(ValueError, match="both be uint8 .*got uint8 and float32"):
+        make(ok_u8, ok_f32, x_divisor=255.0)
+    for divisor in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="finite x_divisor > 0"):
+            make(ok_u8, ok_u8, x_divisor=divisor)
+    with pytest.raises(ValueError, match="need x_divisor=1"):
+        make(ok_f32, ok_f32, x_divisor=255.0)
+    with pytest.raises(ValueError, match="x_divisor must be a number"):
+        make(ok_u8, ok_u8, x_divisor="255")

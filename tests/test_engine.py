@@ -192,6 +192,7 @@ for method in ("qdata", "sgd"):
         "d": exp.d, "max_len": int(exp.index.shape[1]),
         "collectives": [[kind, re.findall(r"(\w+)\[([\d,]*)\]", shapes)] for shapes, kind in collectives],
         "x_shards": sorted({tuple(s.data.shape) for s in shards.x.addressable_shards}),
+        "x_dtype": str(shards.x.dtype),
         "cache_shards": sorted({tuple(s.data.shape)[0] for leaf in
                                 __import__("jax").tree_util.tree_leaves(st.learner_state)
                                 for s in leaf.addressable_shards}),
@@ -218,4 +219,5 @@ def test_devices_hold_their_nodes_and_exchange_only_the_learners_gradient():
         assert {dtype for dtype, _ in shapes} == {"f32"}
         assert sum(int(np.prod([int(v) for v in dims.split(",") if v])) for _, dims in shapes) == found["d"]
         assert found["x_shards"] == [[1, found["max_len"], 8, 8, 1]]  # one node's rows per device
+        assert found["x_dtype"] == "uint8"  # digits' 17 levels, stored as the source has them
     assert out["qdata"]["cache_shards"] == [1]  # the learner's cache of one node per device

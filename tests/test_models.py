@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax.traverse_util import flatten_dict
+
 from qdata import models as M
 
 KEY = jax.random.PRNGKey(0)
@@ -167,3 +169,108 @@ def test_resnets_use_group_norm_or_none():
     params = random_params(model, (4, 4, 3))
     assert not norm_layers(params)
     assert jax.jit(model.apply)({"params": params}, jnp.zeros((1, 4, 4, 3))).shape == (1, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18 stems
+
+
+def shapes_by_path(params):
+    return {"/".join(k): tuple(v.shape) for k, v in flatten_dict(params).items()}
+
+
+def resnet18_param_count(stem_kernel, num_classes):
+    """ResNet-18's parameters layer by layer (He et al. 2016, Table 1), bias-free convs, a scale and a
+    bias per channel for every norm, 1x1 projection shortcuts where the shape changes."""
+    conv = lambda k, cin, cout: k * k * cin * cout
+    norm = lambda c: 2 * c
+    total = conv(stem_kernel, 3, 64) + norm(64)
+    cin = 64
+    for c in (64, 128, 256, 512):
+        for block in range(2):
+            total += conv(3, cin, c) + norm(c) + conv(3, c, c) + norm(c)
+            if cin != c:
+                total += conv(1, cin, c) + norm(c)
+            cin = c
+    return total + 512 * num_classes + num_classes
+
+
+def test_resnet18_imagenet_param_count_is_torchvisions():
+    model = M.make_model("resnet18_imagenet", 1000)
+    assert isinstance(model, M.ResNet18ImageNet) and model.stem == "imagenet"
+    params = jax.eval_shape(lambda: M.init_params(model, KEY, (224, 224, 3)))
+    # torchvision's resnet18 has 11,689,512 parameters: its BatchNorm layers hold a weight and a bias
+    # per channel (running statistics are buffers), exactly the scale and bias of our GroupNorm.
+    assert M.param_count(params) == resnet18_param_count(7, 1000) == 11_689_512
+    norms = sum(math.prod(s) for path, s in shapes_by_path(params).items() if "GroupNorm" in path)
+    assert norms == 2 * (64 + 4 * 64 + 5 * 128 + 5 * 256 + 5 * 512) == 9_600
+    assert shapes_by_path(params)["Conv_0/kernel"] == (7, 7, 3, 64)
+
+
+def stage_inputs(model, sample_shape):
+    """Abstract shapes of the logits, the stem's conv output and the first block's output."""
+    params = jax.eval_shape(lambda: M.init_params(model, KEY, sample_shape))
+    x = jax.ShapeDtypeStruct((1,) + sample_shape, jnp.float32)
+    apply = lambda p, x: model.apply({"params": p}, x, capture_intermediates=True, mutable=["intermediates"])
+    logits, state = jax.eval_shape(apply, params, x)
+    seen = state["intermediates"]
+    return logits.shape, seen["Conv_0"]["__call__"][0].shape, seen["_BasicBlock_0"]["__call__"][0].shape
+
+
+def test_resnet18_imagenet_stem_reduces_224_to_56():
+    logits, stem_conv, first_block = stage_inputs(M.make_model("resnet18_imagenet", 1000), (224, 224, 3))
+    assert logits == (1, 1000)
+    assert stem_conv == (1, 112, 112, 64)  # the 7x7 conv at stride 2
+    assert first_block == (1, 56, 56, 64)  # after the 3x3 max-pool at stride 2; stage 1 keeps the size
+
+
+def test_resnet18_cifar_stem_unchanged():
+    model = M.make_model("resnet18", 10)
+    assert model.stem == "cifar" and M.ResNet20(10).stem == "cifar"
+    logits, stem_conv, first_block = stage_inputs(model, (32, 32, 3))
+    assert logits == (1, 10) and stem_conv == first_block == (1, 32, 32, 64)
+    cifar = shapes_by_path(jax.eval_shape(lambda: M.init_params(model, KEY, (32, 32, 3))))
+    assert sum(map(math.prod, cifar.values())) == resnet18_param_count(3, 10) == 11_173_962
+    # The two stems share every parameter name; only the first conv's kernel differs.
+    imagenet = shapes_by_path(jax.eval_shape(
+        lambda: M.init_params(M.make_model("resnet18_imagenet", 10), KEY, (32, 32, 3))))
+    assert cifar.keys() == imagenet.keys()
+    assert {k for k in cifar if cifar[k] != imagenet[k]} == {"Conv_0/kernel"}
+
+
+def test_resnet18_imagenet_forward_on_small_images():
+    model = M.make_model("resnet18_imagenet", 5)
+    params = random_params(model, (16, 16, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(4), (2, 16, 16, 3))
+    logits, h = jax.jit(M.logits_and_features(model))(params, x)
+    assert logits.shape == (2, 5) and h.shape == (2, 512)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_bad_stem():
+    with pytest.raises(ValueError, match=r"stem must be one of \('cifar', 'imagenet'\), got 'vgg'"):
+        M.ResNet18(10, stem="vgg")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stored samples
+
+
+def test_integer_inputs_are_refused():
+    model, params = small_model("mlp", (8, 8, 1), {"hidden": (32, 16)})
+    with pytest.raises(ValueError, match="takes float inputs, got x of dtype uint8.*Dataset.to_float"):
+        model.apply({"params": params}, jnp.zeros((2, 8, 8, 1), jnp.uint8))
+    with pytest.raises(ValueError, match="takes float inputs"):
+        M.accuracy(model, params, np.zeros((3, 8, 8, 1), np.uint8), np.zeros(3, np.int32))
+
+
+def test_accuracy_converts_stored_samples_batch_by_batch():
+    from qdata.data import to_float
+
+    model, params = small_model("mlp", (8, 8, 1), {"hidden": (32, 16)})
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (37, 8, 8, 1), dtype=np.uint8)
+    y = rng.integers(0, 7, 37).astype(np.int32)
+    convert = lambda x: to_float(x, 255.0)
+    expected = M.accuracy(model, params, convert(stored), y)
+    assert M.accuracy(model, params, stored, y, batch_size=10, to_float=convert) == expected
