@@ -221,3 +221,28 @@ def test_devices_hold_their_nodes_and_exchange_only_the_learners_gradient():
         assert found["x_shards"] == [[1, found["max_len"], 8, 8, 1]]  # one node's rows per device
         assert found["x_dtype"] == "uint8"  # digits' 17 levels, stored as the source has them
     assert out["qdata"]["cache_shards"] == [1]  # the learner's cache of one node per device
+
+
+def test_unrolled_and_vmapped_nodes_give_the_same_round():
+    """The two ways a device maps its nodes (unrolled on CPU for convolutional models, vmap
+    elsewhere) compute the same round: same messages and bits, the same update up to float order."""
+    from qdata import engine
+    from qdata.run import Experiment
+
+    config = RunConfig(dataset="synthetic:8x8x1:4", model="cnn", num_nodes=2, batch_size=4, method="qdata",
+                       bits=4, correction="randk:64", max_train=64, max_test=16)
+    exp = Experiment(config)
+    assert engine.unrolls_nodes("auto", 2, exp.params) == (jax.default_backend() == "cpu")
+    mesh = engine.node_mesh(1)
+    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
+    results = {}
+    for node_map in ("vmap", "unroll"):
+        state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 2, 0))
+        one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=4, state_template=state,
+                                      to_float=exp.dataset.to_float, node_map=node_map)
+        results[node_map] = engine.run_rounds(one_round, state, shards, 2)
+    (s_v, bits_v, _), (s_u, bits_u, _) = results["vmap"], results["unroll"]
+    _assert_same_params(engine.fetch(s_v.params), engine.fetch(s_u.params))
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, bits_v, bits_u))
+    with pytest.raises(ValueError, match="node_map"):
+        engine.make_round(exp.method, exp.optimizer, mesh, batch_size=4, state_template=state, node_map="loop")
