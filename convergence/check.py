@@ -51,6 +51,7 @@ import numpy as np
 from convergence import bounds as B
 from convergence import objectives as O
 from qdata.codecs import compressors, quantizers
+from qdata.codecs.ledger import host_per_entry, host_total
 from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate, loss_score, no_gate
 from qdata.methods.gradient import gradient_compression, sgd
@@ -178,7 +179,8 @@ def negative_controls(objective: O.Objective) -> list[Setting]:
 class Round(NamedTuple):
     """One round of one node, as the checker runs it.
 
-    ``step(key, w, batch, state) -> (g, state, uplink_bits_total)``.
+    ``step(key, w, batch, state) -> (g, state, uplink_bits_total)``, the bits an exact
+    :class:`qdata.codecs.ledger.Bits` (converted to Python ints on the host).
     """
 
     init: Callable
@@ -188,7 +190,7 @@ class Round(NamedTuple):
 def _round_from_estimator(est) -> Round:
     def step(key, w, batch, state):
         msg, state = est.node_message(key, w, batch, state)
-        return est.learner_gradient(w, msg), state, jnp.asarray(est.uplink_bits(msg)["total"], jnp.int32)
+        return est.learner_gradient(w, msg), state, est.uplink_bits(msg)["total"]
 
     return Round(est.init, step)
 
@@ -198,7 +200,7 @@ def _round_from_method(method) -> Round:
         msg, state = method.node_message(key, w, batch, state)
         stacked = jax.tree_util.tree_map(lambda a: a[None], msg)
         g, _ = method.learner_gradient(w, stacked, method.init_learner(w, 1))
-        return g, state, jnp.asarray(method.uplink_bits(msg)["total"], jnp.int32)
+        return g, state, method.uplink_bits(msg)["total"]
 
     return Round(method.init_node, step)
 
@@ -334,7 +336,8 @@ def noise_model(objective: O.Objective, setting: Setting, batch: int) -> tuple[B
 
 class RunOutput(NamedTuple):
     """Per seed: final iterate, averaged iterate (t = 1..T), K checkpoints (t = kT/K), the largest
-    distance to the region's centre over t = 0..T, the first round's bits and the mean bits."""
+    distance to the region's centre over t = 0..T, the first round's bits (exact, int64) and the mean
+    bits (float32 statistic)."""
 
     w_last: np.ndarray
     w_avg: np.ndarray
@@ -359,6 +362,10 @@ def make_runner(objective: O.Objective, rnd: Round, batch: int, checkpoints: int
     def run(key, eta, T):
         steps = T // K
         state0 = rnd.init(w0)
+        # The first round's exact Bits ride in the loop carry: a zero of their (static) structure.
+        first_batch = {"x": x[jnp.zeros((batch,), jnp.int32)], "y": y[jnp.zeros((batch,), jnp.int32)]}
+        bits_shape = jax.eval_shape(lambda k: rnd.step(k, w0, first_batch, state0)[2], key)
+        no_bits = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), bits_shape)
 
         def step(t, carry):
             w, state, w_sum, max_dist, bits_first, bits_sum = carry
@@ -366,16 +373,17 @@ def make_runner(objective: O.Objective, rnd: Round, batch: int, checkpoints: int
             idx = jax.random.randint(kb, (batch,), 0, num)
             g, state, bits = rnd.step(ke, w, {"x": x[idx], "y": y[idx]}, state)
             w = w - eta * g
-            bits_first = jnp.where(t == 0, bits, bits_first)
+            bits_first = jax.tree_util.tree_map(lambda a, b: jnp.where(t == 0, a, b), bits, bits_first)
+            # The mean is a statistic: float32 on device is enough (the first round's count is exact).
             return (w, state, w_sum + w, jnp.maximum(max_dist, jnp.linalg.norm(w - center)), bits_first,
-                    bits_sum + bits.astype(jnp.float32))
+                    bits_sum + bits.as_float(jnp.float32))
 
         def chunk(c, carry):
             inner, ckpt = carry
             ckpt = ckpt.at[c].set(inner[0])
             return jax.lax.fori_loop(c * steps, (c + 1) * steps, step, inner), ckpt
 
-        init = (w0, state0, jnp.zeros_like(w0), jnp.linalg.norm(w0 - center), jnp.int32(0), jnp.float32(0))
+        init = (w0, state0, jnp.zeros_like(w0), jnp.linalg.norm(w0 - center), no_bits, jnp.float32(0))
         (w, _, w_sum, max_dist, bits_first, bits_sum), ckpt = jax.lax.fori_loop(
             0, K, chunk, (init, jnp.zeros((K,) + w0.shape, jnp.float32)))
         Tf = T.astype(jnp.float32)
@@ -386,8 +394,9 @@ def make_runner(objective: O.Objective, rnd: Round, batch: int, checkpoints: int
     def call(keys, eta, T):
         if T % K:
             raise ValueError(f"T={T} must be a multiple of the number of checkpoints {K}")
-        out = vrun(keys, jnp.float32(eta), jnp.int32(T))
-        return RunOutput(*(np.asarray(a) for a in out))
+        w_last, w_avg, ckpt, max_dist, bits_first, bits_mean = vrun(keys, jnp.float32(eta), jnp.int32(T))
+        return RunOutput(np.asarray(w_last), np.asarray(w_avg), np.asarray(ckpt), np.asarray(max_dist),
+                         host_per_entry(jax.device_get(bits_first)), np.asarray(bits_mean))
 
     return call
 
@@ -664,7 +673,7 @@ def uplink_bits_per_round(objective: O.Objective, setting: Setting, batch: int, 
     idx = np.random.default_rng(seed).integers(0, objective.num_samples, batch)
     b = {"x": jnp.asarray(objective.x[idx]), "y": jnp.asarray(objective.y[idx])}
     step = jax.jit(lambda key: rnd.step(key, w0, b, rnd.init(w0))[2])
-    return int(step(jax.random.key(seed, impl=PRNG_IMPL)))
+    return host_total(jax.device_get(step(jax.random.key(seed, impl=PRNG_IMPL))))
 
 
 def communication_claim(

@@ -47,6 +47,7 @@ Quantizers with per-message side information (subtractive dither's seed) cannot 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -56,6 +57,7 @@ from flax import struct
 
 from qdata.codecs import base
 from qdata.codecs.base import Compressor, EmptyState, Payload, Quantizer
+from qdata.codecs.ledger import Bits
 from qdata.gate import Gate, Selection, loss_score, no_gate
 
 Array = jax.Array
@@ -125,8 +127,8 @@ class Estimator(NamedTuple):
       init: ``init(params) -> state``, the correction compressor's state (EmptyState without one).
       node_message: ``node_message(key, params, batch, state) -> (NodeMessage, state)``.
       learner_gradient: ``learner_gradient(params, message) -> grads`` (a pytree like params), g_i.
-      uplink_bits: ``uplink_bits(message) -> dict`` of int32 scalars: 'data', 'labels', 'weights',
-        'metadata', 'mask', 'correction', 'positions' and 'total'.
+      uplink_bits: ``uplink_bits(message) -> dict`` of exact :class:`~qdata.codecs.ledger.Bits`:
+        'data', 'labels', 'weights', 'metadata', 'mask', 'correction', 'positions' and 'total'.
       init_cache: with a cache, ``init_cache() -> LearnerCache``, the learner's empty cache for one node.
       learner_gradient_cached: with a cache, ``(params, message, cache) -> (grads, cache)``; the
         learner fills the cache from the fresh rows, then reads every transmitted row from it.
@@ -158,16 +160,22 @@ def full_gradient(loss_fn: Callable[..., Array]) -> Callable[..., PyTree]:
     return jax.grad(lambda params, x, y: jnp.mean(loss_fn(params, x, y)))
 
 
-def _stream_prefix_bits(count: Array, width: int) -> Array:
+def _stream_prefix_bits(count: Array, width: int) -> Bits:
     """Bits of the prefix of a :func:`base.pack_codes` stream that holds its first ``count`` codes.
 
     The stream's words are ``code_dtype(width)`` (uint8 for widths that do not fill a word), so the
     prefix is ``ceil(count * width / word)`` whole words. A stream of real targets (fp32 or fp16
-    values, ``width`` 32 or 16) has one value per word: exactly ``count * width`` bits.
+    values, ``width`` 32 or 16) has one value per word: exactly ``count * width`` bits. Returned as
+    that number of words times the word's bits (an exact :class:`Bits`).
     """
     word = np.dtype(base.code_dtype(width)).itemsize * 8
+    # ceil(count w / word) without forming count * w, which leaves int32 long before the word count
+    # does: with g = gcd(w, word), count = q (word/g) + r gives q (w/g) + ceil(r (w/g) / (word/g)).
+    g = math.gcd(width, word)
+    w, per = width // g, word // g
     count = jnp.asarray(count, jnp.int32)
-    return ((count * width + word - 1) // word) * word
+    q, r = count // per, count % per
+    return Bits.count(q * w + (r * w + per - 1) // per, word)
 
 
 def _keep_rows(payload: Payload, mask: Array) -> Payload:
@@ -492,21 +500,22 @@ def qdata_estimator(
         return _gradient(params, message, samples), cache
 
     def uplink_bits(message: NodeMessage) -> dict:
-        """Exact bits of one node's message, part by part, read off the packed arrays (int32 scalars;
-        vmap it over nodes, as :func:`base.payload_bits` counts one node at a time)."""
+        """Exact bits of one node's message, part by part, read off the packed arrays: a dict of
+        :class:`~qdata.codecs.ledger.Bits` (vmap it over nodes, as :func:`base.payload_bits` counts
+        one node at a time; convert on the host with ``int`` or ``ledger.host_total``)."""
         mask = _received_mask(message)
         fresh = _fresh_mask(message, mask)
-        sent = jnp.sum(mask > 0).astype(jnp.int32)
-        quantizer_bits = jnp.asarray(quantizer.bits(message.data, fresh), jnp.int32)
-        codes = jnp.asarray(base.payload_bits(_code_rows(message.data), fresh), jnp.int32)
+        sent = jnp.sum(mask > 0, dtype=jnp.int32)
+        quantizer_bits = Bits.of(quantizer.bits(message.data, fresh))
+        codes = base.payload_bits(_code_rows(message.data), fresh)
         bits = {
             "data": codes,
-            "labels": _stream_prefix_bits(jnp.sum(fresh > 0), message.labels.meta.width),
-            "weights": jnp.asarray(base.payload_bits(message.weights, mask), jnp.int32),
+            "labels": _stream_prefix_bits(jnp.sum(fresh > 0, dtype=jnp.int32), message.labels.meta.width),
+            "weights": base.payload_bits(message.weights, mask),
             # What the quantizer sends besides the codes: per-sample ranges of transmitted rows, a seed.
             "metadata": quantizer_bits - codes,
-            "mask": jnp.asarray(base.payload_bits(message.mask), jnp.int32),
-            "correction": jnp.asarray(correction.bits(message.correction) if correction is not None else 0, jnp.int32),
+            "mask": Bits.of(base.payload_bits(message.mask)),
+            "correction": Bits.of(correction.bits(message.correction) if correction is not None else 0),
         }
         if cached:
             # Positions of the transmitted samples (a stream prefix) and the b-bit bitmap of fresh ones.

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from qdata.codecs import base
-from qdata.codecs.compressors import error_feedback, powersgd, qsgd, randk, topk
+from qdata.codecs.compressors import error_feedback, fp32, powersgd, qsgd, randk, topk
 from qdata.codecs.transforms import CompressGradientsState, compress_gradients
 
 
@@ -114,6 +114,18 @@ def test_stateful_compressor_trains_under_jit():
     e_T = np.asarray(state[0].inner.error, np.float64)
     np.testing.assert_array_less(np.abs(np.asarray(w, np.float64) + lr * (grad_sum - e_T)), rounding)
     assert float(loss(w)) < float(loss(jnp.zeros(w_star.shape)))
+
+
+def test_bits_of_a_billion_parameter_message_are_recorded_exactly():
+    # fp32 at d = 10^9 is 32e9 bits, beyond int32; the state holds them as exact Bits (abstract
+    # parameters: nothing of size d is allocated, the count is static).
+    d = 10**9
+    params = {"w": jax.ShapeDtypeStruct((d,), jnp.float32)}
+    tx = compress_gradients(fp32(), jax.random.key(0))
+    state = jax.eval_shape(tx.init, params)
+    _, new_state = jax.eval_shape(tx.update, params, state)
+    assert new_state.bits.units == (32 * d,) and new_state.bits.units[0] > 2**31
+    assert jax.tree_util.tree_structure(new_state) == jax.tree_util.tree_structure(state)
 
 
 def test_bad_arguments():

@@ -7,6 +7,7 @@ from qdata.codecs.compressors import (
     ErrorFeedbackState, PowerSGDState, error_feedback, fp16, fp32, powersgd, qsgd, qsgd_entropy_bits,
     randk, scaled_sign, terngrad, topk,
 )
+from qdata.codecs.ledger import Bits, add_totals, host_per_entry, host_total
 from qdata.codecs.quantizers import (
     QuantizerMeta, nearest_rounding, per_sample_range, stochastic_rounding, subtractive_dither,
 )
@@ -16,6 +17,8 @@ __all__ = [
     # the contract
     "Payload", "Quantizer", "Compressor", "EmptyState", "TreeSpec", "payload_bits", "array_bits",
     "pack_codes", "unpack_codes", "flatten", "unflatten", "counter_bits",
+    # the ledger: exact bit counts
+    "Bits", "host_total", "host_per_entry", "add_totals",
     # data quantizers
     "stochastic_rounding", "nearest_rounding", "subtractive_dither", "per_sample_range", "QuantizerMeta",
     # vector compressors

@@ -10,8 +10,9 @@ Two codec shapes, in the optax style (a factory returns a NamedTuple of pure fun
 
 * :class:`Quantizer` for data samples: ``encode(key, x) -> Payload`` with ``x`` of shape
   ``(b, *sample_shape)`` (samples on the leading axis), ``decode(payload) -> x_hat`` and
-  ``bits(payload, mask=None)``. Per-sample arrays live in ``payload.rows`` (leading axis b), so a gate
-  that sends only some samples is charged only for their rows.
+  ``bits(payload, mask=None)`` (a Python int, or with a mask a :class:`ledger.Bits`). Per-sample
+  arrays live in ``payload.rows`` (leading axis b), so a gate that sends only some samples is
+  charged only for their rows.
 * :class:`Compressor` for vectors and pytrees of parameters (the correction term, gradient
   compression): ``init(params) -> state``, ``encode(key, tree, state) -> (payload, state)``,
   ``decode(payload) -> tree`` and ``bits(payload)``. Stateless compressors use :class:`EmptyState`.
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from qdata.codecs.ledger import Bits
 
 Array = jax.Array
 PRNGKey = jax.Array
@@ -63,21 +66,23 @@ def payload_bits(payload: Payload, mask: Array | None = None):
     """Exact uplink bits of ``payload``.
 
     Args:
-      payload: the message.
+      payload: the message (its arrays may be ``jax.ShapeDtypeStruct``: only shapes are read).
       mask: optional 0/1 vector over the sample axis of ``payload.rows``; only rows with mask 1 are
         counted (a gated message). Leading batch axes (e.g. from ``vmap`` over nodes) are not
         supported here: count per node, inside the vmap.
 
     Returns:
-      A Python int when ``mask`` is None (sizes are static), else an int32 scalar array.
+      A Python int when ``mask`` is None (sizes are static); else a :class:`ledger.Bits`, the static
+      bits of ``payload.arrays`` plus the number of rows sent times the static bits of one row, so
+      that no int32 product is formed (4,096 ImageNet samples at 4 bits exceed 2^31 bits).
     """
     fixed = sum(array_bits(a) for a in jax.tree_util.tree_leaves(payload.arrays))
     row_leaves = jax.tree_util.tree_leaves(payload.rows)
     if mask is None:
         return fixed + sum(array_bits(a) for a in row_leaves)
     per_row = sum(array_bits(a) // a.shape[0] for a in row_leaves)
-    sent = jnp.sum(jnp.asarray(mask) > 0).astype(jnp.int32)
-    return fixed + sent * per_row
+    sent = jnp.sum(jnp.asarray(mask) > 0, dtype=jnp.int32)
+    return Bits.of(fixed) + Bits.count(sent, per_row)
 
 
 class Quantizer(NamedTuple):

@@ -11,8 +11,9 @@ A node sends ``Q(x_j)`` instead of the sample ``x_j in R^n``. Every factory here
   uint8/uint16 words for B = 8, 16 and a bit stream for other B; either way sample ``j`` costs
   exactly ``8 * ceil(n B / 8)`` bits.
 * ``decode(payload) -> x_hat`` of the shape and dtype of ``x``.
-* ``bits(payload, mask=None)``: :func:`base.payload_bits`, read off the packed arrays; with a 0/1
-  ``mask`` over samples only the transmitted rows count.
+* ``bits(payload, mask=None)``: :func:`base.payload_bits`, read off the packed arrays (a Python
+  int); with a 0/1 ``mask`` over samples only the transmitted rows count, and the count is an exact
+  :class:`~qdata.codecs.ledger.Bits` (rows sent times bits per row, never an int32 product).
 
 The range ``[lo, hi]`` is either dataset-wide (a hyper-parameter both sides know, never sent) with
 step ``Delta = (hi - lo) / (2^B - 1)``, or per sample (:func:`per_sample_range`: each sample's

@@ -2,7 +2,8 @@
 
 ``optax.chain(compress_gradients(qsgd(4), key), optax.sgd(0.1))`` makes every update step see the
 gradients as a receiver would after one uplink message ``decode(encode(g))``, and records that
-message's exact bits in the optimizer state.
+message's exact bits in the optimizer state (a :class:`~qdata.codecs.ledger.Bits`: ``int(state.bits)``
+on the host, exact at any model size).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from qdata.codecs.base import Compressor
-
-_INT32_MAX = 2**31 - 1
+from qdata.codecs.ledger import Bits
 
 
 class CompressGradientsState(NamedTuple):
@@ -24,7 +24,8 @@ class CompressGradientsState(NamedTuple):
     Attributes:
       key: PRNG key for the next message (split on every update).
       inner: the compressor's own state (warm starts, error memory).
-      bits: int32 scalar, exact uplink bits of the last message (0 before the first update).
+      bits: :class:`~qdata.codecs.ledger.Bits`, exact uplink bits of the last message (0 before the
+        first update).
     """
 
     key: jax.Array
@@ -51,19 +52,22 @@ def compress_gradients(compressor: Compressor, key: jax.Array) -> optax.Gradient
     if not isinstance(key, jax.Array):
         raise ValueError(f"key must be a jax PRNG key array, got {type(key).__name__}")
 
+    def message_bits(payload) -> Bits:
+        return Bits.of(compressor.bits(payload))
+
     def init_fn(params):
-        return CompressGradientsState(key=key, inner=compressor.init(params), bits=jnp.zeros((), jnp.int32))
+        inner = compressor.init(params)
+        # The state's structure must not change at the first update: a zero of the Bits one message
+        # will have (their units are static, read off an abstract message).
+        shape = jax.eval_shape(lambda p, s: message_bits(compressor.encode(key, p, s)[0]), params, inner)
+        zero = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shape)
+        return CompressGradientsState(key=key, inner=inner, bits=zero)
 
     def update_fn(updates, state, params=None):
         del params
         next_key, message_key = jax.random.split(state.key)
         payload, inner = compressor.encode(message_key, updates, state.inner)
-        bits = compressor.bits(payload)
-        if isinstance(bits, int) and bits > _INT32_MAX:
-            # The count is static here, so this is a trace-time error, not a silent wrap-around.
-            raise ValueError(f"the message has {bits} bits, more than state.bits (int32) can record; "
-                             "read compressor.bits(payload) directly for messages this large")
         received = compressor.decode(payload)
-        return received, CompressGradientsState(next_key, inner, jnp.asarray(bits, jnp.int32))
+        return received, CompressGradientsState(next_key, inner, message_bits(payload))
 
     return optax.GradientTransformation(init_fn, update_fn)

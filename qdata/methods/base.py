@@ -12,8 +12,10 @@ estimate g and applies an optax update. A :class:`Method` says exactly those thr
   stack of the N node messages (leading node axis) as received; only what crossed the link is used.
   ``learner_state`` (from ``init_learner(params, num_nodes)``) is what the learner keeps between
   rounds, e.g. its cache of received samples.
-* ``uplink_bits(message) -> dict[str, int32]``: the exact bits of one node's message, part by part,
-  read off the packed payload; must contain ``'total'``.
+* ``uplink_bits(message) -> dict[str, Bits]``: the exact bits of one node's message, part by part,
+  read off the packed payload, each a :class:`qdata.codecs.ledger.Bits` (exact at any size, under
+  jit and vmap; converted on the host by ``ledger.host_total`` / ``ledger.add_totals``); must
+  contain ``'total'``, the sum of the other parts.
 
 ``needs_params`` says whether nodes need the model each round (downlink bits are charged only then).
 """

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from qdata.codecs import compressors as _compressors
 from qdata.codecs.base import Compressor
+from qdata.codecs.ledger import Bits
 from qdata.methods.base import Method
 
 
@@ -53,7 +54,8 @@ def gradient_compression(loss_fn, compressor: Compressor, *, error_feedback: boo
         return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), decoded), learner_state
 
     def uplink_bits(message):
-        bits = jnp.asarray(compressor.bits(message), jnp.int32)
+        # Exact at any d: fp32 at d = 10^9 is 32e9 bits, beyond int32 (a static count here).
+        bits = Bits.of(compressor.bits(message))
         return {"gradient": bits, "total": bits}
 
     return Method(name or "gradient", init_node, init_learner, node_message, learner_gradient,
