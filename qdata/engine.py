@@ -217,7 +217,8 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
 
     Returns:
       ``run(state, shards) -> (state, bits, diagnostics)`` for :class:`NodeShards` ``shards``:
-      ``bits`` is a dict of each node's exact uplink bits this round, part by part (leading axis N),
+      ``bits`` is a dict of each node's exact uplink bits this round, part by part: each a
+      :class:`~qdata.codecs.ledger.Bits` with counts of leading axis N (exact on the host at any scale),
       ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values).
     """
     specs = state_specs(state_template)

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from qdata import data as qdata_data
 from qdata import engine, models
+from qdata.codecs import ledger
 from qdata import results as qresults
 from qdata.config import RunConfig
 from qdata.methods import build_method
@@ -140,10 +141,10 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             ledger=ocp.args.JsonRestore(),
         ))
         state = restored["state"]
-        ledger = restored["ledger"]
-        cumulative = {k: int(v) for k, v in ledger["cumulative"].items()}
-        encoder_counts = {k: int(v) for k, v in ledger.get("encoder_counts", {}).items()}
-        elapsed = float(ledger.get("wall_seconds", 0.0))
+        saved = restored["ledger"]
+        cumulative = {k: int(v) for k, v in saved["cumulative"].items()}
+        encoder_counts = {k: int(v) for k, v in saved.get("encoder_counts", {}).items()}
+        elapsed = float(saved.get("wall_seconds", 0.0))
         records = [r for r in _read_records(results_path) if r["kind"] != "round" or r["round"] <= step]
         if not records or records[0]["kind"] != "config":
             records = [header] + records
@@ -171,8 +172,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     while done < config.rounds:
         length = min(config.eval_every - done % config.eval_every, config.rounds - done)
         state, bits, diagnostics = engine.run_rounds(one_round, state, shards, length)
-        for part, values in bits.items():
-            cumulative[part] = cumulative.get(part, 0) + int(np.asarray(values, np.int64).sum())
+        cumulative = ledger.add_totals(cumulative, bits)  # exact Python ints at any scale
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
@@ -182,7 +182,8 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             "round": done,
             "test_accuracy": float(models.accuracy(exp.model, params, x_eval, y_eval, to_float=exp.dataset.to_float)),
             "train_loss": float(mean_loss(params, x_fit, y_fit)),
-            "uplink_bits_last_round_per_node": {k: float(np.mean(v[-1])) for k, v in bits.items()},
+            "uplink_bits_last_round_per_node": {k: ledger.host_total(v[-1]) / config.num_nodes
+                                                for k, v in bits.items()},
             "cumulative_uplink_bits": dict(cumulative),
             "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
             "cumulative_downlink_bits": downlink_per_round * done,
