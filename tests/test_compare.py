@@ -73,6 +73,6 @@ def test_bench_step_quick_runs(capsys):
     from experiments.bench_step import main
 
     rows = main(["--quick"])
-    assert {r["setting"] for r in rows} == {"plain step", "sgd", "qdata-4b", "qdata-4b+corr"}
+    assert {r["setting"] for r in rows} == {"plain step", "plain 4x8", "sgd", "qdata-4b", "qdata-4b+corr"}
     assert all(r["seconds"] > 0 and r["ratio_to_plain"] > 0 for r in rows)
     assert "synthetic" in capsys.readouterr().out
