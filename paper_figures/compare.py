@@ -9,7 +9,6 @@ import argparse
 import json
 from pathlib import Path
 
-from qdata import results as qresults
 from qdata.compare import draw_figure
 
 
@@ -20,12 +19,8 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    runs = []
-    for row in summary["rows"]:
-        header, rounds = qresults.load(run_dir / row["method"])
-        runs.append((row["method"], header, rounds))
     out = Path(args.out) if args.out else run_dir / "accuracy_vs_bits.png"
-    draw_figure(runs, summary, out)
+    draw_figure(summary, run_dir, out)
     print(out)
     return out
 

@@ -79,6 +79,24 @@ def _config_from(args: argparse.Namespace, base=None):
     return config.replace(**changes)
 
 
+# What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
+PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "compressor",
+              "error_feedback", "name")
+
+
+def _compare_changes(args: argparse.Namespace) -> dict:
+    from qdata.config import RunConfig
+
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+               if getattr(args, f.name, None) is not None}
+    per_method = sorted(set(changes) & set(PER_METHOD))
+    if per_method:
+        flags = ", ".join("--" + f.replace("_", "-") for f in per_method)
+        raise ValueError(f"{flags}: qdata compare runs a lineup of methods, each set in the lineup file "
+                         "(--config FILE, see experiments/compare_digits.toml); qdata train takes these flags")
+    return changes
+
+
 def _maybe_distributed(args: argparse.Namespace) -> None:
     if args.num_processes and args.num_processes > 1:
         from qdata.engine import initialize_distributed
@@ -100,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     train_p.add_argument("--out", help="the run's directory (default runs/NAME)")
     train_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     compare_p = sub.add_parser("compare", help="the main job: qdata vs SGD and gradient compression")
-    compare_p.add_argument("--config", help="a TOML file of RunConfig fields shared by every method")
+    compare_p.add_argument("--config", help="a lineup TOML file (default experiments/compare_digits.toml; "
+                                            "see qdata.lineup); a flag the lineup sets is refused")
     compare_p.add_argument("--out", help="output directory (default runs/compare-TIMESTAMP)")
     compare_p.add_argument("--resume", action="store_true",
                            help="keep the finished runs in --out and continue an interrupted one")
@@ -126,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
                   f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
         else:
-            from qdata.compare import DEFAULT_BASE, compare
+            from qdata.compare import DEFAULT_LINEUP, compare
+            from qdata.lineup import load_lineup, with_overrides
 
-            base = _config_from(args, DEFAULT_BASE)
             if args.resume and not args.out:
                 raise ValueError("--resume needs --out, the directory of the comparison to continue")
-            summary = compare(base, args.out, progress=not args.no_progress, resume=args.resume)
+            lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
+            summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
             print(summary["table"])
             print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
     except (ValueError, FileExistsError) as err:

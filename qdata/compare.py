@@ -1,145 +1,257 @@
-"""``qdata compare``: qdata against full-precision SGD and gradient compression, same everything else.
+"""``qdata compare``: every method of a lineup, tuned alike on validation, reported on test.
 
-Every method runs with the same dataset, model, nodes, partition, batch, rounds, optimizer and seed.
-The table reports, per method: final test accuracy, mean uplink bits per node per round, cumulative
-uplink bits per node to reach 95% of SGD's final accuracy, and that figure's ratio to the best
-gradient compressor's (how many times fewer bits qdata needs). The table (text and JSON) and an
-accuracy-versus-bits figure go to ``OUT/``, each run's results file to ``OUT/<label>/``.
+The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
+
+1. **Tuning, on the validation split only.** Every run of the lineup trains at every learning rate
+   of its grid on the tuning seeds; its learning rate is the one with the best mean final
+   *validation* accuracy. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
+   levels), the best member is the one that reaches SGD's final validation accuracy minus 1 point
+   with the fewest uplink bits (all tuning seeds), else the most accurate.
+2. **Reporting, on the test split.** Every run trains at its learning rate on every seed. Two
+   targets per seed, from full-precision SGD on that seed: 95% of its final test accuracy, and its
+   final test accuracy minus 1 point. Per run: final test accuracy, uplink / downlink bits per node
+   per round, and uplink and total (uplink + downlink) bits per node to each target, interpolated
+   linearly between the two evaluations that straddle it; mean and range over seeds; the node and
+   learner compute of one round (seconds, timed in this process); ratios to the best gradient
+   compressor (the family bests, over those that reach the target on every seed), on uplink and on
+   total bits.
+
+Outputs in ``OUT/``: ``table.txt``, ``summary.json``, ``accuracy_vs_bits.png`` and each run's results
+file under ``OUT/<label>/lr<LR>/seed<SEED>/``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 from qdata import results as qresults
-from qdata.config import RunConfig
-from qdata.run import train
+from qdata.lineup import Lineup, load_lineup
+from qdata.run import phase_seconds, train
 
-TARGET_FRACTION = 0.95
-
-# The main job's setting: digits (n = 64), the MLP 64-256-256-10 (d = 85,002, about 1,300 n: the
-# regime the method is for, d >> n), 8 iid nodes, batch 32, 300 rounds.
-DEFAULT_BASE = RunConfig(dataset="digits", model="mlp", num_nodes=8, batch_size=32, rounds=300,
-                         eval_every=10, lr=0.1, momentum=0.9, seed=0)
+DEFAULT_LINEUP = "compare_digits.toml"
+TARGETS = {"95% of SGD": lambda acc: 0.95 * acc, "SGD - 1 pt": lambda acc: acc - 0.01}
+HEADLINE = "SGD - 1 pt"
 
 
-def default_lineup(base: RunConfig) -> list[tuple[str, RunConfig]]:
-    """The methods compared by default: qdata (4-bit data; correction on/off; gate on/off), fp32 SGD,
-    QSGD, top-k with error feedback and PowerSGD (with error feedback, as Vogels et al. run it).
-
-    qdata keeps received samples at the learner (cache) and sends its correction through top-16
-    with error feedback (on seeds 0-2 it reached the target with fewer bits than top-32 and the same
-    accuracy): unbiased random-k at a comparable budget (k = 64 of d = 85,002) has a variance
-    (d/k - 1)||delta||^2 that made training diverge in our runs. Top-k keeps 0.1% of the
-    coordinates, which reached the target with fewer bits than 1% on this setting. QSGD uses buckets
-    of 512 as Alistarh et al. do: one norm for all d coordinates has variance up to sqrt(d)/s ||g||^2
-    and diverged here."""
-    q = base.replace(method="qdata", bits=4, quantizer="stochastic", cache=True)
-    corr = "ef:topk:16"
-    return [
-        ("qdata-4b", q),
-        ("qdata-4b+corr", q.replace(correction=corr)),
-        ("qdata-4b+gate", q.replace(gate="bernoulli", rho=0.5)),
-        ("qdata-4b+corr+gate", q.replace(correction=corr, gate="bernoulli", rho=0.5)),
-        ("sgd-fp32", base.replace(method="sgd")),
-        ("qsgd-s4-b512", base.replace(method="gradient", compressor="qsgd:4:512")),
-        ("topk-0.1%-ef", base.replace(method="gradient", compressor="topk:0.001", error_feedback=True)),
-        ("powersgd-r2-ef", base.replace(method="gradient", compressor="powersgd:2", error_feedback=True)),
-    ]
+def run_dir(out: Path, label: str, lr: float, seed: int) -> Path:
+    return out / label / f"lr{lr:g}" / f"seed{seed}"
 
 
-def summarize(runs: list[tuple[str, RunConfig, dict, list[dict]]]) -> dict:
-    """The comparison table as data (see the module docstring)."""
-    sgd = [r for r in runs if r[1].method == "sgd"]
-    reference = qresults.final_accuracy(sgd[0][3]) if sgd else max(qresults.final_accuracy(r[3]) for r in runs)
-    target = TARGET_FRACTION * reference
-    rows = []
-    for label, config, _, rounds in runs:
-        rows.append({
-            "method": label,
-            "final_test_accuracy": qresults.final_accuracy(rounds),
-            "uplink_bits_per_round": qresults.uplink_bits_per_round(rounds),
-            "bits_to_target": qresults.bits_to_reach(rounds, target),
-            "gradient_compressor": config.method == "gradient",
-        })
-    reached = [r["bits_to_target"] for r in rows if r["gradient_compressor"] and r["bits_to_target"] is not None]
-    best = min(reached) if reached else None
-    for r in rows:
-        r["ratio_to_best_compressor"] = (best / r["bits_to_target"]) if best and r["bits_to_target"] else None
-    return {"reference_accuracy": reference, "target_accuracy": target,
-            "best_compressor_bits_to_target": best, "rows": rows}
-
-
-def format_table(summary: dict, setting: str) -> str:
-    def fmt_bits(v):
-        return "never" if v is None else f"{v:,.0f}"
-
-    lines = [
-        f"setting: {setting}",
-        f"target: {TARGET_FRACTION:.0%} of SGD's final test accuracy "
-        f"{summary['reference_accuracy']:.4f} = {summary['target_accuracy']:.4f}",
-        "",
-        f"{'method':<22}{'final acc':>10}{'uplink bits/round':>20}{'bits to target':>18}{'x fewer than best GC':>22}",
-    ]
-    for r in summary["rows"]:
-        ratio = "-" if r["ratio_to_best_compressor"] is None else f"{r['ratio_to_best_compressor']:.3g}"
-        lines.append(f"{r['method']:<22}{r['final_test_accuracy']:>10.4f}{r['uplink_bits_per_round']:>20,.0f}"
-                     f"{fmt_bits(r['bits_to_target']):>18}{ratio:>22}")
-    lines.append("")
-    lines.append("bits: exact uplink bits per node, read off the packed payloads (data codes, labels, gate "
-                 "weights, corrections, metadata); downlink (the model broadcast) is in each results file.")
-    lines.append("x fewer than best GC: the best gradient compressor's bits to target over this method's.")
-    return "\n".join(lines)
-
-
-def draw_figure(runs: list[tuple[str, dict, list[dict]]], summary: dict, path: str | os.PathLike) -> None:
-    """The accuracy-versus-cumulative-uplink-bits figure of a comparison, from its results alone."""
-    qresults.plot_accuracy_vs_bits(
-        runs, path, target=summary["target_accuracy"],
-        title="qdata (4-bit stochastic data codes) vs gradient compression: test accuracy vs uplink bits")
-
-
-def compare(base: RunConfig, out_dir: str | os.PathLike | None = None, *,
-            lineup: list[tuple[str, RunConfig]] | None = None, progress: bool = True,
-            resume: bool = False) -> dict:
-    """Run every method of ``lineup`` (default :func:`default_lineup`) and write the table and figure.
-
-    With ``resume``, runs already finished in ``out_dir`` are kept and an interrupted one continues
-    from its newest checkpoint.
-
-    Returns the summary dict (also written to ``OUT/summary.json``).
-    """
-    out = Path(out_dir) if out_dir else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    lineup = lineup or default_lineup(base)
-    runs = []
+def _train_each(jobs, out: Path, progress: bool, resume: bool, results: dict) -> None:
+    """Train every ``(run, lr, seed)`` job not yet in ``results``; load each one's results file."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(lineup), desc="compare", unit="run")
-    for label, config in lineup:
-        config = config.replace(name=label)
-        if bar is not None:
-            bar.set_postfix_str(label)
-        train(config, out / label, progress=progress, resume=resume)
-        header, rounds = qresults.load(out / label)
-        runs.append((label, config, header, rounds))
+        bar = tqdm(total=len(jobs), desc="compare", unit="run")
+    for run, lr, seed in jobs:
+        key = (run.label, lr, seed)
+        if key not in results:
+            directory = run_dir(out, *key)
+            if bar is not None:
+                bar.set_postfix_str(f"{run.label} lr={lr:g} seed={seed}")
+            train(run.config.replace(lr=lr, seed=seed, name=run.label), directory, progress=progress,
+                  resume=resume)
+            results[key] = qresults.load(directory)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    summary = summarize(runs)
-    setting = qresults.describe_setting(runs[0][2])
-    summary["setting"] = setting
-    table = format_table(summary, setting)
+
+
+def _mean(values):
+    return statistics.fmean(values) if values else None
+
+
+def choose_learning_rates(lineup: Lineup, results: dict) -> dict[str, float]:
+    """Each run's learning rate: the best mean final validation accuracy over the tuning seeds
+    (the first of the grid on ties)."""
+    chosen = {}
+    for run in lineup.runs:
+        score = {lr: _mean([results[(run.label, lr, s)][1][-1]["val_accuracy"] for s in lineup.tune_seeds])
+                 for lr in run.lr_grid}
+        chosen[run.label] = max(run.lr_grid, key=lambda lr: (score[lr], -run.lr_grid.index(lr)))
+    return chosen
+
+
+def choose_family_bests(lineup: Lineup, results: dict, chosen: dict) -> dict[str, str]:
+    """Each family's best member on validation (module docstring), by label."""
+    ref = lineup.reference
+    targets = {s: results[(ref.label, chosen[ref.label], s)][1][-1]["val_accuracy"] - 0.01 for s in lineup.tune_seeds}
+    families: dict[str, list] = {}
+    for run in lineup.runs:
+        families.setdefault(run.family, []).append(run)
+    best = {}
+    for family, members in families.items():
+        def key(run):
+            rounds = {s: results[(run.label, chosen[run.label], s)][1] for s in lineup.tune_seeds}
+            hits = [qresults.crossing(rounds[s], targets[s], "val_accuracy") for s in lineup.tune_seeds]
+            bits = _mean([h["uplink_bits_per_node"] for h in hits]) if all(hits) else float("inf")
+            return bits, -_mean([rounds[s][-1]["val_accuracy"] for s in lineup.tune_seeds])
+        best[family] = min(members, key=key).label
+    return best
+
+
+def _per_seed(header: dict, rounds: list[dict], sgd_final: float) -> dict:
+    """One seed's test figures of one run: final accuracy, bits per round, and per target the
+    interpolated uplink and total bits per node (None if never reached)."""
+    down = header["downlink_bits_per_node_per_round"]
+    last = rounds[-1]
+    figures = {"final_test_accuracy": last["test_accuracy"],
+               "uplink_bits_per_round": last["cumulative_uplink_bits_per_node"] / last["round"],
+               "downlink_bits_per_round": down, "targets": {}}
+    for name, rule in TARGETS.items():
+        hit = qresults.crossing(rounds, rule(sgd_final))
+        figures["targets"][name] = None if hit is None else {
+            "round": hit["round"], "uplink": hit["uplink_bits_per_node"],
+            "total": hit["uplink_bits_per_node"] + down * hit["round"]}
+    return figures
+
+
+def _spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    return {"mean": _mean(values), "min": min(values), "max": max(values)} if values else None
+
+
+def _row(run, lr: float, seeds: list[dict], phases: dict, best: bool) -> dict:
+    row = {"method": run.label, "family": run.family, "lr": lr, "best_of_family": best,
+           "gradient_compressor": run.config.method == "gradient", "qdata": run.config.method == "qdata",
+           "final_test_accuracy": _spread([s["final_test_accuracy"] for s in seeds]),
+           "uplink_bits_per_round": _mean([s["uplink_bits_per_round"] for s in seeds]),
+           "downlink_bits_per_round": seeds[0]["downlink_bits_per_round"], **phases, "targets": {}}
+    for name in TARGETS:
+        hits = [s["targets"][name] for s in seeds]
+        row["targets"][name] = {"reached": sum(h is not None for h in hits), "seeds": len(hits),
+                                "uplink": _spread([h and h["uplink"] for h in hits]),
+                                "total": _spread([h and h["total"] for h in hits])}
+    return row
+
+
+def _add_ratios(rows: list[dict]) -> dict:
+    """Ratios to the best gradient compressor (family bests reaching a target on every seed), on
+    uplink and on total bits; returns the best compressor per target and measure."""
+    best = {}
+    for name in TARGETS:
+        full = lambda r: r["targets"][name]["reached"] == r["targets"][name]["seeds"]
+        pool = [r for r in rows if r["gradient_compressor"] and r["best_of_family"] and full(r)]
+        for measure in ("uplink", "total"):
+            winner = min(pool, key=lambda r: r["targets"][name][measure]["mean"], default=None)
+            best[(name, measure)] = winner and winner["method"]
+            for r in rows:
+                t = r["targets"][name]
+                t[f"ratio_{measure}"] = (winner["targets"][name][measure]["mean"] / t[measure]["mean"]
+                                         if winner and full(r) else None)
+    return {f"{name} / {measure}": label for (name, measure), label in best.items()}
+
+
+def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: dict) -> dict:
+    """The comparison as data (module docstring)."""
+    ref = lineup.reference
+    sgd_final = {s: results[(ref.label, chosen[ref.label], s)][1][-1]["test_accuracy"] for s in lineup.seeds}
+    sgd_list = [sgd_final[s] for s in lineup.seeds]
+    rows = []
+    for run in lineup.runs:
+        lr = chosen[run.label]
+        seeds = [_per_seed(*results[(run.label, lr, s)], sgd_final[s]) for s in lineup.seeds]
+        rows.append(_row(run, lr, seeds, phases[run.label], bests[run.family] == run.label))
+    best_gc = _add_ratios(rows)
+    qdata_rows = [r for r in rows if r["qdata"]]
+    headline = {m: max((r["targets"][HEADLINE][f"ratio_{m}"] for r in qdata_rows
+                        if r["targets"][HEADLINE][f"ratio_{m}"] is not None), default=None)
+                for m in ("uplink", "total")}
+    header = results[(ref.label, chosen[ref.label], lineup.seeds[0])][0]
+    return {"setting": qresults.describe_setting(header).rsplit("; seed", 1)[0],
+            "seeds": list(lineup.seeds), "tune_seeds": list(lineup.tune_seeds),
+            "sgd_final_test_accuracy": sgd_list, "targets": list(TARGETS), "best_gradient_compressor": best_gc,
+            "headline_target": HEADLINE, "best_qdata_ratio": headline, "rows": rows}
+
+
+def _fmt_spread(spread: dict | None, digits: str = ",.0f") -> str:
+    if spread is None:
+        return "never"
+    if spread["min"] == spread["max"]:
+        return format(spread["mean"], digits)
+    return f"{spread['mean']:{digits}} [{spread['min']:{digits}}-{spread['max']:{digits}}]"
+
+
+def _fmt_ratio(value) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def format_table(summary: dict) -> str:
+    """The text table: one block of per-run figures, one block per target."""
+    seeds = ", ".join(str(s) for s in summary["seeds"])
+    lines = [f"setting: {summary['setting']}; seeds {seeds} (mean [min-max]); learning rates and family bests "
+             f"chosen on the validation split (seeds {', '.join(str(s) for s in summary['tune_seeds'])}), "
+             "figures on the test split", "",
+             f"{'method':<22}{'lr':>7}{'final test acc':>24}{'uplink/round':>14}{'downlink/round':>16}"
+             f"{'node s':>9}{'learner s':>10}"]
+    for r in summary["rows"]:
+        mark = "*" if r["best_of_family"] else " "
+        lines.append(f"{mark}{r['method']:<21}{r['lr']:>7g}{_fmt_spread(r['final_test_accuracy'], '.4f'):>24}"
+                     f"{r['uplink_bits_per_round']:>14,.0f}{r['downlink_bits_per_round']:>16,.0f}"
+                     f"{r['node_seconds']:>9.4f}{r['learner_seconds']:>10.4f}")
+    for name in summary["targets"]:
+        acc = ", ".join(f"{TARGETS[name](a):.4f}" for a in summary["sgd_final_test_accuracy"])
+        lines += ["", f"target {name} (test accuracy per seed: {acc}); bits per node to reach it, interpolated",
+                  f"{'method':<22}{'reached':>8}{'uplink bits':>34}{'total bits':>34}{'x up':>8}{'x total':>8}"]
+        for r in summary["rows"]:
+            t = r["targets"][name]
+            mark = "*" if r["best_of_family"] else " "
+            lines.append(f"{mark}{r['method']:<21}{t['reached']:>5}/{t['seeds']:<2}{_fmt_spread(t['uplink']):>34}"
+                         f"{_fmt_spread(t['total']):>34}{_fmt_ratio(t['ratio_uplink']):>8}"
+                         f"{_fmt_ratio(t['ratio_total']):>8}")
+    best = summary["best_gradient_compressor"]
+    lines += ["", "* best of its family (chosen on validation). x up / x total: the best gradient compressor's "
+              "bits to the target over this method's (family bests reaching it on every seed: "
+              + "; ".join(f"{k}: {v}" for k, v in best.items()) + ")",
+              "bits: exact, read off the packed payloads (uplink) and the model broadcast (downlink, 32 d per "
+              "round to a node that needs the model); total = uplink + downlink.",
+              "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
+              f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "
+              f"{_fmt_ratio(summary['best_qdata_ratio']['uplink'])}x fewer uplink bits, "
+              f"{_fmt_ratio(summary['best_qdata_ratio']['total'])}x fewer total bits"]
+    return "\n".join(lines)
+
+
+def draw_figure(summary: dict, out_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Test accuracy against cumulative uplink and total bits per node (the first seed), each
+    family's best and every qdata run, with both targets (that seed's) marked; from the results
+    files under ``out_dir`` and its ``summary`` alone, so it can be redrawn without training."""
+    seed = summary["seeds"][0]
+    shown = [r for r in summary["rows"] if r["best_of_family"] or r["qdata"]]
+    runs = [(r["method"], *qresults.load(run_dir(Path(out_dir), r["method"], r["lr"], seed))) for r in shown]
+    targets = {name: TARGETS[name](summary["sgd_final_test_accuracy"][0]) for name in summary["targets"]}
+    qresults.plot_accuracy_vs_bits_panels(runs, path, targets=targets, floors=summary.get("floors"), title=(
+        f"test accuracy vs bits per node, seed {seed}: each family's best (chosen on validation) and qdata"))
+
+
+def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = None, *, progress: bool = True,
+            resume: bool = False) -> dict:
+    """Run ``lineup`` (default ``experiments/compare_digits.toml``) by the protocol of the module
+    docstring; write the table, the summary and the figure. With ``resume``, finished runs in
+    ``out_dir`` are kept and an interrupted one continues from its newest checkpoint.
+
+    Returns the summary dict (also written to ``OUT/summary.json``), with ``table`` and ``out_dir``.
+    """
+    lineup = lineup or load_lineup(DEFAULT_LINEUP)
+    out = Path(out_dir) if out_dir else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    _train_each([(r, lr, s) for r in lineup.runs for lr in r.lr_grid for s in lineup.tune_seeds],
+                out, progress, resume, results)
+    chosen = choose_learning_rates(lineup, results)
+    bests = choose_family_bests(lineup, results, chosen)
+    _train_each([(r, chosen[r.label], s) for r in lineup.runs for s in lineup.seeds], out, progress, resume, results)
+    phases = {r.label: phase_seconds(r.config.replace(lr=chosen[r.label], seed=lineup.seeds[0]))
+              for r in lineup.runs}
+    summary = summarize(lineup, results, chosen, bests, phases)
+    table = format_table(summary)
     (out / "table.txt").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    draw_figure([(label, header, rounds) for label, _, header, rounds in runs], summary,
-                out / "accuracy_vs_bits.png")
-    summary["out_dir"] = str(out)
-    summary["table"] = table
-    return summary
+    draw_figure(summary, out, out / "accuracy_vs_bits.png")
+    return {**summary, "out_dir": str(out), "table": table}

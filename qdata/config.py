@@ -68,6 +68,9 @@ class RunConfig:
     eval_every: int = 10
     checkpoint_every: int = 100
     num_devices: int = 1
+    # share of the training set held out as a validation split (0: none); each evaluation then
+    # records the validation accuracy beside the test accuracy, for choosing settings on it
+    validation: float = 0.0
     max_train: int | None = None
     max_test: int | None = None
     data_dir: str | None = None
@@ -94,6 +97,8 @@ class RunConfig:
             (self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
              f"target_accuracy must be in (0, 1], got {self.target_accuracy}"),
             (self.num_devices >= 1, f"num_devices must be >= 1, got {self.num_devices}"),
+            (0.0 <= self.validation < 1.0, f"validation must be in [0, 1) (a share of the training set), "
+                                            f"got {self.validation}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -746,6 +746,31 @@ def partition(spec: str, dataset: Dataset, num_nodes: int, seed: int) -> list[np
     raise ValueError(f"unknown partition spec {spec!r}; accepted: {', '.join(PARTITIONS)}")
 
 
+def split_validation(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """Carve a validation split out of the training set: settings are chosen on it, the test split
+    only reports.
+
+    Args:
+      dataset: the :class:`Dataset`.
+      fraction: share of the training samples held out, in (0, 1) (at least one sample each side).
+      seed: seeds the (uniform, stratification-free) choice of the held-out rows.
+
+    Returns:
+      ``(train, x_val, y_val)``: the dataset without the held-out rows (same test split) and the
+      held-out samples, stored as the training set is (convert with ``dataset.to_float``).
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be a number in (0, 1), got {fraction!r}")
+    total = dataset.num_train
+    held = int(round(fraction * total))
+    if not 1 <= held < total:
+        raise ValueError(f"validation fraction {fraction} of {total} training samples leaves an empty split")
+    order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7A11D])).permutation(total)
+    val, keep = np.sort(order[:held]), np.sort(order[held:])
+    train = dataclasses.replace(dataset, x_train=dataset.x_train[keep], y_train=dataset.y_train[keep])
+    return train, dataset.x_train[val], dataset.y_train[val]
+
+
 # ----------------------------------------------------------------------------------------------
 # Nodes as arrays, for jit.
 

@@ -201,6 +201,52 @@ def _map_nodes(fn: Callable, args: tuple, unroll: bool):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
+def _round_phases(method: Method, optimizer: optax.GradientTransformation, batch_size: int,
+                  available, to_float, node_map: str):
+    """The round's two phases as functions of one device's share (inside ``shard_map``).
+
+    ``nodes(state, shards) -> (messages, node_states, bits, diagnostics)``: step 1, every local
+    node's message. ``learner(state, messages, node_states) -> state``: steps 2-3, the learner's
+    share of g, its ``pmean`` over devices, the optax update.
+    """
+    to_float = to_float or (lambda x: x.astype(jnp.float32))
+
+    def varying_params(state):
+        # Each node (and learner share) holds its own copy of w: without this cast, jax.grad inside
+        # shard_map would sum the gradients over devices (the transpose of a broadcast).
+        return jax.lax.pcast(state.params, (AXIS,), to="varying")
+
+    def nodes(state: TrainState, shards: NodeShards):
+        n_local = shards.count.shape[0]
+        node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
+        round_key = jax.random.fold_in(state.key, state.round)
+        node_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
+        params = varying_params(state)
+        count = shards.count if available is None else available(shards.count, state.round)
+
+        def one_node(k, x, y, index, n, node_state):
+            k_batch, k_message = jax.random.split(k)
+            ids, pos = sample_batch(k_batch, index, n, batch_size)
+            batch = {"x": to_float(x[pos]), "y": y[pos], "id": ids, "pos": pos}
+            message, node_state = method.node_message(k_message, params, batch, node_state)
+            message, diagnostics = split_diagnostics(message)
+            return message, node_state, method.uplink_bits(message), diagnostics
+
+        args = (node_keys, shards.x, shards.y, shards.index, count, state.node_states)
+        return _map_nodes(one_node, args, unrolls_nodes(node_map, n_local, state.params))
+
+    def learner(state: TrainState, messages, node_states):
+        # The payloads go to the learner's share on this device; its gradient shares are averaged
+        # over the devices (equal node counts per device, so this is the mean over nodes).
+        grads, learner_state = method.learner_gradient(varying_params(state), messages, state.learner_state)
+        grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, node_states, learner_state, state.key, state.round + 1)
+
+    return nodes, learner
+
+
 def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                batch_size: int, state_template: TrainState,
                available: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
@@ -223,39 +269,41 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
     """
     specs = state_specs(state_template)
     unrolls_nodes(node_map, 1)  # checks node_map before any work
-    to_float = to_float or (lambda x: x.astype(jnp.float32))
+    nodes, learner = _round_phases(method, optimizer, batch_size, available, to_float, node_map)
 
     def body(state: TrainState, shards: NodeShards):
-        n_local = shards.count.shape[0]
-        node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
-        round_key = jax.random.fold_in(state.key, state.round)
-        node_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
-        # Each node holds its own copy of w: without this cast, jax.grad inside shard_map would
-        # sum the gradients over devices (the transpose of a broadcast).
-        params = jax.lax.pcast(state.params, (AXIS,), to="varying")
-        count = shards.count if available is None else available(shards.count, state.round)
-
-        def one_node(k, x, y, index, n, node_state):
-            k_batch, k_message = jax.random.split(k)
-            ids, pos = sample_batch(k_batch, index, n, batch_size)
-            batch = {"x": to_float(x[pos]), "y": y[pos], "id": ids, "pos": pos}
-            message, node_state = method.node_message(k_message, params, batch, node_state)
-            message, diagnostics = split_diagnostics(message)
-            return message, node_state, method.uplink_bits(message), diagnostics
-
-        args = (node_keys, shards.x, shards.y, shards.index, count, state.node_states)
-        messages, node_states, bits, diagnostics = _map_nodes(one_node, args, unrolls_nodes(node_map, n_local, state.params))
-        # Steps 2-3: the payloads go to the learner's share on this device; its gradient shares are
-        # averaged over the devices (equal node counts per device, so this is the mean over nodes).
-        grads, learner_state = method.learner_gradient(params, messages, state.learner_state)
-        grads = jax.lax.pmean(grads, AXIS)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(new_params, opt_state, node_states, learner_state, state.key, state.round + 1)
-        return new_state, bits, diagnostics
+        messages, node_states, bits, diagnostics = nodes(state, shards)
+        return learner(state, messages, node_states), bits, diagnostics
 
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(specs, P(AXIS), P(AXIS)))
     return jax.jit(sharded, donate_argnums=(0,))
+
+
+def time_phases(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, state: TrainState,
+                shards: NodeShards, *, batch_size: int, repeats: int = 5, **kwargs) -> dict:
+    """Median wall seconds of a round's node phase (all nodes' messages) and learner phase (g and
+    the update), each compiled on its own from the same functions the round is made of, on
+    ``state`` (not modified). ``kwargs`` as for :func:`make_round`."""
+    import time
+
+    specs = state_specs(state)
+    nodes, learner = _round_phases(method, optimizer, batch_size, kwargs.get("available"),
+                                   kwargs.get("to_float"), kwargs.get("node_map", "auto"))
+    node_fn = jax.jit(jax.shard_map(nodes, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=P(AXIS)))
+    messages, node_states, _, _ = node_fn(state, shards)
+    learner_fn = jax.jit(jax.shard_map(learner, mesh=mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=specs))
+
+    def median(fn, *args):
+        jax.block_until_ready(fn(*args))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    return {"node_seconds": median(node_fn, state, shards),
+            "learner_seconds": median(learner_fn, state, messages, node_states)}
 
 
 def run_rounds(one_round: Callable, state: TrainState, shards: NodeShards, num_rounds: int):

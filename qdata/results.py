@@ -85,3 +85,69 @@ def plot_accuracy_vs_bits(runs: list[tuple[str, dict, list[dict]]], path: str | 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def crossing(rounds: list[dict], target: float, key: str = "test_accuracy") -> dict | None:
+    """Where a run first reaches ``target`` accuracy (``key``: ``test_accuracy`` or ``val_accuracy``),
+    interpolated linearly between the two evaluations that straddle it.
+
+    Returns ``{"round", "uplink_bits_per_node"}`` at the crossing (fractional round, interpolated
+    cumulative uplink bits per node), or None if no evaluation reaches the target. When the first
+    evaluation already reaches it there is nothing earlier to interpolate from: its own figures.
+    """
+    previous = None
+    for r in rounds:
+        if r[key] >= target:
+            point = (r["round"], r["cumulative_uplink_bits_per_node"])
+            if previous is None or r[key] == previous[key]:
+                return {"round": float(point[0]), "uplink_bits_per_node": float(point[1])}
+            frac = (target - previous[key]) / (r[key] - previous[key])
+            lo = (previous["round"], previous["cumulative_uplink_bits_per_node"])
+            return {"round": lo[0] + frac * (point[0] - lo[0]),
+                    "uplink_bits_per_node": lo[1] + frac * (point[1] - lo[1])}
+        previous = r
+    return None
+
+
+
+def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path: str | os.PathLike, *,
+                                 targets: dict[str, float], floors: list[dict] | None = None,
+                                 title: str | None = None) -> None:
+    """Two panels, test accuracy against cumulative uplink bits per node and against total
+    (uplink + downlink) bits per node, log scale; each target a horizontal line; each floor (a dict
+    with ``label``, ``bits`` per node and optionally ``accuracy``) a vertical line, and its accuracy
+    a marker where known.
+
+    Args:
+      runs: ``(label, header, rounds)`` triples, all from the same setting.
+      path: the PNG to write.
+      targets: name -> accuracy.
+      floors: the one-shot data-shipping floors, if any (their uplink is their total: no model goes down).
+      title: the first title line; the second is :func:`describe_setting` of the first run.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, measure in zip(axes, ("uplink", "total")):
+        for label, header, rounds in runs:
+            down = header["downlink_bits_per_node_per_round"] if measure == "total" else 0
+            xs = [r["cumulative_uplink_bits_per_node"] + down * r["round"] for r in rounds]
+            ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label)
+        for (name, acc), style in zip(targets.items(), (":", "--")):
+            ax.axhline(acc, color="grey", linestyle=style, label=f"target {name} ({acc:.3f})")
+        for i, floor in enumerate(floors or []):
+            ax.axvline(floor["bits"], color=f"C{(i + 3) % 10}", linestyle="-.", alpha=0.7, label=f"floor: {floor['label']}")
+            if floor.get("accuracy") is not None:
+                ax.plot([floor["bits"]], [floor["accuracy"]], marker="*", markersize=11, color=f"C{(i + 3) % 10}")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"cumulative {measure} bits per node (exact{', uplink + model broadcast' if measure == 'total' else ''})")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle((title + "\n" if title else "") + describe_setting(runs[0][1]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -53,6 +53,10 @@ class Experiment:
         self.dataset = qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
                                               max_train=config.max_train, max_test=config.max_test,
                                               image_size=config.image_size)
+        self.x_val = self.y_val = None
+        if config.validation:
+            self.dataset, self.x_val, self.y_val = qdata_data.split_validation(
+                self.dataset, config.validation, config.seed)
         self.model = models.make_model(config.model, self.dataset.num_classes)
         self.params = models.init_params(self.model, jax.random.PRNGKey(config.seed), self.dataset.sample_shape)
         self.d = models.param_count(self.params)
@@ -69,7 +73,8 @@ class Experiment:
             "config": self.config.to_dict(),
             "dataset": {"name": ds.name, "synthetic": bool(ds.synthetic), "n": int(ds.n),
                         "sample_shape": list(ds.sample_shape), "num_classes": int(ds.num_classes),
-                        "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test))},
+                        "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
+                        "num_validation": 0 if self.y_val is None else int(len(self.y_val))},
             "model": {"name": self.config.model, "params": int(self.d)},
             "method": self.method.name,
             "downlink_bits_per_node_per_round": engine.downlink_bits_per_round(self.method, self.params),
@@ -191,6 +196,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             "encoder_counts": dict(encoder_counts),
             "wall_seconds": elapsed + time.perf_counter() - start,
         }
+        if exp.x_val is not None:
+            record["val_accuracy"] = float(models.accuracy(exp.model, params, exp.x_val, exp.y_val,
+                                                           to_float=exp.dataset.to_float))
         if config.target_accuracy is not None:
             so_far = [r for r in records if r["kind"] == "round"] + [record]
             record["bits_to_target_per_node"] = qresults.bits_to_reach(so_far, config.target_accuracy)
@@ -218,6 +226,19 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     if manager is not None:
         manager.close()
     return last
+
+
+def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
+    """Wall seconds of one round's node phase (all N nodes' messages) and learner phase (g and the
+    update) for ``config``, each compiled on its own from the round's own functions and timed on the
+    initial state (:func:`qdata.engine.time_phases`; median of ``repeats``)."""
+    exp = Experiment(config)
+    mesh = engine.node_mesh(config.num_devices)
+    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
+    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
+                                                        config.num_nodes, config.seed))
+    return engine.time_phases(exp.method, exp.optimizer, mesh, state, shards, batch_size=config.batch_size,
+                              repeats=repeats, to_float=exp.dataset.to_float)
 
 
 def final_params(out_dir: str | os.PathLike, config: RunConfig):

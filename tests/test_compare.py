@@ -1,71 +1,194 @@
-"""`qdata compare`, the main job, end to end on a few rounds; and the summary arithmetic."""
+"""`qdata compare`, the main job: a lineup end to end, the lineup loader, the protocol's choices
+(on validation only) and the table's arithmetic (targets, interpolation, totals, ratios)."""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from qdata import results as qresults
-from qdata.compare import TARGET_FRACTION, summarize
-from qdata.config import RunConfig
+from qdata.compare import TARGETS, choose_family_bests, choose_learning_rates, run_dir, summarize
+from qdata.lineup import load_lineup, parse_lineup, with_overrides
+
+TINY = """
+seeds = [0, 1]
+lr_grid = [0.1, 0.2]
+[base]
+dataset = "digits"
+model = "mlp:16"
+num_nodes = 2
+batch_size = 8
+rounds = 6
+eval_every = 3
+checkpoint_every = 0
+validation = 0.1
+[[run]]
+label = "sgd"
+method = "sgd"
+[[run]]
+label = "qdata-4b"
+method = "qdata"
+bits = 4
+cache = true
+[[run]]
+label = "topk-1%"
+family = "topk"
+method = "gradient"
+compressor = "topk:0.01"
+error_feedback = true
+[[run]]
+label = "topk-10%"
+family = "topk"
+method = "gradient"
+compressor = "topk:0.1"
+error_feedback = true
+"""
 
 
-def test_compare_command_writes_table_summary_and_figure(tmp_path):
+def _compare(args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "qdata.cli", "compare", *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_compare_command_runs_a_lineup_resumes_and_redraws(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
     out = tmp_path / "cmp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qdata.cli", "compare", "--rounds", "4", "--eval-every", "2", "--num-nodes", "2",
-         "--checkpoint-every", "0", "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=900)
+    proc = _compare(["--config", str(tmp_path / "tiny.toml"), "--out", str(out)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
-    labels = [r["method"] for r in summary["rows"]]
-    assert labels == ["qdata-4b", "qdata-4b+corr", "qdata-4b+gate", "qdata-4b+corr+gate", "sgd-fp32",
-                      "qsgd-s4-b512", "topk-0.1%-ef", "powersgd-r2-ef"]
-    # Every run shares the setting: same model size, nodes, rounds, seed.
-    headers = [qresults.load(out / label)[0] for label in labels]
-    assert len({(h["model"]["params"], h["config"]["num_nodes"], h["config"]["rounds"], h["config"]["seed"])
-                for h in headers}) == 1
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert list(rows) == ["sgd", "qdata-4b", "topk-1%", "topk-10%"]
+    assert sum(r["best_of_family"] for r in rows.values() if r["family"] == "topk") == 1
+    # Every run shares the setting; each seed's directory holds its own run.
+    headers = [qresults.load(run_dir(out, m, r["lr"], s))[0] for m, r in rows.items() for s in (0, 1)]
+    assert len({(h["model"]["params"], h["config"]["num_nodes"], h["config"]["rounds"]) for h in headers}) == 1
+    assert {h["config"]["seed"] for h in headers} == {0, 1}
+    assert all(h["dataset"]["num_validation"] == 144 for h in headers)  # 10% of digits' 1,437 training images
+    d = headers[0]["model"]["params"]
+    assert rows["sgd"]["uplink_bits_per_round"] == rows["sgd"]["downlink_bits_per_round"] == 32 * d
+    assert rows["qdata-4b"]["downlink_bits_per_round"] == 0  # no gate, no correction: no model at the nodes
+    assert rows["qdata-4b"]["node_seconds"] > 0 and rows["qdata-4b"]["learner_seconds"] > 0
+    assert "SGD - 1 pt" in proc.stdout and "95% of SGD" in proc.stdout
     assert (out / "accuracy_vs_bits.png").stat().st_size > 10_000
-    table = (out / "table.txt").read_text()
-    assert "digits" in table and "mlp" in table and "seed 0" in table
-    assert "qdata-4b" in proc.stdout
-    # The ledger's figure for SGD is exact: 32 bits per parameter per round.
-    sgd = summary["rows"][labels.index("sgd-fp32")]
-    assert sgd["uplink_bits_per_round"] == 32 * headers[0]["model"]["params"]
-    # Resuming a finished comparison reruns nothing and gives the same table.
-    stamps = {label: (out / label / "results.jsonl").stat().st_mtime_ns for label in labels}
-    again = subprocess.run(
-        [sys.executable, "-m", "qdata.cli", "compare", "--rounds", "4", "--eval-every", "2", "--num-nodes", "2",
-         "--checkpoint-every", "0", "--out", str(out), "--no-progress", "--resume"],
-        capture_output=True, text=True, timeout=900)
+    # Resuming a finished comparison trains nothing and gives the same rows (but the timings).
+    files = sorted(out.glob("*/lr*/seed*/results.jsonl"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = _compare(["--config", str(tmp_path / "tiny.toml"), "--out", str(out), "--resume"])
     assert again.returncode == 0, again.stderr
-    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
-    assert stamps == {label: (out / label / "results.jsonl").stat().st_mtime_ns for label in labels}
-    # The figure can be redrawn from the results files alone.
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rs]
+    assert strip(json.loads((out / "summary.json").read_text())["rows"]) == strip(summary["rows"])
+    assert stamps == [f.stat().st_mtime_ns for f in files]
     from paper_figures.compare import main as redraw
 
     assert redraw([str(out), "--out", str(tmp_path / "again.png")]).stat().st_size > 10_000
 
 
-def _run(label, method, accs, bits_per_round):
-    rounds = [{"round": i + 1, "test_accuracy": a, "cumulative_uplink_bits_per_node": bits_per_round * (i + 1)}
-              for i, a in enumerate(accs)]
-    return (label, RunConfig(method=method), {"config": {}}, rounds)
+def test_compare_refuses_flags_the_lineup_sets(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    for flags, word in ((["--bits", "3"], "--bits"), (["--rounds", "9"], "--rounds"), (["--seed", "2"], "--seed"),
+                        (["--lr", "0.3"], "--lr"), (["--compressor", "fp16"], "--compressor")):
+        proc = _compare(["--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "x"), *flags], timeout=120)
+        assert proc.returncode == 2 and word in proc.stderr, (flags, proc.stderr)
+    proc = _compare(["--config", str(tmp_path / "missing.toml")], timeout=120)
+    assert proc.returncode == 2 and "missing.toml" in proc.stderr
 
 
-def test_summary_bits_to_target_and_ratio():
-    runs = [
-        _run("sgd", "sgd", [0.5, 0.9, 1.0], 100),
-        _run("gc-a", "gradient", [0.5, 0.96, 0.97], 10),  # reaches 0.95 at round 2: 20 bits
-        _run("gc-b", "gradient", [0.2, 0.3, 0.96], 5),  # round 3: 15 bits, the best compressor
-        _run("q", "qdata", [0.96, 0.99, 1.0], 3),  # round 1: 3 bits -> 5x fewer than 15
-        _run("never", "qdata", [0.1, 0.2, 0.3], 1),
-    ]
-    s = summarize(runs)
-    assert s["reference_accuracy"] == 1.0 and abs(s["target_accuracy"] - TARGET_FRACTION) < 1e-12
-    rows = {r["method"]: r for r in s["rows"]}
-    assert s["best_compressor_bits_to_target"] == 15
-    assert rows["q"]["bits_to_target"] == 3 and rows["q"]["ratio_to_best_compressor"] == 5
-    assert rows["never"]["bits_to_target"] is None and rows["never"]["ratio_to_best_compressor"] is None
+@pytest.mark.parametrize("change, message", [
+    ("bogus = 1\n", "unknown key"),
+    ("[[run]]\nlabel = \"x\"\nbitz = 3\n", "bitz"),
+    ("[[run]]\nlabel = \"x\"\nrounds = 3\n", "rounds"),  # the base sets it
+    ("[[run]]\nlabel = \"sgd\"\nmethod = \"qdata\"\n", "duplicate"),
+    ("[[run]]\nlabel = \"sgd2\"\nmethod = \"sgd\"\n", "reference"),
+    ("[[run]]\nlabel = \"lr\"\nlr = 0.3\n", "lr"),
+])
+def test_lineup_loader_refuses_bad_files(tmp_path, change, message):
+    top, _, runs = TINY.partition("[base]")
+    text = (top + change + "[base]" + runs) if not change.startswith("[[run]]") else TINY + change
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_lineup(tmp_path / "bad.toml")
+
+
+def test_lineup_needs_a_validation_split_and_a_reference():
+    import tomllib
+
+    values = tomllib.loads(TINY)
+    del values["base"]["validation"]
+    with pytest.raises(ValueError, match="validation"):
+        parse_lineup(values)
+    values = tomllib.loads(TINY)
+    values["run"] = [r for r in values["run"] if r["method"] != "sgd"]
+    with pytest.raises(ValueError, match="reference"):
+        parse_lineup(values)
+    lineup = parse_lineup(tomllib.loads(TINY))
+    assert with_overrides(lineup, {"max_test": 50}).runs[1].config.max_test == 50
+    with pytest.raises(ValueError, match="--num-nodes"):
+        with_overrides(lineup, {"num_nodes": 4})
+
+
+def test_default_lineups_load():
+    digits = load_lineup("compare_digits.toml")
+    assert digits.reference.label == "sgd-fp32" and digits.seeds == (0, 1, 2)
+    families = {r.family for r in digits.runs if r.config.method == "gradient"}
+    assert {"topk-ef", "qsgd", "ef-sign", "terngrad", "fp16"} <= families
+
+
+def test_crossing_interpolates_between_the_straddling_evaluations():
+    rounds = [{"round": 10, "test_accuracy": 0.5, "cumulative_uplink_bits_per_node": 100},
+              {"round": 20, "test_accuracy": 0.9, "cumulative_uplink_bits_per_node": 300}]
+    hit = qresults.crossing(rounds, 0.6)
+    assert hit == {"round": 12.5, "uplink_bits_per_node": 150.0}
+    assert qresults.crossing(rounds, 0.4) == {"round": 10.0, "uplink_bits_per_node": 100.0}  # the first evaluation
+    assert qresults.crossing(rounds, 0.95) is None
+
+
+def _fake(val, test, bits_per_round, down=0, rounds_each=10):
+    header = {"downlink_bits_per_node_per_round": down, "dataset": {"name": "fake", "synthetic": True, "n": 4},
+              "model": {"name": "m", "params": 1}, "config": {"num_nodes": 2, "partition": "iid", "batch_size": 1,
+                                                              "rounds": rounds_each * len(val), "seed": 0}}
+    rounds = [{"round": rounds_each * (i + 1), "val_accuracy": v, "test_accuracy": t,
+               "cumulative_uplink_bits_per_node": bits_per_round * rounds_each * (i + 1)}
+              for i, (v, t) in enumerate(zip(val, test))]
+    return header, rounds
+
+
+def test_choices_use_validation_only_and_the_table_arithmetic():
+    import tomllib
+
+    lineup = parse_lineup({**tomllib.loads(TINY), "seeds": [0], "tune_seeds": [0]})
+    results = {
+        # SGD: validation prefers lr 0.2, although lr 0.1 is better on test.
+        ("sgd", 0.1, 0): _fake([0.5, 0.8], [0.5, 0.99], 1000, down=1000),
+        ("sgd", 0.2, 0): _fake([0.6, 0.9], [0.6, 1.0], 1000, down=1000),
+        ("qdata-4b", 0.1, 0): _fake([0.7, 0.95], [0.96, 0.99], 10),
+        ("qdata-4b", 0.2, 0): _fake([0.1, 0.1], [0.1, 0.1], 10),
+        # top-k: 10% reaches SGD's validation accuracy - 1 pt (0.89) with fewer bits than 1%.
+        ("topk-1%", 0.1, 0): _fake([0.5, 0.95], [0.5, 0.95], 100, down=1000),
+        ("topk-1%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 100, down=1000),
+        ("topk-10%", 0.1, 0): _fake([0.95, 0.95], [0.97, 0.995], 40, down=1000),
+        ("topk-10%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 40, down=1000),
+    }
+    chosen = choose_learning_rates(lineup, results)
+    assert chosen == {"sgd": 0.2, "qdata-4b": 0.1, "topk-1%": 0.1, "topk-10%": 0.1}
+    bests = choose_family_bests(lineup, results, chosen)
+    assert bests["topk"] == "topk-10%"
+    phases = {r.label: {"node_seconds": 0.1, "learner_seconds": 0.2} for r in lineup.runs}
+    summary = summarize(lineup, results, chosen, bests, phases)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert summary["sgd_final_test_accuracy"] == [1.0]
+    # Target SGD - 1 pt = 0.99 (test). top-k 10%: 0.97 at round 10 (400 bits), 0.995 at 20 (800 bits):
+    # interpolated at 0.8 of the way, round 18, 720 uplink bits, + 18 x 1000 downlink.
+    topk = rows["topk-10%"]["targets"]["SGD - 1 pt"]
+    assert topk["uplink"]["mean"] == pytest.approx(720) and topk["total"]["mean"] == pytest.approx(18_720)
+    # qdata: 0.96 -> 0.99 reaches 0.99 at round 20 exactly: 200 bits, no downlink.
+    q = rows["qdata-4b"]["targets"]["SGD - 1 pt"]
+    assert q["uplink"]["mean"] == pytest.approx(200) and q["total"]["mean"] == pytest.approx(200)
+    assert q["ratio_uplink"] == pytest.approx(720 / 200) and q["ratio_total"] == pytest.approx(18_720 / 200)
+    assert summary["best_qdata_ratio"] == {"uplink": pytest.approx(3.6), "total": pytest.approx(93.6)}
+    assert rows["topk-1%"]["targets"]["SGD - 1 pt"]["reached"] == 0  # 0.95 < 0.99
+    assert rows["topk-1%"]["targets"]["SGD - 1 pt"]["ratio_uplink"] is None
+    assert set(TARGETS) == {"95% of SGD", "SGD - 1 pt"}
 
 
 def test_bench_step_quick_runs(capsys):
