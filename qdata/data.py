@@ -8,6 +8,10 @@ Four sources, one result type (:class:`Dataset`), all offline unless the data wa
   prepared* (in the ``array_record`` format); qdata never downloads, so a machine without the data
   gets a :class:`DatasetUnavailableError` at once, never a hang;
 * ``"idx:PATH"``: MNIST-format IDX files in a local directory (MNIST, Fashion-MNIST, KMNIST);
+* ``"fashion_mnist"``: tensorflow-datasets where it is prepared, otherwise the IDX files of the
+  Debian/Ubuntu package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, or the
+  directory in ``$QDATA_FASHION_MNIST_DIR``); :attr:`Dataset.source` and the name say which
+  (:data:`INSTALLED_IDX`);
 * ``"synthetic:HxWxC:CLASSES"`` / ``"synthetic:N_DIM:CLASSES"``: seeded, learnable data of any shape for
   throughput and scale runs, flagged ``synthetic=True`` so every report can say so.
 
@@ -41,7 +45,7 @@ import numpy as np
 from qdata.codecs.base import check_finite
 
 __all__ = [
-    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "to_float", "check_image_size",
+    "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "INSTALLED_IDX", "InstalledIdx", "to_float", "check_image_size",
     "partition_iid", "partition_dirichlet", "partition_similarity", "partition", "PARTITIONS",
     "NodeData", "stack_nodes", "sample_node_batches", "available_counts", "streaming_counts",
 ]
@@ -50,6 +54,8 @@ LOCAL_SOURCES = (
     "'digits' (scikit-learn's 8x8 handwritten digits, embedded, always available)",
     "'idx:PATH' (MNIST-format IDX files in a local directory: MNIST, Fashion-MNIST, KMNIST)",
     "'synthetic:HxWxC:CLASSES' or 'synthetic:N_DIM:CLASSES' (seeded synthetic data, e.g. 'synthetic:32x32x3:10')",
+    "'fashion_mnist' where the Debian/Ubuntu package dataset-fashion-mnist is installed "
+    "(apt-get install -y dataset-fashion-mnist: IDX files in /usr/share/datasets/fashion-mnist)",
 )
 _ACCEPTED_FORMS = (
     "'digits', a tensorflow-datasets name prepared locally (e.g. 'cifar10', 'mnist', 'fashion_mnist', "
@@ -87,6 +93,8 @@ class Dataset:
         sides of a link (the data quantizer's default range); (0, 1) for images.
       x_divisor: what the stored integers are divided by to give the float values: 255 for 8-bit
         images, 16 for digits; 1 for float32 data, which is stored as its values.
+      source: where the samples were read from, in words (e.g. "IDX files in
+        /usr/share/datasets/fashion-mnist", "tensorflow-datasets, prepared in DIR"); "" if not said.
     """
 
     x_train: np.ndarray
@@ -98,6 +106,7 @@ class Dataset:
     synthetic: bool = False
     value_range: tuple[float, float] = (0.0, 1.0)
     x_divisor: float = 1.0
+    source: str = ""
 
     def __post_init__(self):
         _check_storage(self.name, self.x_train.dtype, self.x_test.dtype, self.x_divisor)
@@ -224,7 +233,8 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
       A :class:`Dataset`.
 
     Raises:
-      DatasetUnavailableError: a tensorflow-datasets name that is unknown or not prepared locally.
+      DatasetUnavailableError: a tensorflow-datasets name that is unknown or not prepared locally
+        (for a name of :data:`INSTALLED_IDX`: neither prepared nor installed as IDX files).
       ValueError: a malformed spec or argument, missing IDX files, or data holding NaN/inf.
     """
     if not isinstance(spec, str) or not spec.strip():
@@ -240,6 +250,9 @@ def load_dataset(spec: str, *, data_dir: str | os.PathLike | None = None, seed: 
         data = _load_idx(spec[len("idx:"):])
     elif spec.startswith("synthetic:"):
         return _load_synthetic(spec, seed, max_train, max_test)
+    elif spec in INSTALLED_IDX:
+        data = _load_installed(spec, data_dir, seed, max_train, max_test, image_size)
+        max_train = max_test = None  # already subsampled while reading
     elif re.fullmatch(r"[A-Za-z0-9_]+(/[A-Za-z0-9_.=,\-]+)*(:[0-9]+\.[0-9]+\.[0-9]+)?", spec):
         data = _load_tfds(spec, data_dir, seed, max_train, max_test, image_size)
         max_train = max_test = None  # already subsampled while reading
@@ -293,7 +306,7 @@ def _subsample(x, y, limit, rng):
 
 
 def _finished(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, synthetic=False,
-              value_range=(0.0, 1.0), x_divisor=1.0) -> Dataset:
+              value_range=(0.0, 1.0), x_divisor=1.0, source: str = "") -> Dataset:
     """Build the Dataset after the NaN/inf check every source goes through; uint8 samples stay
     uint8 (their value is x / x_divisor), anything else becomes float32."""
     for split, x in (("x_train", x_train), ("x_test", x_test)):
@@ -302,7 +315,8 @@ def _finished(name: str, x_train, y_train, x_test, y_test, num_classes: int, *, 
     return Dataset(x_train=stored(x_train), y_train=np.asarray(y_train, np.int32),
                    x_test=stored(x_test), y_test=np.asarray(y_test, np.int32),
                    num_classes=int(num_classes), name=name, synthetic=synthetic,
-                   value_range=(float(value_range[0]), float(value_range[1])), x_divisor=float(x_divisor))
+                   value_range=(float(value_range[0]), float(value_range[1])), x_divisor=float(x_divisor),
+                   source=source)
 
 
 def _load_digits() -> Dataset:
@@ -315,7 +329,8 @@ def _load_digits() -> Dataset:
     y = digits.target.astype(np.int32)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=DIGITS_TEST_SIZE, stratify=y, random_state=_DIGITS_SPLIT_SEED)
-    return _finished("digits", x_train, y_train, x_test, y_test, 10, x_divisor=DIGITS_LEVELS)
+    return _finished("digits", x_train, y_train, x_test, y_test, 10, x_divisor=DIGITS_LEVELS,
+                     source="scikit-learn's embedded digits")
 
 
 # IDX dtype codes (LeCun's MNIST page): the third magic byte; data is big-endian.
@@ -344,10 +359,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def _load_idx(directory: str) -> Dataset:
-    if not directory:
-        raise ValueError("dataset spec 'idx:' needs a directory: 'idx:PATH', got an empty PATH")
-    directory = os.path.expanduser(directory)
+def _idx_paths(directory: str) -> tuple[dict, list]:
+    """The paths of the four IDX files in ``directory`` (each optionally .gz), and the stems missing."""
     found, missing = {}, []
     for key, stem in IDX_FILES.items():
         for candidate in (stem, stem + ".gz"):
@@ -356,6 +369,14 @@ def _load_idx(directory: str) -> Dataset:
                 break
         else:
             missing.append(stem)
+    return found, missing
+
+
+def _load_idx(directory: str) -> Dataset:
+    if not directory:
+        raise ValueError("dataset spec 'idx:' needs a directory: 'idx:PATH', got an empty PATH")
+    directory = os.path.expanduser(directory)
+    found, missing = _idx_paths(directory)
     if missing:
         raise ValueError(f"IDX dataset directory {directory!r} lacks {', '.join(missing)} (optionally .gz); "
                          f"expected the files {', '.join(IDX_FILES.values())}")
@@ -388,7 +409,79 @@ def _load_idx(directory: str) -> Dataset:
         raise ValueError(f"{directory}: labels must be non-negative")
     num_classes = int(max(y_train.max(), y_test.max())) + 1
     return _finished(name, x_train, y_train, x_test, y_test, num_classes, value_range=value_range,
-                     x_divisor=x_divisor)
+                     x_divisor=x_divisor, source=f"IDX files in {directory}")
+
+
+class InstalledIdx(NamedTuple):
+    """Where a system package installs a dataset as IDX files, read when tensorflow-datasets has
+    not prepared it (see :func:`load_dataset`).
+
+    Attributes:
+      env: the environment variable naming a directory that holds the four IDX files; when set, it
+        is used instead of ``dirs``.
+      dirs: the directories the package installs them to, looked in in order.
+      install: the command that installs the package.
+    """
+
+    env: str
+    dirs: tuple[str, ...]
+    install: str
+
+
+INSTALLED_IDX = {
+    "fashion_mnist": InstalledIdx("QDATA_FASHION_MNIST_DIR", ("/usr/share/datasets/fashion-mnist",),
+                                  "apt-get install -y dataset-fashion-mnist"),
+}
+
+
+def _installed_idx_dir(spec: str) -> tuple[str | None, str]:
+    """The directory of ``spec``'s installed IDX files (None if there is none), and where it looked.
+
+    A directory set in the environment variable is the only one looked in; if it lacks a file, that
+    is an error rather than a silent fall-back to the package's directory."""
+    entry = INSTALLED_IDX[spec]
+    override = os.environ.get(entry.env, "").strip()
+    if override:
+        directory = os.path.expanduser(override)
+        missing = _idx_paths(directory)[1]
+        if missing:
+            raise DatasetUnavailableError(
+                f"${entry.env} is {override!r}, but that directory lacks {', '.join(missing)} (optionally .gz): "
+                f"it must hold the IDX files {', '.join(IDX_FILES.values())}; unset it to look in "
+                f"{', '.join(entry.dirs)}")
+        return directory, f"${entry.env}={override}"
+    for directory in entry.dirs:
+        if not _idx_paths(directory)[1]:
+            return directory, directory
+    return None, f"{', '.join(entry.dirs)} (and ${entry.env}, unset)"
+
+
+def _load_installed(spec: str, data_dir, seed: int, max_train, max_test, image_size) -> Dataset:
+    """tensorflow-datasets where ``spec`` is prepared, else its installed IDX files (subsampled and
+    resized as tensorflow-datasets would be), else an error that says how to get either."""
+    try:
+        return _load_tfds(spec, data_dir, seed, max_train, max_test, image_size)
+    except DatasetUnavailableError as err:
+        not_prepared = err
+    directory, looked = _installed_idx_dir(spec)
+    if directory is None:
+        entry = INSTALLED_IDX[spec]
+        raise DatasetUnavailableError(
+            f"dataset {spec!r} is neither prepared for tensorflow-datasets nor installed as IDX files (looked "
+            f"in {looked}). To get the IDX files (Debian/Ubuntu): {entry.install} (they go to "
+            f"{entry.dirs[0]}); or put the files {', '.join(IDX_FILES.values())} (optionally .gz) in a "
+            f"directory DIR and set {entry.env}=DIR. Or prepare it for tensorflow-datasets: {not_prepared}"
+        ) from None
+    data = _load_idx(directory)
+    rng = np.random.default_rng(seed)
+    x_train, y_train = _subsample(data.x_train, data.y_train, max_train, rng)
+    x_test, y_test = _subsample(data.x_test, data.y_test, max_test, rng)
+    name = spec
+    if image_size is not None:
+        resize = lambda x: np.stack([_resize_center_crop(img, image_size) for img in x])
+        x_train, x_test, name = resize(x_train), resize(x_test), f"{spec}@{image_size}"
+    return dataclasses.replace(data, name=f"{name} (IDX files from {directory})", x_train=x_train,
+                               y_train=y_train, x_test=x_test, y_test=y_test)
 
 
 def _parse_synthetic(spec: str) -> tuple[tuple[int, ...], int]:
@@ -428,7 +521,8 @@ def _load_synthetic(spec: str, seed: int, max_train, max_test) -> Dataset:
 
     x_train, y_train = draw(n_train)
     x_test, y_test = draw(n_test)
-    return _finished(spec, x_train, y_train, x_test, y_test, classes, synthetic=True)
+    return _finished(spec, x_train, y_train, x_test, y_test, classes, synthetic=True,
+                     source=f"generated (seed {seed})")
 
 
 def _unavailable_message(name: str, data_dir, looked_in: str) -> str:
@@ -492,7 +586,8 @@ def _load_tfds(spec: str, data_dir, seed: int, max_train, max_test, image_size) 
     x_test, y_test = _read_split(sources[1], max_test, rng, image_key, label_key, image_size)
     name = spec if image_size is None else f"{spec}@{image_size}"
     x_divisor = 255.0 if x_train.dtype == np.uint8 else 1.0
-    return _finished(name, x_train, y_train, x_test, y_test, num_classes, x_divisor=x_divisor)
+    return _finished(name, x_train, y_train, x_test, y_test, num_classes, x_divisor=x_divisor,
+                     source=f"tensorflow-datasets, prepared in {builder.data_dir}")
 
 
 def _supervised_keys(info, spec: str) -> tuple[str, str]:

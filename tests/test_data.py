@@ -285,6 +285,80 @@ def test_idx_nan_is_rejected(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# fashion_mnist: tensorflow-datasets where prepared, else the installed IDX files
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda self, *a, **k: pytest.fail("qdata must never download"))
+
+
+def installed_at(monkeypatch, *dirs):
+    """Look for the installed Fashion-MNIST IDX files in ``dirs`` only, the variable unset."""
+    entry = data.INSTALLED_IDX["fashion_mnist"]
+    monkeypatch.delenv(entry.env, raising=False)
+    monkeypatch.setitem(data.INSTALLED_IDX, "fashion_mnist", entry._replace(dirs=tuple(map(str, dirs))))
+
+
+def test_fashion_mnist_reads_the_idx_files_named_by_the_environment(tmp_path, monkeypatch, no_download):
+    idx_dir = tmp_path / "idx"
+    idx_dir.mkdir()
+    arrays = make_idx_dir(idx_dir, True, np.random.default_rng(0))
+    monkeypatch.setenv("QDATA_FASHION_MNIST_DIR", str(idx_dir))
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")  # nothing prepared there
+    assert ds.name == f"fashion_mnist (IDX files from {idx_dir})" and ds.source == f"IDX files in {idx_dir}"
+    np.testing.assert_array_equal(ds.x_train[..., 0], arrays["x_train"])
+    np.testing.assert_array_equal(ds.y_test, arrays["y_test"])
+    assert ds.x_train.dtype == np.uint8 and ds.x_divisor == 255.0 and ds.num_classes == 3
+    # Subsets are the ones 'idx:PATH' draws with the same seed; image_size resizes as for tfds.
+    small = load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", max_train=4, max_test=2, seed=1)
+    same = load_dataset(f"idx:{idx_dir}", max_train=4, max_test=2, seed=1)
+    np.testing.assert_array_equal(small.x_train, same.x_train)
+    np.testing.assert_array_equal(small.y_test, same.y_test)
+    resized = load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", image_size=3)
+    assert resized.sample_shape == (3, 3, 1) and resized.name.startswith("fashion_mnist@3 (IDX files from ")
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_fashion_mnist_looks_in_the_package_directories(tmp_path, monkeypatch, no_download):
+    make_idx_dir(tmp_path, False, np.random.default_rng(1))
+    installed_at(monkeypatch, tmp_path / "absent", tmp_path)
+    ds = load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
+    assert ds.name == f"fashion_mnist (IDX files from {tmp_path})" and ds.num_train == 7
+
+
+def test_fashion_mnist_prefers_prepared_tfds(mocked_tfds, tmp_path, monkeypatch):
+    make_idx_dir(tmp_path, False, np.random.default_rng(2))
+    monkeypatch.setenv("QDATA_FASHION_MNIST_DIR", str(tmp_path))
+    ds = load_dataset("fashion_mnist", max_test=4)
+    assert ds.name == "fashion_mnist" and ds.source.startswith("tensorflow-datasets, prepared in ")
+    assert ds.x_train.shape == (9, 28, 28, 1) and ds.num_classes == 10
+
+
+def test_fashion_mnist_missing_everywhere_says_how_to_get_it(tmp_path, monkeypatch, no_download):
+    installed_at(monkeypatch, tmp_path / "absent")
+    start = time.monotonic()
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
+    assert time.monotonic() - start < 5.0
+    msg = str(info.value)
+    for needed in ("'fashion_mnist'", "apt-get install -y dataset-fashion-mnist", "QDATA_FASHION_MNIST_DIR=DIR",
+                   str(tmp_path / "absent"), "train-images-idx3-ubyte", "not prepared", "tfds build fashion_mnist",
+                   "download_and_prepare"):
+        assert needed in msg, needed
+
+
+def test_fashion_mnist_variable_naming_an_incomplete_directory(tmp_path, monkeypatch, no_download):
+    make_idx_dir(tmp_path, False, np.random.default_rng(3))
+    os.remove(tmp_path / "t10k-images-idx3-ubyte")
+    installed_at(monkeypatch)
+    monkeypatch.setenv("QDATA_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(DatasetUnavailableError, match=r"QDATA_FASHION_MNIST_DIR.*lacks t10k-images-idx3-ubyte"):
+        load_dataset("fashion_mnist", data_dir=tmp_path / "tfds")
+
+
+# ----------------------------------------------------------------------------------------------
 # synthetic
 
 
