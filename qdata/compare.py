@@ -148,6 +148,55 @@ def _add_ratios(rows: list[dict]) -> dict:
     return {f"{name} / {measure}": label for (name, measure), label in best.items()}
 
 
+def _floor_runs(lineup: Lineup, out: Path, lr: float, progress: bool, resume: bool) -> dict:
+    """The one-shot floors (:mod:`qdata.floors`) of every seed: each node's shard as its runs hold
+    it, coded losslessly and at each of the lineup's B with stochastic rounding, by every coder
+    (the cheapest counts); the learner then trains centrally on the decoded data (full-precision
+    SGD at the reference's learning rate, one node of batch N*b: the same samples a step and the
+    same steps as SGD). Returns ``{B: {"rows": per-seed coder rows, "rounds": per-seed results}}``."""
+    from qdata import floors
+    from qdata.run import Experiment
+
+    ref = lineup.reference.config.replace(lr=lr)
+    found: dict = {}
+    for seed in lineup.seeds:
+        exp = Experiment(ref.replace(seed=seed))  # the nodes' shards, after the validation split
+        for b in (None, *lineup.floors.get("bits", ())):
+            rows = floors.floor_rows(exp.dataset, exp.index, exp.count, bits=(b,), rounding="stochastic",
+                                     coders=lineup.floors.get("coders") or floors.CODERS, seed=seed)
+            central = floors.central_dataset(exp.dataset, floors.floor_payloads(
+                exp.dataset, exp.index, exp.count, "zstd", b, rounding="stochastic", seed=seed))
+            name = f"floor-{'lossless' if b is None else f'{b}b'}"
+            config = ref.replace(name=name, num_nodes=1, batch_size=ref.num_nodes * ref.batch_size,
+                                 validation=0.0, seed=seed)
+            directory = out / name / f"seed{seed}"
+            train(config, directory, progress=progress, resume=resume, dataset=central)
+            entry = found.setdefault(b, {"rows": [], "rounds": []})
+            entry["rows"].append(rows)
+            entry["rounds"].append(qresults.load(directory)[1])
+    return found
+
+
+def _floor_summary(found: dict, sgd_final: list[float]) -> list[dict]:
+    """Floor rows of the table: the cheapest coder's bits per node (mean over nodes and seeds), the
+    central model's final test accuracy, and each target reached if the central run reaches it
+    (the bits are all paid before training: to-target bits are the floor's bits)."""
+    summary = []
+    for b, entry in found.items():
+        best = [next(r for r in rows if r["best"]) for rows in entry["rows"]]
+        bits = _mean([r["mean_bits_per_node"] for r in best])
+        row = {"label": f"{'lossless' if b is None else f'{b}-bit stochastic'} ({', '.join(sorted({r['coder'] for r in best}))})",
+               "bits": bits, "data_bits": b, "coders_per_seed": entry["rows"],
+               "final_test_accuracy": _spread([rounds[-1]["test_accuracy"] for rounds in entry["rounds"]]),
+               "accuracy": _mean([rounds[-1]["test_accuracy"] for rounds in entry["rounds"]]), "targets": {}}
+        for name, rule in TARGETS.items():
+            reached = sum(qresults.crossing(rounds, rule(acc)) is not None
+                          for rounds, acc in zip(entry["rounds"], sgd_final))
+            row["targets"][name] = {"reached": reached, "seeds": len(entry["rounds"])}
+        summary.append(row)
+    return summary
+
+
 def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: dict) -> dict:
     """The comparison as data (module docstring)."""
     ref = lineup.reference
@@ -205,6 +254,15 @@ def format_table(summary: dict) -> str:
             lines.append(f"{mark}{r['method']:<21}{t['reached']:>5}/{t['seeds']:<2}{_fmt_spread(t['uplink']):>34}"
                          f"{_fmt_spread(t['total']):>34}{_fmt_ratio(t['ratio_uplink']):>8}"
                          f"{_fmt_ratio(t['ratio_total']):>8}")
+    if summary.get("floors"):
+        lines += ["", "floors: each node ships its whole shard once (no model goes down), coded by real coders "
+                  "(bits per node: 8 x the coded bytes, labels included; the cheapest coder); the learner trains "
+                  "centrally on it (SGD, one node of batch N*b, the reference's learning rate)",
+                  f"{'floor':<36}{'bits per node':>16}{'central test acc':>24}{'95% of SGD':>12}{'SGD - 1 pt':>12}"]
+        for f in summary["floors"]:
+            reach = [f"{f['targets'][n]['reached']}/{f['targets'][n]['seeds']}" for n in summary["targets"]]
+            lines.append(f"{f['label']:<36}{f['bits']:>16,.0f}{_fmt_spread(f['final_test_accuracy'], '.4f'):>24}"
+                         f"{reach[0]:>12}{reach[1]:>12}")
     best = summary["best_gradient_compressor"]
     lines += ["", "* best of its family (chosen on validation). x up / x total: the best gradient compressor's "
               "bits to the target over this method's (family bests reaching it on every seed: "
@@ -250,6 +308,9 @@ def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = No
     phases = {r.label: phase_seconds(r.config.replace(lr=chosen[r.label], seed=lineup.seeds[0]))
               for r in lineup.runs}
     summary = summarize(lineup, results, chosen, bests, phases)
+    if lineup.floors:
+        found = _floor_runs(lineup, out, chosen[lineup.reference.label], progress, resume)
+        summary["floors"] = _floor_summary(found, summary["sgd_final_test_accuracy"])
     table = format_table(summary)
     (out / "table.txt").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -48,9 +48,9 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
 class Experiment:
     """The pieces a config describes, built once: data, shards, model, method, optimizer."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, dataset: qdata_data.Dataset | None = None):
         self.config = config
-        self.dataset = qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
+        self.dataset = dataset if dataset is not None else qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
                                               max_train=config.max_train, max_test=config.max_test,
                                               image_size=config.image_size)
         self.x_val = self.y_val = None
@@ -71,7 +71,7 @@ class Experiment:
         return {
             "kind": "config",
             "config": self.config.to_dict(),
-            "dataset": {"name": ds.name, "synthetic": bool(ds.synthetic), "n": int(ds.n),
+            "dataset": {"name": ds.name, "source": getattr(ds, "source", None), "synthetic": bool(ds.synthetic), "n": int(ds.n),
                         "sample_shape": list(ds.sample_shape), "num_classes": int(ds.num_classes),
                         "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
                         "num_validation": 0 if self.y_val is None else int(len(self.y_val))},
@@ -97,7 +97,7 @@ def _write_records(path: Path, records: list[dict]) -> None:
 
 
 def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = False,
-          on_round: Callable[[dict], None] | None = None) -> dict:
+          on_round: Callable[[dict], None] | None = None, dataset: qdata_data.Dataset | None = None) -> dict:
     """Run ``config`` and write ``out_dir/results.jsonl``; return the last round's record.
 
     Args:
@@ -106,6 +106,8 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
       resume: continue from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
       progress: show a progress bar.
       on_round: called with each round record after it is written (and after its checkpoint).
+      dataset: train on this prepared dataset instead of loading ``config.dataset`` (e.g. the data
+        the learner holds after a one-shot floor, :func:`qdata.floors.central_dataset`).
     """
     out = Path(out_dir)
     results_path = out / "results.jsonl"
@@ -119,7 +121,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         if finished and finished[-1]["round"] >= config.rounds:
             return finished[-1]  # nothing left to do
 
-    exp = Experiment(config)
+    exp = Experiment(config, dataset)
     mesh = engine.node_mesh(config.num_devices)
     engine.check_nodes_fit(config.num_nodes, mesh)
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)

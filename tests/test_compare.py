@@ -14,6 +14,7 @@ from qdata.lineup import load_lineup, parse_lineup, with_overrides
 TINY = """
 seeds = [0, 1]
 lr_grid = [0.1, 0.2]
+floors = { bits = [4], coders = ["png", "zstd"] }
 [base]
 dataset = "digits"
 model = "mlp:16"
@@ -71,6 +72,15 @@ def test_compare_command_runs_a_lineup_resumes_and_redraws(tmp_path):
     assert rows["qdata-4b"]["node_seconds"] > 0 and rows["qdata-4b"]["learner_seconds"] > 0
     assert "SGD - 1 pt" in proc.stdout and "95% of SGD" in proc.stdout
     assert (out / "accuracy_vs_bits.png").stat().st_size > 10_000
+    # The floors: the cheapest real coder's bytes, the central model's accuracy, in the table.
+    floors = {f["data_bits"]: f for f in summary["floors"]}
+    assert set(floors) == {None, 4}
+    for f in floors.values():
+        per_seed = [min(c["mean_bits_per_node"] for c in rows) for rows in f["coders_per_seed"]]
+        assert len(per_seed) == 2 and f["bits"] == pytest.approx(sum(per_seed) / 2) and f["bits"] > 0
+        assert all({c["coder"] for c in rows} == {"png", "zstd"} for rows in f["coders_per_seed"])
+        assert 0 < f["final_test_accuracy"]["mean"] <= 1
+    assert "floors:" in proc.stdout and "lossless" in proc.stdout
     # Resuming a finished comparison trains nothing and gives the same rows (but the timings).
     files = sorted(out.glob("*/lr*/seed*/results.jsonl"))
     stamps = [f.stat().st_mtime_ns for f in files]
