@@ -228,7 +228,7 @@ def _fmt_spread(spread: dict | None, digits: str = ",.0f") -> str:
 
 
 def _fmt_ratio(value) -> str:
-    return "-" if value is None else f"{value:.3g}"
+    return "-" if value is None else (f"{value:.3g}" if value < 1000 else f"{value:,.0f}")
 
 
 def format_table(summary: dict) -> str:
@@ -247,13 +247,13 @@ def format_table(summary: dict) -> str:
     for name in summary["targets"]:
         acc = ", ".join(f"{TARGETS[name](a):.4f}" for a in summary["sgd_final_test_accuracy"])
         lines += ["", f"target {name} (test accuracy per seed: {acc}); bits per node to reach it, interpolated",
-                  f"{'method':<22}{'reached':>8}{'uplink bits':>34}{'total bits':>34}{'x up':>8}{'x total':>8}"]
+                  f"{'method':<22}{'reached':>8}{'uplink bits':>40}{'total bits':>44}{'x up':>9}{'x total':>9}"]
         for r in summary["rows"]:
             t = r["targets"][name]
             mark = "*" if r["best_of_family"] else " "
-            lines.append(f"{mark}{r['method']:<21}{t['reached']:>5}/{t['seeds']:<2}{_fmt_spread(t['uplink']):>34}"
-                         f"{_fmt_spread(t['total']):>34}{_fmt_ratio(t['ratio_uplink']):>8}"
-                         f"{_fmt_ratio(t['ratio_total']):>8}")
+            lines.append(f"{mark}{r['method']:<21}{t['reached']:>5}/{t['seeds']:<2}{_fmt_spread(t['uplink']):>40}"
+                         f"{_fmt_spread(t['total']):>44} {_fmt_ratio(t['ratio_uplink']):>8}"
+                         f" {_fmt_ratio(t['ratio_total']):>8}")
     if summary.get("floors"):
         lines += ["", "floors: each node ships its whole shard once (no model goes down), coded by real coders "
                   "(bits per node: 8 x the coded bytes, labels included; the cheapest coder); the learner trains "
