@@ -132,16 +132,17 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, measure in zip(axes, ("uplink", "total")):
-        for label, header, rounds in runs:
+        for i, (label, header, rounds) in enumerate(runs):
             down = header["downlink_bits_per_node_per_round"] if measure == "total" else 0
             xs = [r["cumulative_uplink_bits_per_node"] + down * r["round"] for r in rounds]
-            ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label)
+            ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label,
+                    color=plt.cm.tab20(i % 20), linestyle="-" if "qdata" in label else "--")
         for (name, acc), style in zip(targets.items(), (":", "--")):
             ax.axhline(acc, color="grey", linestyle=style, label=f"target {name} ({acc:.3f})")
-        for i, floor in enumerate(floors or []):
-            ax.axvline(floor["bits"], color=f"C{(i + 3) % 10}", linestyle="-.", alpha=0.7, label=f"floor: {floor['label']}")
+        for floor, style in zip(floors or [], ("-.", (0, (1, 3)), (0, (5, 2, 1, 2)))):
+            ax.axvline(floor["bits"], color="black", linestyle=style, alpha=0.8, label=f"floor: {floor['label']}")
             if floor.get("accuracy") is not None:
-                ax.plot([floor["bits"]], [floor["accuracy"]], marker="*", markersize=11, color=f"C{(i + 3) % 10}")
+                ax.plot([floor["bits"]], [floor["accuracy"]], marker="*", markersize=11, color="black")
         ax.set_xscale("log")
         ax.set_xlabel(f"cumulative {measure} bits per node (exact{', uplink + model broadcast' if measure == 'total' else ''})")
         ax.grid(True, which="both", alpha=0.3)
