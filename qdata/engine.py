@@ -31,6 +31,7 @@ round, global node index), so results do not depend on how nodes are placed on d
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
