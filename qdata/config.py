@@ -12,9 +12,13 @@ Python. Compressors are named by short specs, parsed once the model size d is kn
 ``qsgd:S:BUCKET``      QSGD with S levels and a norm per bucket of BUCKET coordinates
 ``terngrad``           TernGrad
 ``sign``               scaled sign (biased; use with error feedback)
-``powersgd:R``         PowerSGD of rank R (biased; use with error feedback)
+``powersgd:R``         PowerSGD of rank R, each node its own Q (biased; use with error feedback)
 ``ef:SPEC``            SPEC wrapped in error feedback (e.g. ``ef:topk:64``)
 =====================  =========================================================
+
+``powersgd_allreduce:R`` is PowerSGD as Vogels et al. publish it (P summed over the nodes before
+orthogonalization, one shared Q, two reductions a round): a method of its own
+(:mod:`qdata.methods.powersgd`), for ``method = "gradient"`` only; error feedback as configured.
 """
 
 from __future__ import annotations
@@ -167,7 +171,11 @@ def make_compressor(spec: str, d: int):
         return compressors.scaled_sign()
     if name == "powersgd":
         return compressors.powersgd(int(arg) if arg else 2)
+    if name == "powersgd_allreduce":
+        raise ValueError(f"{spec!r} is a method (two reductions a round, one shared Q), not a compressor of one "
+                         "message: use it as method='gradient' with compressor='powersgd_allreduce:R', "
+                         "not as a correction or inside another spec")
     raise ValueError(
         f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S[:BUCKET], terngrad, sign, "
-        "powersgd:R, ef:SPEC"
+        "powersgd:R, powersgd_allreduce:R (method gradient only), ef:SPEC"
     )

@@ -30,6 +30,7 @@ round, global node index), so results do not depend on how nodes are placed on d
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple
@@ -202,27 +203,67 @@ def _map_nodes(fn: Callable, args: tuple, unroll: bool):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
+def _node_keys(state: TrainState, n_local: int, step: int) -> jax.Array:
+    """This device's nodes' keys for message ``step`` of the round (0: the first message), derived
+    from (seed, round, global node index) so they do not depend on the placement."""
+    node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
+    round_key = jax.random.fold_in(state.key, state.round)
+    if step:  # folded with a value no node index takes (indices count up from 0)
+        round_key = jax.random.fold_in(round_key, 2**32 - step)
+    return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
+
+
+def _varying_params(state: TrainState):
+    # Each node (and learner share) holds its own copy of w: without this cast, jax.grad inside
+    # shard_map would sum the gradients over devices (the transpose of a broadcast).
+    return jax.lax.pcast(state.params, (AXIS,), to="varying")
+
+
+def _sum_over_nodes(tree: PyTree) -> PyTree:
+    """Sum a per-node tree (leading axis: this device's nodes) over all nodes of the mesh."""
+    return jax.lax.psum(jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tree), AXIS)
+
+
+def _exchange_phases(method: Method, node_map: str):
+    """Per :class:`~qdata.methods.base.Exchange`, its learner step ``reply(state, messages) ->
+    (replies, state)`` and its node step ``answer(state, replies) -> (messages, state, bits)``."""
+    steps = []
+    for step, exchange in enumerate(method.exchanges, start=1):
+        def reply(state: TrainState, messages, exchange=exchange):
+            replies, learner_state = exchange.reply(_varying_params(state), messages, state.learner_state,
+                                                    _sum_over_nodes)
+            return replies, state._replace(learner_state=learner_state)
+
+        def answer(state: TrainState, replies, exchange=exchange, step=step):
+            n_local = jax.tree_util.tree_leaves(state.node_states)[0].shape[0]
+            params = _varying_params(state)
+
+            def one_node(k, reply, node_state):
+                message, node_state = exchange.answer(k, params, reply, node_state)
+                return message, node_state, exchange.answer_bits(message)
+
+            args = (_node_keys(state, n_local, step), replies, state.node_states)
+            messages, node_states, bits = _map_nodes(one_node, args, unrolls_nodes(node_map, n_local, state.params))
+            return messages, state._replace(node_states=node_states), bits
+
+        steps.append((reply, answer))
+    return steps
+
+
 def _round_phases(method: Method, optimizer: optax.GradientTransformation, batch_size: int,
                   available, to_float, node_map: str):
-    """The round's two phases as functions of one device's share (inside ``shard_map``).
+    """The round's phases as functions of one device's share (inside ``shard_map``).
 
     ``nodes(state, shards) -> (messages, node_states, bits, diagnostics)``: step 1, every local
-    node's message. ``learner(state, messages, node_states) -> state``: steps 2-3, the learner's
-    share of g, its ``pmean`` over devices, the optax update.
+    node's message. ``exchanges``: the learner's replies and the nodes' answers within the round
+    (:func:`_exchange_phases`). ``learner(state, messages, node_states) -> state``: steps 2-3, the
+    learner's share of g, its ``pmean`` over devices, the optax update.
     """
     to_float = to_float or (lambda x: x.astype(jnp.float32))
 
-    def varying_params(state):
-        # Each node (and learner share) holds its own copy of w: without this cast, jax.grad inside
-        # shard_map would sum the gradients over devices (the transpose of a broadcast).
-        return jax.lax.pcast(state.params, (AXIS,), to="varying")
-
     def nodes(state: TrainState, shards: NodeShards):
         n_local = shards.count.shape[0]
-        node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
-        round_key = jax.random.fold_in(state.key, state.round)
-        node_keys = jax.vmap(lambda i: jax.random.fold_in(round_key, i))(node_ids)
-        params = varying_params(state)
+        params = _varying_params(state)
         count = shards.count if available is None else available(shards.count, state.round)
 
         def one_node(k, x, y, index, n, node_state):
@@ -233,19 +274,27 @@ def _round_phases(method: Method, optimizer: optax.GradientTransformation, batch
             message, diagnostics = split_diagnostics(message)
             return message, node_state, method.uplink_bits(message), diagnostics
 
-        args = (node_keys, shards.x, shards.y, shards.index, count, state.node_states)
+        args = (_node_keys(state, n_local, 0), shards.x, shards.y, shards.index, count, state.node_states)
         return _map_nodes(one_node, args, unrolls_nodes(node_map, n_local, state.params))
 
     def learner(state: TrainState, messages, node_states):
         # The payloads go to the learner's share on this device; its gradient shares are averaged
         # over the devices (equal node counts per device, so this is the mean over nodes).
-        grads, learner_state = method.learner_gradient(varying_params(state), messages, state.learner_state)
+        grads, learner_state = method.learner_gradient(_varying_params(state), messages, state.learner_state)
         grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, node_states, learner_state, state.key, state.round + 1)
 
-    return nodes, learner
+    return nodes, _exchange_phases(method, node_map), learner
+
+
+def _add_bits(bits: dict, more: dict) -> dict:
+    """A node's uplink parts over the messages of one round, summed by name."""
+    out = dict(bits)
+    for name, value in more.items():
+        out[name] = out[name] + value if name in out else value
+    return out
 
 
 def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
@@ -270,41 +319,54 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
     """
     specs = state_specs(state_template)
     unrolls_nodes(node_map, 1)  # checks node_map before any work
-    nodes, learner = _round_phases(method, optimizer, batch_size, available, to_float, node_map)
+    nodes, exchanges, learner = _round_phases(method, optimizer, batch_size, available, to_float, node_map)
 
     def body(state: TrainState, shards: NodeShards):
         messages, node_states, bits, diagnostics = nodes(state, shards)
-        return learner(state, messages, node_states), bits, diagnostics
+        state = state._replace(node_states=node_states)
+        for reply, answer in exchanges:
+            replies, state = reply(state, messages)
+            messages, state, more = answer(state, replies)
+            bits = _add_bits(bits, more)
+        return learner(state, messages, state.node_states), bits, diagnostics
 
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(specs, P(AXIS), P(AXIS)))
     return jax.jit(sharded, donate_argnums=(0,))
 
 
+def _median_seconds(fn: Callable, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def time_phases(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, state: TrainState,
                 shards: NodeShards, *, batch_size: int, repeats: int = 5, **kwargs) -> dict:
-    """Median wall seconds of a round's node phase (all nodes' messages) and learner phase (g and
-    the update), each compiled on its own from the same functions the round is made of, on
-    ``state`` (not modified). ``kwargs`` as for :func:`make_round`."""
-    import time
-
+    """Median wall seconds of a round's node phases (all nodes' messages and answers) and learner
+    phases (its replies, g and the update), each compiled on its own from the same functions the
+    round is made of, on ``state`` (not modified). ``kwargs`` as for :func:`make_round`."""
     specs = state_specs(state)
-    nodes, learner = _round_phases(method, optimizer, batch_size, kwargs.get("available"),
-                                   kwargs.get("to_float"), kwargs.get("node_map", "auto"))
-    node_fn = jax.jit(jax.shard_map(nodes, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=P(AXIS)))
+    nodes, exchanges, learner = _round_phases(method, optimizer, batch_size, kwargs.get("available"),
+                                              kwargs.get("to_float"), kwargs.get("node_map", "auto"))
+    shard = functools.partial(jax.shard_map, mesh=mesh)
+    node_fn = jax.jit(shard(nodes, in_specs=(specs, P(AXIS)), out_specs=P(AXIS)))
     messages, node_states, _, _ = node_fn(state, shards)
-    learner_fn = jax.jit(jax.shard_map(learner, mesh=mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=specs))
-
-    def median(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    return {"node_seconds": median(node_fn, state, shards),
-            "learner_seconds": median(learner_fn, state, messages, node_states)}
+    seconds = {"node_seconds": _median_seconds(node_fn, state, shards, repeats=repeats), "learner_seconds": 0.0}
+    state = state._replace(node_states=node_states)
+    for reply, answer in exchanges:
+        reply_fn = jax.jit(shard(reply, in_specs=(specs, P(AXIS)), out_specs=(P(AXIS), specs)))
+        answer_fn = jax.jit(shard(answer, in_specs=(specs, P(AXIS)), out_specs=(P(AXIS), specs, P(AXIS))))
+        seconds["learner_seconds"] += _median_seconds(reply_fn, state, messages, repeats=repeats)
+        replies, state = reply_fn(state, messages)
+        seconds["node_seconds"] += _median_seconds(answer_fn, state, replies, repeats=repeats)
+        messages, state, _ = answer_fn(state, replies)
+    learner_fn = jax.jit(shard(learner, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=specs))
+    seconds["learner_seconds"] += _median_seconds(learner_fn, state, messages, state.node_states, repeats=repeats)
+    return seconds
 
 
 def run_rounds(one_round: Callable, state: TrainState, shards: NodeShards, num_rounds: int):
@@ -345,7 +407,9 @@ def check_nodes_fit(num_nodes: int, mesh: Mesh) -> None:
 
 
 def downlink_bits_per_round(method: Method, params: PyTree) -> int:
-    """Bits of the model broadcast to one node in one round: 32*d if the node needs the model."""
+    """Bits sent to one node in one round: the model broadcast (32*d if the node needs the model)
+    and the learner's replies within the round (:class:`~qdata.methods.base.Exchange`)."""
+    replies = sum(int(exchange.reply_bits(params)) for exchange in method.exchanges)
     if not method.needs_params:
-        return 0
-    return 32 * int(sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params)))
+        return replies
+    return replies + 32 * int(sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params)))

@@ -1,9 +1,11 @@
-"""Training methods behind one interface (:class:`Method`): qdata, SGD and gradient compression."""
+"""Training methods behind one interface (:class:`Method`): qdata, SGD, gradient compression and
+PowerSGD as published (two reductions a round)."""
 
 from __future__ import annotations
 
-from qdata.methods.base import Method
+from qdata.methods.base import Exchange, Method
 from qdata.methods.gradient import gradient_compression, sgd
+from qdata.methods.powersgd import powersgd_allreduce
 from qdata.methods.qdata import qdata_method
 
 
@@ -22,6 +24,11 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     if config.method == "sgd":
         return sgd(loss_fn)
     if config.method == "gradient":
+        wrapped = config.compressor.startswith("ef:")
+        name, _, rank = config.compressor.removeprefix("ef:").partition(":")
+        if name == "powersgd_allreduce":
+            return powersgd_allreduce(loss_fn, int(rank) if rank else 2,
+                                      error_feedback=config.error_feedback or wrapped)
         return gradient_compression(loss_fn, make_compressor(config.compressor, d),
                                     error_feedback=config.error_feedback, name="gradient")
     lo, hi = dataset.value_range
@@ -48,4 +55,4 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     return qdata_method(estimator, needs_params=needs_params)
 
 
-__all__ = ["Method", "build_method", "gradient_compression", "qdata_method", "sgd"]
+__all__ = ["Exchange", "Method", "build_method", "gradient_compression", "powersgd_allreduce", "qdata_method", "sgd"]

@@ -18,6 +18,13 @@ estimate g and applies an optax update. A :class:`Method` says exactly those thr
   contain ``'total'``, the sum of the other parts.
 
 ``needs_params`` says whether nodes need the model each round (downlink bits are charged only then).
+
+A method may also talk back within the round: each :class:`Exchange` in ``exchanges`` is a learner
+reply to every node, computed from the latest messages, and each node's answer to it, which becomes
+the latest message (Vogels et al.'s two all-reduces in PowerSGD; split learning's activation
+gradients). The round is then: messages, reply 1, answers 1, ..., reply k, answers k, and
+``learner_gradient`` on the last answers. Uplink bits are summed over every message a node sends in
+the round; each reply is downlink, charged per node.
 """
 
 from __future__ import annotations
@@ -25,6 +32,25 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 PyTree = Any
+
+
+class Exchange(NamedTuple):
+    """A learner reply within the round and each node's answer to it.
+
+    * ``reply(params, messages, learner_state, total) -> (replies, learner_state)``: from this
+      device's share of the latest messages (leading node axis), the reply to each of its nodes
+      (leading node axis). ``total(tree)`` sums a per-node tree (leading node axis) over all N
+      nodes, across devices: the learner's own reduction, not a link.
+    * ``answer(key, params, reply, node_state) -> (message, node_state)``: node i's next message
+      (it may be empty: a node that only takes the reply in).
+    * ``answer_bits(message) -> dict[str, Bits]``: its exact uplink bits, ``'total'`` included.
+    * ``reply_bits(params) -> int``: the exact bits of one node's reply (its shapes are fixed).
+    """
+
+    reply: Callable[..., tuple[PyTree, PyTree]]
+    answer: Callable[..., tuple[PyTree, PyTree]]
+    answer_bits: Callable[[PyTree], dict]
+    reply_bits: Callable[[PyTree], int]
 
 
 class Method(NamedTuple):
@@ -37,3 +63,4 @@ class Method(NamedTuple):
     learner_gradient: Callable[..., tuple[PyTree, PyTree]]
     uplink_bits: Callable[[PyTree], dict]
     needs_params: bool = True
+    exchanges: tuple = ()  # Exchange, in order
