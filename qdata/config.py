@@ -10,6 +10,7 @@ Python. Compressors are named by short specs, parsed once the model size d is kn
 ``topk:K``             top-k (biased; use with error feedback)
 ``qsgd:S``             QSGD with S levels, one norm for the whole vector
 ``qsgd:S:BUCKET``      QSGD with S levels and a norm per bucket of BUCKET coordinates
+``qsgd_elias:S[:B]``   the same messages charged as QSGD's Elias coding of them
 ``terngrad``           TernGrad
 ``sign``               scaled sign (biased; use with error feedback)
 ``powersgd:R``         PowerSGD of rank R, each node its own Q (biased; use with error feedback)
@@ -162,9 +163,10 @@ def make_compressor(spec: str, d: int):
         return compressors.randk(count(), indices="seed")
     if name == "topk":
         return compressors.topk(count())
-    if name == "qsgd":
+    if name in ("qsgd", "qsgd_elias"):
         levels, _, bucket = arg.partition(":")
-        return compressors.qsgd(int(levels) if levels else 4, bucket_size=int(bucket) if bucket else None)
+        return compressors.qsgd(int(levels) if levels else 4, bucket_size=int(bucket) if bucket else None,
+                                coding="elias" if name == "qsgd_elias" else "fixed")
     if name == "terngrad":
         return compressors.terngrad()
     if name == "sign":
@@ -176,6 +178,6 @@ def make_compressor(spec: str, d: int):
                          "message: use it as method='gradient' with compressor='powersgd_allreduce:R', "
                          "not as a correction or inside another spec")
     raise ValueError(
-        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S[:BUCKET], terngrad, sign, "
+        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S[:BUCKET], qsgd_elias:S[:BUCKET], terngrad, sign, "
         "powersgd:R, powersgd_allreduce:R (method gradient only), ef:SPEC"
     )

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdata.codecs import base
+from qdata.codecs import base, elias
 from qdata.codecs.base import Compressor, EmptyState, Payload, TreeSpec
 
 Array = jax.Array
@@ -259,7 +259,10 @@ class QSGDMeta(NamedTuple):
         return 1 + base.index_width(self.levels + 1)
 
 
-def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
+QSGD_CODINGS = ("fixed", "elias")
+
+
+def qsgd(levels: int, *, bucket_size: int | None = None, coding: str = "fixed") -> Compressor:
     """QSGD with s levels (Alistarh et al. 2017): unbiased stochastic quantization of x / ||x||.
 
     Per bucket B of the flattened vector: ``Q(x_i) = ||x_B||_2 sign(x_i) l_i / s`` where, with
@@ -269,17 +272,23 @@ def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
 
     Sent: one fp32 norm per bucket, then per coordinate the code ``2 l_i + [x_i < 0]`` in
     ``1 + ceil(log2(s + 1))`` bits, packed fixed-length: ``32 ceil(d/b) + 8 ceil(d (1 + ceil(log2(s+1))) / 8)``
-    bits. :func:`qsgd_entropy_bits` reports what an entropy coder would need, as an estimate.
+    bits. With ``coding="elias"`` the same message is charged as the paper's Elias coding of it
+    (:mod:`qdata.codecs.elias`: per bucket the norm, then each nonzero's gap, sign and level in
+    Elias omega codes), the exact length of the stream :func:`qdata.codecs.elias.encode_qsgd` writes.
+    :func:`qsgd_entropy_bits` reports what an ideal entropy coder would need, as an estimate.
 
     Args:
       levels: s >= 1, the number of nonzero levels.
       bucket_size: coordinates per bucket (one norm each); None: one bucket of the whole vector.
+      coding: ``"fixed"`` (fixed-length codes, the payload's own size) or ``"elias"``.
 
     Returns:
       A stateless, unbiased :class:`base.Compressor` with ``omega(d) = min(b/s^2, sqrt(b)/s)``,
       ``b = min(bucket_size, d)``.
     """
     s = base.check_int(levels, "levels", 1, _MAX_LEVELS)
+    if coding not in QSGD_CODINGS:
+        raise ValueError(f"coding must be one of {QSGD_CODINGS}, got {coding!r}")
     if bucket_size is not None:
         bucket_size = base.check_int(bucket_size, "bucket_size")
 
@@ -315,7 +324,8 @@ def qsgd(levels: int, *, bucket_size: int | None = None) -> Compressor:
         norm = payload.arrays["norms"][jnp.arange(d) // meta.bucket]
         return base.unflatten(norm * sign * level / meta.levels, meta.spec)
 
-    return Compressor(_stateless_init, encode, decode, base.payload_bits, unbiased=True, omega=omega)
+    bits = elias.qsgd_elias_bits if coding == "elias" else base.payload_bits
+    return Compressor(_stateless_init, encode, decode, bits, unbiased=True, omega=omega)
 
 
 def qsgd_entropy_bits(payload: Payload) -> Array:

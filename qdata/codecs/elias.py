@@ -1,0 +1,138 @@
+"""Elias omega ("recursive") integer codes and QSGD's Elias coding of its messages.
+
+Alistarh et al. (2017), section 3.2, send a QSGD vector as its norm followed by, for each nonzero
+entry, the Elias-coded run of zeros before it, its sign and its Elias-coded level. Per bucket, the
+stream here is::
+
+    norm (fp32, 32 bits) | omega(nnz + 1) | nnz x [ omega(gap) | sign (1 bit) | omega(level) ]
+
+with ``gap`` the distance from the previous nonzero of the bucket (from position -1 for the first:
+gap >= 1) and ``nnz`` the bucket's count of nonzero levels, so the decoder knows where each bucket
+ends. Elias omega (Elias 1975) codes n >= 1 as: the binary forms of n, of its length minus one, of
+that one's length minus one, ..., most significant group first, then a 0.
+
+The stream is variable-length, so it is not formed inside the jitted round: the learner there reads
+the fixed-length payload that :func:`qdata.codecs.compressors.qsgd` produces, and the ledger charges
+:func:`qsgd_elias_bits`, the exact length of the stream :func:`encode_qsgd` writes from that same
+payload (jit-able, counted in closed form from the levels). :func:`encode_qsgd` and
+:func:`decode_qsgd` are the host-side coder; the tests check that the decoded stream gives back the
+payload's norms, levels and signs, and that its length equals :func:`qsgd_elias_bits`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdata.codecs import base
+
+_DEPTH = 5  # omega's recursion for n < 2^32: n -> floor(log2 n) <= 31 -> <= 4 -> <= 2 -> 1
+
+
+def _floor_log2(n: jax.Array) -> jax.Array:
+    return 31 - jax.lax.clz(n.astype(jnp.int32))
+
+
+def omega_length(n: jax.Array) -> jax.Array:
+    """Bits of the Elias omega code of each ``n >= 1`` (int32, jit-able): 1 for the final 0, plus
+    ``floor(log2 m) + 1`` for each group m = n, floor(log2 n), ... while m > 1."""
+    n = jnp.asarray(n, jnp.int32)
+    length = jnp.ones_like(n)
+    for _ in range(_DEPTH):
+        more = n > 1
+        log = _floor_log2(jnp.maximum(n, 1))
+        length = length + jnp.where(more, log + 1, 0)
+        n = jnp.where(more, log, 1)
+    return length
+
+
+def omega_bits(n: int) -> str:
+    """The Elias omega code of ``n >= 1`` as a string of '0'/'1' (host)."""
+    if n < 1:
+        raise ValueError(f"Elias omega codes integers >= 1, got {n}")
+    code = "0"
+    while n > 1:
+        group = format(n, "b")
+        code = group + code
+        n = len(group) - 1
+    return code
+
+
+def read_omega(bits: str, at: int) -> tuple[int, int]:
+    """Read one Elias omega code from ``bits`` at position ``at``; return ``(n, next position)``."""
+    n = 1
+    while True:
+        if at >= len(bits):
+            raise ValueError("the stream ends inside an Elias omega code")
+        if bits[at] == "0":
+            return n, at + 1
+        group = bits[at:at + n + 1]
+        if len(group) < n + 1:
+            raise ValueError("the stream ends inside an Elias omega code")
+        n, at = int(group, 2), at + n + 1
+
+
+def _levels_and_signs(payload) -> tuple[jax.Array, jax.Array]:
+    meta = payload.meta
+    d = meta.spec.size
+    codes = base.unpack_codes(payload.arrays["codes"], meta.width, d)
+    return (codes >> 1).astype(jnp.int32), (codes & 1).astype(jnp.int32)
+
+
+def qsgd_elias_bits(payload) -> jax.Array:
+    """Exact bits of the Elias stream of one QSGD message (module docstring); int32, jit-able."""
+    meta = payload.meta
+    level, _ = _levels_and_signs(payload)
+    d, b = meta.spec.size, meta.bucket
+    nb = -(-d // b)
+    level = jnp.pad(level, (0, nb * b - d)).reshape(nb, b)
+    nonzero = level > 0
+    position = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (nb, b))
+    seen = jax.lax.cummax(jnp.where(nonzero, position, -1), axis=1)
+    previous = jnp.concatenate([jnp.full((nb, 1), -1, jnp.int32), seen[:, :-1]], axis=1)
+    per_entry = omega_length(jnp.maximum(position - previous, 1)) + 1 + omega_length(jnp.maximum(level, 1))
+    body = jnp.sum(jnp.where(nonzero, per_entry, 0))
+    heads = jnp.sum(32 + omega_length(jnp.sum(nonzero, axis=1, dtype=jnp.int32) + 1))
+    return (body + heads).astype(jnp.int32)
+
+
+def encode_qsgd(payload) -> tuple[bytes, int]:
+    """The Elias stream of one QSGD message (host): ``(bytes, number of bits)``, zero-padded to
+    whole bytes."""
+    meta = payload.meta
+    level, sign = (np.asarray(a) for a in _levels_and_signs(payload))
+    norms = np.asarray(payload.arrays["norms"], np.float32)
+    out = []
+    for k, start in enumerate(range(0, meta.spec.size, meta.bucket)):
+        lv, sg = level[start:start + meta.bucket], sign[start:start + meta.bucket]
+        out.append(format(int(norms[k].view(np.uint32)), "032b"))
+        where = np.flatnonzero(lv)
+        out.append(omega_bits(len(where) + 1))
+        previous = -1
+        for p in where:
+            out.append(omega_bits(int(p - previous)) + str(int(sg[p])) + omega_bits(int(lv[p])))
+            previous = p
+    bits = "".join(out)
+    padded = bits + "0" * (-len(bits) % 8)
+    return int(padded, 2).to_bytes(len(padded) // 8, "big") if padded else b"", len(bits)
+
+
+def decode_qsgd(data: bytes, nbits: int, meta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read an Elias stream back (host): ``(norms, levels, signs)`` of the d coordinates."""
+    bits = format(int.from_bytes(data, "big"), f"0{len(data) * 8}b")[:nbits] if data else ""
+    d, b = meta.spec.size, meta.bucket
+    norms, level, sign = [], np.zeros(d, np.int64), np.zeros(d, np.int64)
+    at = 0
+    for start in range(0, d, b):
+        norms.append(np.uint32(int(bits[at:at + 32], 2)).view(np.float32))
+        count, at = read_omega(bits, at + 32)
+        position = start - 1
+        for _ in range(count - 1):
+            gap, at = read_omega(bits, at)
+            position += gap
+            sign[position] = int(bits[at])
+            level[position], at = read_omega(bits, at + 1)
+    if at != nbits:
+        raise ValueError(f"the stream has {nbits} bits, the message read ends at {at}")
+    return np.asarray(norms, np.float32), level, sign
