@@ -14,7 +14,10 @@ The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
    linearly between the two evaluations that straddle it; mean and range over seeds; the node and
    learner compute of one round (seconds, timed in this process); ratios to the best gradient
    compressor (the family bests, over those that reach the target on every seed), on uplink and on
-   total bits.
+   total bits. Downlink, at its cheapest for each method (:func:`relays`): the model broadcast
+   (32 d a round) to a node that needs the model; for a gradient compressor, the relay of the
+   other nodes' messages to a node that keeps a replica of the model, where that is smaller; a
+   method's own replies (PowerSGD as published); nothing for qdata without gate or correction.
 
 Outputs in ``OUT/``: ``table.txt``, ``summary.json``, ``accuracy_vs_bits.png`` and each run's results
 file under ``OUT/<label>/lr<LR>/seed<SEED>/``.
@@ -96,19 +99,50 @@ def choose_family_bests(lineup: Lineup, results: dict, chosen: dict) -> dict[str
     return best
 
 
+def relays(header: dict, rounds: list[dict]) -> bool:
+    """Whether a gradient compressor's nodes are cheaper served by a relay than by the model.
+
+    A node that holds a replica of the model and the optimizer can form the round's update from
+    the other N - 1 nodes' messages, relayed by the learner, instead of receiving the model (32 d
+    bits): the relay costs ``(N - 1)`` times a node's uplink. It is charged where it is smaller in
+    every evaluated round (``uplink_bits_last_round_per_node``; fixed-size messages: every round).
+    SGD and qdata keep the model broadcast (qdata's nodes cannot form the learner's update)."""
+    if header["method"] != "gradient":
+        return False
+    others = header["config"]["num_nodes"] - 1
+    largest = max(r["uplink_bits_last_round_per_node"]["total"] for r in rounds)
+    return others * largest < header["downlink_bits_per_node_per_round"]
+
+
+def _downlink(header: dict, rounds: list[dict], round_: float, uplink: float) -> float:
+    """Downlink bits per node after ``round_`` rounds, ``uplink`` bits per node sent by then."""
+    if relays(header, rounds):
+        return (header["config"]["num_nodes"] - 1) * uplink
+    return header["downlink_bits_per_node_per_round"] * round_
+
+
+def _downlink_kind(header: dict, rounds: list[dict]) -> str:
+    """What goes down to a node: ``none``, ``model`` (32 d a round), ``relay`` (:func:`relays`) or
+    ``replies`` (a method's own replies, e.g. PowerSGD as published; ``model+replies`` with both)."""
+    down, model = header["downlink_bits_per_node_per_round"], 32 * header["model"]["params"]
+    if relays(header, rounds):
+        return "relay"
+    return "none" if down == 0 else "model" if down == model else "model+replies" if down > model else "replies"
+
+
 def _per_seed(header: dict, rounds: list[dict], sgd_final: float) -> dict:
     """One seed's test figures of one run: final accuracy, bits per round, and per target the
     interpolated uplink and total bits per node (None if never reached)."""
-    down = header["downlink_bits_per_node_per_round"]
     last = rounds[-1]
-    figures = {"final_test_accuracy": last["test_accuracy"],
-               "uplink_bits_per_round": last["cumulative_uplink_bits_per_node"] / last["round"],
-               "downlink_bits_per_round": down, "targets": {}}
+    uplink = last["cumulative_uplink_bits_per_node"]
+    figures = {"final_test_accuracy": last["test_accuracy"], "uplink_bits_per_round": uplink / last["round"],
+               "downlink_bits_per_round": _downlink(header, rounds, last["round"], uplink) / last["round"],
+               "downlink": _downlink_kind(header, rounds), "targets": {}}
     for name, rule in TARGETS.items():
         hit = qresults.crossing(rounds, rule(sgd_final))
         figures["targets"][name] = None if hit is None else {
             "round": hit["round"], "uplink": hit["uplink_bits_per_node"],
-            "total": hit["uplink_bits_per_node"] + down * hit["round"]}
+            "total": hit["uplink_bits_per_node"] + _downlink(header, rounds, hit["round"], hit["uplink_bits_per_node"])}
     return figures
 
 
@@ -122,7 +156,8 @@ def _row(run, lr: float, seeds: list[dict], phases: dict, best: bool) -> dict:
            "gradient_compressor": run.config.method == "gradient", "qdata": run.config.method == "qdata",
            "final_test_accuracy": _spread([s["final_test_accuracy"] for s in seeds]),
            "uplink_bits_per_round": _mean([s["uplink_bits_per_round"] for s in seeds]),
-           "downlink_bits_per_round": seeds[0]["downlink_bits_per_round"], **phases, "targets": {}}
+           "downlink_bits_per_round": _mean([s["downlink_bits_per_round"] for s in seeds]),
+           "downlink": seeds[0]["downlink"], **phases, "targets": {}}
     for name in TARGETS:
         hits = [s["targets"][name] for s in seeds]
         row["targets"][name] = {"reached": sum(h is not None for h in hits), "seeds": len(hits),
@@ -238,12 +273,12 @@ def format_table(summary: dict) -> str:
              f"chosen on the validation split (seeds {', '.join(str(s) for s in summary['tune_seeds'])}), "
              "figures on the test split", "",
              f"{'method':<22}{'lr':>7}{'final test acc':>24}{'uplink/round':>14}{'downlink/round':>16}"
-             f"{'node s':>9}{'learner s':>10}"]
+             f"{'down':>9}{'node s':>9}{'learner s':>10}"]
     for r in summary["rows"]:
         mark = "*" if r["best_of_family"] else " "
         lines.append(f"{mark}{r['method']:<21}{r['lr']:>7g}{_fmt_spread(r['final_test_accuracy'], '.4f'):>24}"
                      f"{r['uplink_bits_per_round']:>14,.0f}{r['downlink_bits_per_round']:>16,.0f}"
-                     f"{r['node_seconds']:>9.4f}{r['learner_seconds']:>10.4f}")
+                     f"{r['downlink']:>9}{r['node_seconds']:>9.4f}{r['learner_seconds']:>10.4f}")
     for name in summary["targets"]:
         acc = ", ".join(f"{TARGETS[name](a):.4f}" for a in summary["sgd_final_test_accuracy"])
         lines += ["", f"target {name} (test accuracy per seed: {acc}); bits per node to reach it, interpolated",
@@ -267,8 +302,11 @@ def format_table(summary: dict) -> str:
     lines += ["", "* best of its family (chosen on validation). x up / x total: the best gradient compressor's "
               "bits to the target over this method's (family bests reaching it on every seed: "
               + "; ".join(f"{k}: {v}" for k, v in best.items()) + ")",
-              "bits: exact, read off the packed payloads (uplink) and the model broadcast (downlink, 32 d per "
-              "round to a node that needs the model); total = uplink + downlink.",
+              "bits: exact, read off the packed payloads. Uplink: what a node sends. Downlink (down): model = the "
+              "broadcast of w, 32 d a round, to a node that needs it; relay = a gradient compressor's node keeps a "
+              "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
+              "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves); "
+              "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
               f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "
               f"{_fmt_ratio(summary['best_qdata_ratio']['uplink'])}x fewer uplink bits, "
@@ -282,7 +320,13 @@ def draw_figure(summary: dict, out_dir: str | os.PathLike, path: str | os.PathLi
     files under ``out_dir`` and its ``summary`` alone, so it can be redrawn without training."""
     seed = summary["seeds"][0]
     shown = [r for r in summary["rows"] if r["best_of_family"] or r["qdata"]]
-    runs = [(r["method"], *qresults.load(run_dir(Path(out_dir), r["method"], r["lr"], seed))) for r in shown]
+    runs = []
+    for r in shown:
+        header, rounds = qresults.load(run_dir(Path(out_dir), r["method"], r["lr"], seed))
+        if relays(header, rounds):  # drawn at its mean per round (exact for fixed-size messages)
+            per_round = rounds[-1]["cumulative_uplink_bits_per_node"] / rounds[-1]["round"]
+            header = {**header, "downlink_bits_per_node_per_round": (header["config"]["num_nodes"] - 1) * per_round}
+        runs.append((r["method"], header, rounds))
     targets = {name: TARGETS[name](summary["sgd_final_test_accuracy"][0]) for name in summary["targets"]}
     qresults.plot_accuracy_vs_bits_panels(runs, path, targets=targets, floors=summary.get("floors"), title=(
         f"test accuracy vs bits per node, seed {seed}: each family's best (chosen on validation) and qdata"))

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from qdata import compare as compare_module
 from qdata import results as qresults
 from qdata.compare import TARGETS, choose_family_bests, choose_learning_rates, run_dir, summarize
 from qdata.lineup import load_lineup, parse_lineup, with_overrides
@@ -158,12 +159,13 @@ def test_crossing_interpolates_between_the_straddling_evaluations():
     assert qresults.crossing(rounds, 0.95) is None
 
 
-def _fake(val, test, bits_per_round, down=0, rounds_each=10):
-    header = {"downlink_bits_per_node_per_round": down, "dataset": {"name": "fake", "synthetic": True, "n": 4},
-              "model": {"name": "m", "params": 1}, "config": {"num_nodes": 2, "partition": "iid", "batch_size": 1,
+def _fake(val, test, bits_per_round, down=0, rounds_each=10, method="gradient"):
+    header = {"method": method, "downlink_bits_per_node_per_round": down, "dataset": {"name": "fake", "synthetic": True, "n": 4},
+              "model": {"name": "m", "params": max(1, down // 32)}, "config": {"num_nodes": 2, "partition": "iid", "batch_size": 1,
                                                               "rounds": rounds_each * len(val), "seed": 0}}
     rounds = [{"round": rounds_each * (i + 1), "val_accuracy": v, "test_accuracy": t,
-               "cumulative_uplink_bits_per_node": bits_per_round * rounds_each * (i + 1)}
+               "cumulative_uplink_bits_per_node": bits_per_round * rounds_each * (i + 1),
+               "uplink_bits_last_round_per_node": {"total": bits_per_round}}
               for i, (v, t) in enumerate(zip(val, test))]
     return header, rounds
 
@@ -174,15 +176,15 @@ def test_choices_use_validation_only_and_the_table_arithmetic():
     lineup = parse_lineup({**tomllib.loads(TINY), "seeds": [0], "tune_seeds": [0]})
     results = {
         # SGD: validation prefers lr 0.2, although lr 0.1 is better on test.
-        ("sgd", 0.1, 0): _fake([0.5, 0.8], [0.5, 0.99], 1000, down=1000),
-        ("sgd", 0.2, 0): _fake([0.6, 0.9], [0.6, 1.0], 1000, down=1000),
-        ("qdata-4b", 0.1, 0): _fake([0.7, 0.95], [0.96, 0.99], 10),
-        ("qdata-4b", 0.2, 0): _fake([0.1, 0.1], [0.1, 0.1], 10),
+        ("sgd", 0.1, 0): _fake([0.5, 0.8], [0.5, 0.99], 1000, down=1024, method="sgd"),
+        ("sgd", 0.2, 0): _fake([0.6, 0.9], [0.6, 1.0], 1000, down=1024, method="sgd"),
+        ("qdata-4b", 0.1, 0): _fake([0.7, 0.95], [0.96, 0.99], 10, method="qdata"),
+        ("qdata-4b", 0.2, 0): _fake([0.1, 0.1], [0.1, 0.1], 10, method="qdata"),
         # top-k: 10% reaches SGD's validation accuracy - 1 pt (0.89) with fewer bits than 1%.
-        ("topk-1%", 0.1, 0): _fake([0.5, 0.95], [0.5, 0.95], 100, down=1000),
-        ("topk-1%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 100, down=1000),
-        ("topk-10%", 0.1, 0): _fake([0.95, 0.95], [0.97, 0.995], 40, down=1000),
-        ("topk-10%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 40, down=1000),
+        ("topk-1%", 0.1, 0): _fake([0.5, 0.95], [0.5, 0.95], 100, down=1024),
+        ("topk-1%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 100, down=1024),
+        ("topk-10%", 0.1, 0): _fake([0.95, 0.95], [0.97, 0.995], 40, down=1024),
+        ("topk-10%", 0.2, 0): _fake([0.5, 0.5], [0.5, 0.5], 40, down=1024),
     }
     chosen = choose_learning_rates(lineup, results)
     assert chosen == {"sgd": 0.2, "qdata-4b": 0.1, "topk-1%": 0.1, "topk-10%": 0.1}
@@ -193,14 +195,22 @@ def test_choices_use_validation_only_and_the_table_arithmetic():
     rows = {r["method"]: r for r in summary["rows"]}
     assert summary["sgd_final_test_accuracy"] == [1.0]
     # Target SGD - 1 pt = 0.99 (test). top-k 10%: 0.97 at round 10 (400 bits), 0.995 at 20 (800 bits):
-    # interpolated at 0.8 of the way, round 18, 720 uplink bits, + 18 x 1000 downlink.
+    # interpolated at 0.8 of the way, round 18, 720 uplink bits; its downlink is the relay of the
+    # other node's messages (N - 1 = 1 times 40 bits a round, under the model's 1024): 720 more.
     topk = rows["topk-10%"]["targets"]["SGD - 1 pt"]
-    assert topk["uplink"]["mean"] == pytest.approx(720) and topk["total"]["mean"] == pytest.approx(18_720)
+    assert topk["uplink"]["mean"] == pytest.approx(720) and topk["total"]["mean"] == pytest.approx(1_440)
+    assert rows["topk-10%"]["downlink"] == "relay" and rows["topk-10%"]["downlink_bits_per_round"] == 40
+    assert rows["sgd"]["downlink"] == "model" and rows["sgd"]["downlink_bits_per_round"] == 1024
+    assert rows["qdata-4b"]["downlink"] == "none"
     # qdata: 0.96 -> 0.99 reaches 0.99 at round 20 exactly: 200 bits, no downlink.
     q = rows["qdata-4b"]["targets"]["SGD - 1 pt"]
     assert q["uplink"]["mean"] == pytest.approx(200) and q["total"]["mean"] == pytest.approx(200)
-    assert q["ratio_uplink"] == pytest.approx(720 / 200) and q["ratio_total"] == pytest.approx(18_720 / 200)
-    assert summary["best_qdata_ratio"] == {"uplink": pytest.approx(3.6), "total": pytest.approx(93.6)}
+    assert q["ratio_uplink"] == pytest.approx(720 / 200) and q["ratio_total"] == pytest.approx(1_440 / 200)
+    assert summary["best_qdata_ratio"] == {"uplink": pytest.approx(3.6), "total": pytest.approx(7.2)}
+    # A compressor whose relay would cost more than the model (N - 1 = 1 times 1500 > 1024) gets the model.
+    header, rounds = _fake([0.5], [0.5], 1500, down=1024)
+    assert not compare_module.relays(header, rounds)
+    assert compare_module.relays(*_fake([0.5], [0.5], 1023, down=1024))
     assert rows["topk-1%"]["targets"]["SGD - 1 pt"]["reached"] == 0  # 0.95 < 0.99
     assert rows["topk-1%"]["targets"]["SGD - 1 pt"]["ratio_uplink"] is None
     assert set(TARGETS) == {"95% of SGD", "SGD - 1 pt"}
