@@ -8,7 +8,7 @@ produced (and the tests decode), plus the model it needs". The coder is ``constr
 
 * **Model** (:func:`fit_categorical`), sent once per node and charged once (:func:`model_bits`): for
   each column ``k`` (a pixel, or a transform coefficient with alphabet ``2^w_k``), the frequencies of
-  its codes on the node's data, quantized to uint16 ``q_s = floor(p_s (2^16 - A_k)) + 1`` (every
+  its codes on the node's data, quantized to uint16 ``q_s = floor(p_s (2^16 - 1 - A_k)) + 1`` (every
   symbol keeps a nonzero probability, so any code can be sent). The payload is
   ``arrays['freq']``, all columns' tables end to end, ``16 sum_k A_k`` bits.
 * **Message** (:meth:`EntropyCoder.encode`): the codes of a batch's transmitted samples, (b, K),
@@ -75,7 +75,7 @@ def fit_categorical(codes, alphabet) -> Payload:
     tables = []
     for k, size in enumerate(alphabet):
         p = np.bincount(codes[:, k], minlength=size) / max(1, codes.shape[0])
-        tables.append(np.floor(p * ((1 << _FREQ_BITS) - size)).astype(np.int64) + 1)
+        tables.append(np.floor(p * ((1 << _FREQ_BITS) - 1 - size)).astype(np.int64) + 1)
     freq = np.concatenate(tables).astype(np.uint16)
     return Payload(arrays={"freq": jnp.asarray(freq)}, meta=EntropyMeta(alphabet))
 
@@ -107,7 +107,8 @@ def entropy_coder(model: Payload) -> EntropyCoder:
     """The ANS coder of ``model``; both sides build it from the model payload alone."""
     probs = _probabilities(model)
     alphabet = model.meta.alphabet
-    models = [constriction.stream.model.Categorical(p, perfect=False) for p in probs]
+    # A one-symbol column carries no information and is not coded.
+    models = [constriction.stream.model.Categorical(p, perfect=False) if p.size > 1 else None for p in probs]
 
     def encode(codes) -> np.ndarray:
         codes = _check_codes(codes, alphabet)

@@ -52,6 +52,7 @@ Array = jax.Array
 
 BASES = ("dct", "pca")
 ROUNDINGS = ("stochastic", "dither")
+ALLOCATIONS = ("waterfill", "uniform")
 MAX_WIDTH = 8  # the 24-bit fixed-point rounding needs u < 2^8
 _FRAC = 24
 _DISTORTION_ROWS = 4096  # rows on which the allocation measures each coefficient's distortion
@@ -132,7 +133,7 @@ def _orthonormal(columns: np.ndarray) -> np.ndarray:
 
 def _pca_axes(centred: np.ndarray) -> np.ndarray:
     """Principal axes of the rows of ``centred`` (n, n), by decreasing variance."""
-    cov = centred.T @ centred / max(1, centred.shape[0])
+    cov = (centred.T @ centred).astype(np.float64) / max(1, centred.shape[0])
     values, vectors = np.linalg.eigh(cov)
     return vectors[:, np.argsort(values)[::-1]]
 
@@ -155,7 +156,15 @@ def _outward(lo: np.ndarray, hi: np.ndarray, dtype) -> tuple[np.ndarray, np.ndar
     return lo_c.astype(dtype), hi_c.astype(dtype)
 
 
-def _allocate(coeffs: np.ndarray, rounding: str, budget: int, max_width: int, seed: int) -> np.ndarray:
+def _allocate(coeffs: np.ndarray, rounding: str, budget: int, max_width: int, allocation: str,
+              seed: int) -> np.ndarray:
+    """Widths per basis column: water-filling of the measured distortion, or ``max_width`` bits on
+    the ``budget // max_width`` columns of largest variance ("uniform")."""
+    if allocation == "uniform":
+        widths = np.zeros(coeffs.shape[1], np.int64)
+        top = np.argsort(-np.mean(coeffs.astype(np.float64) ** 2, axis=0), kind="stable")
+        widths[top[: min(coeffs.shape[1], budget // max_width)]] = max_width
+        return widths
     rows = np.random.default_rng(seed).permutation(coeffs.shape[0])[:_DISTORTION_ROWS]
     sub, lo, hi = coeffs[rows], coeffs.min(axis=0), coeffs.max(axis=0)
     table = (bit_allocation.rounding_distortion if rounding == "stochastic"
@@ -164,7 +173,8 @@ def _allocate(coeffs: np.ndarray, rounding: str, budget: int, max_width: int, se
 
 
 def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding: str = "stochastic",
-                       max_width: int = MAX_WIDTH, range_dtype=np.float16, seed: int = 0) -> Payload:
+                       max_width: int = MAX_WIDTH, allocation: str = "waterfill", range_dtype=np.float16,
+                       seed: int = 0) -> Payload:
     """Fit a transform code on a node's samples ``x`` and return its setup (a payload sent once).
 
     Args:
@@ -173,6 +183,10 @@ def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding:
       basis: "dct" (fixed, not sent) or "pca" (fitted here, sent as fp16 columns).
       rounding: "stochastic" (unbiased per coefficient) or "dither" (subtractive dither).
       max_width: the largest width of one coefficient, 1..8 (1 or 2 give low-B transform codes).
+      allocation: "waterfill" (reverse water-filling of each coefficient's measured distortion: the
+        first bits of a coefficient on its full range may not pay, so with ``max_width`` 1 no
+        coefficient may get bits) or "uniform" (``max_width`` bits on each of the
+        ``bits_per_sample // max_width`` coefficients of largest variance: the low-B codes).
       range_dtype: dtype of the sent ranges (np.float16 or np.float32).
       seed: seeds the subsample on which each coefficient's distortion is measured.
 
@@ -182,6 +196,7 @@ def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding:
       :func:`transform_code`.
     """
     basis, rounding = _check_choice(basis, "basis", BASES), _check_choice(rounding, "rounding", ROUNDINGS)
+    allocation = _check_choice(allocation, "allocation", ALLOCATIONS)
     if isinstance(max_width, bool) or not isinstance(max_width, int) or not 1 <= max_width <= MAX_WIDTH:
         raise ValueError(f"max_width must be an integer in 1..{MAX_WIDTH}, got {max_width!r}")
     if isinstance(bits_per_sample, bool) or not isinstance(bits_per_sample, (int, np.integer)) \
@@ -190,14 +205,19 @@ def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding:
     range_dtype = np.dtype(range_dtype).type
     if range_dtype not in (np.float16, np.float32):
         raise ValueError(f"range_dtype must be np.float16 or np.float32, got {range_dtype!r}")
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x, np.float32)
     if x.ndim < 2 or x.shape[0] < 2 or not np.all(np.isfinite(x)):
         raise ValueError(f"x must be (N >= 2, *sample_shape) finite samples, got shape {x.shape}")
     sample_shape, flat = tuple(x.shape[1:]), x.reshape(x.shape[0], -1)
-    mean16 = flat.mean(axis=0).astype(np.float16)
-    centred = flat - mean16.astype(np.float64)
-    axes = dct_basis(sample_shape) if basis == "dct" else _pca_axes(centred)
-    widths = _allocate(centred @ axes, rounding, int(bits_per_sample), max_width, seed)
+    mean16 = flat.mean(axis=0, dtype=np.float64).astype(np.float16)
+    # float32 products (the codec itself computes in float32); the outward ranges absorb their rounding.
+    centred = flat - mean16.astype(np.float32)
+    axes = (dct_basis(sample_shape) if basis == "dct" else _pca_axes(centred)).astype(np.float32)
+    widths = _allocate(centred @ axes, rounding, int(bits_per_sample), max_width, allocation, seed)
+    if not widths.any():
+        raise ValueError(f"no coefficient gains from bits at bits_per_sample={bits_per_sample}, "
+                         f"max_width={max_width} (one bit on a full range costs more error than sending "
+                         f"nothing); raise max_width or use allocation='uniform'")
     arrays = {"mean": mean16}
     if basis == "pca":
         keep = widths > 0
@@ -205,8 +225,9 @@ def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding:
         widths, kept = widths[keep], _orthonormal(arrays["basis"])
     else:
         kept = axes[:, widths > 0]
-    coeffs = centred @ kept
-    arrays["lo"], arrays["hi"] = _outward(coeffs.min(axis=0), coeffs.max(axis=0), range_dtype)
+    coeffs = centred @ kept.astype(np.float32)
+    lo, hi = coeffs.min(axis=0).astype(np.float64), coeffs.max(axis=0).astype(np.float64)
+    arrays["lo"], arrays["hi"] = _outward(lo, hi, range_dtype)
     arrays["widths"] = np.asarray(pack_codes(jnp.asarray(widths, jnp.uint32), 4))
     meta = SetupMeta(basis, sample_shape, rounding, int(widths.size), np.dtype(range_dtype).name)
     return Payload(arrays={k: jnp.asarray(v) for k, v in arrays.items()}, meta=meta)
