@@ -76,6 +76,9 @@ def test_transform_payload_decodes_from_the_coded_words():
                                   np.asarray(q.decode(Payload(rows={"codes": payload.rows["codes"][:50]},
                                                               meta=payload.meta))))
     assert coder.bits(words) < q.bits(payload) / 200 * 50
+    mask = np.zeros(200, np.int32)
+    mask[:50] = 1
+    assert entropy.coded_bits(coder, codes, mask) == coder.bits(words)
 
 
 def test_pixel_quantizer_codes_round_trip():

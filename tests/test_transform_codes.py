@@ -236,3 +236,15 @@ def test_errors_name_the_argument(images):
     q = tc.transform_code(_setup(images, "dct", "stochastic"))
     with pytest.raises(ValueError, match="x must have shape"):
         q.encode(jax.random.key(0), jnp.zeros((2, 7, 7, 1)))
+
+
+def test_encode_and_decode_vmap_over_nodes(images):
+    # The engine simulates nodes with jax.vmap: each node's payload is what it would have sent alone.
+    setup = _setup(images, "pca", "dither")
+    q = tc.transform_code(setup)
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jnp.asarray(images[:24]).reshape(3, 8, 8, 8, 1)
+    decoded = jax.jit(jax.vmap(lambda k, xi: q.decode(q.encode(k, xi))))(keys, x)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(decoded[i]), np.asarray(q.decode(q.encode(keys[i], x[i]))),
+                                   atol=1e-6)

@@ -135,6 +135,17 @@ def entropy_coder(model: Payload) -> EntropyCoder:
     return EntropyCoder(encode, decode, bits, alphabet)
 
 
+def coded_bits(coder: EntropyCoder, codes, mask=None) -> int:
+    """Exact coded bits of one message: the transmitted rows of ``codes`` (``mask`` 0/1 over rows,
+    None for all) ANS-coded into one stream, ``32 * len(words)``. ``codes`` are a payload's codes
+    (:func:`quantizer_codes`, ``transform_codes.payload_codes``). Host only; see the module
+    docstring (and :func:`coded_bits_callback`) for a jitted round."""
+    codes = np.asarray(codes)
+    if mask is not None:
+        codes = codes[np.asarray(mask) > 0]
+    return coder.bits(coder.encode(codes))
+
+
 def cross_entropy_bits(model: Payload, codes) -> float:
     """``-sum log2 p(code)`` under the model: an estimate of the coded length (not a coded length)."""
     probs = _probabilities(model)
@@ -150,7 +161,7 @@ def coded_bits_callback(coder: EntropyCoder) -> Callable[[jax.Array], jax.Array]
     """
 
     def host(codes):
-        return np.int32(coder.bits(coder.encode(np.asarray(codes))))
+        return np.int32(coded_bits(coder, codes))
 
     def f(codes):
         return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.int32), codes, vmap_method="sequential")
