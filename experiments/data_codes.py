@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import textwrap
 import time
 
 import jax
@@ -243,7 +244,7 @@ def plot(results_path: str, figure_path: str) -> None:
 
     with open(results_path) as f:
         results = json.load(f)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     raw = [r for r in results["rows"] if r["family"] == "raw"]
     markers = {"pixel": "o", "dct": "s", "pca": "^"}
     for family, marker in markers.items():
@@ -264,8 +265,8 @@ def plot(results_path: str, figure_path: str) -> None:
     ax.set_xlabel("bits per sample (exact, per-sample payload; setup and model excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, caption(results), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.text(0.01, 0.01, textwrap.fill(caption(results), 140), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(figure_path, dpi=150)
 
 
