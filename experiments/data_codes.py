@@ -247,7 +247,7 @@ def table(results: dict) -> str:
         fmt = lambda v, w=8, p=0: f"{v:>{w}.{p}f}" if v is not None else f"{'-':>{w}}"
         lines.append(f"{r['code']:<20}{fmt(r['bits_per_sample'])}{fmt(r.get('setup_per_sample', 0.0), 8, 1)}"
                      f"{fmt(ans, 8, 1)}{fmt(r.get('model_per_sample'), 8, 1)}"
-                     f"{fmt(r.get('entropy_estimate_per_sample'), 8, 1)}{r['mse']:>10.5f}{r.get('bias_mse', 0.0):>10.5f}"
+                     f"{fmt(r.get('entropy_estimate_per_sample'), 8, 1)}{r['mse']:>10.5f}{fmt(r.get('bias_mse'), 10, 5)}"
                      f"{r['lr']:>8.0e}{100 * r['test_accuracy']:>10.2f}"
                      f"  [{100 * r['test_accuracy_range'][0]:.2f}, {100 * r['test_accuracy_range'][1]:.2f}]")
     return "\n".join(lines)
