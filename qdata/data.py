@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdata.codecs.base import check_finite
+from qdata.checks import check_finite
 
 __all__ = [
     "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "INSTALLED_IDX", "InstalledIdx", "to_float", "check_image_size",

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdata.codecs import base
+from qdata import checks
 
 Array = jax.Array
 
@@ -168,14 +168,14 @@ def water_fill(scores: Array, budget, floor: float = 0.0) -> Array:
     scores = jnp.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must have shape (b,), got {scores.shape}")
-    base.check_finite(scores, "scores")
-    if base.is_concrete(scores) and np.any(np.asarray(scores) < 0):
+    checks.check_finite(scores, "scores")
+    if checks.is_concrete(scores) and np.any(np.asarray(scores) < 0):
         raise ValueError("scores must be non-negative")
     floor = float(floor)
     if not 0.0 <= floor < 1.0:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
     b = scores.shape[0]
-    if base.is_concrete(budget):
+    if checks.is_concrete(budget):
         bval = float(budget)
         if not (0.0 < bval <= b):
             raise ValueError(f"budget must be in (0, b] = (0, {b}], got {bval}")
@@ -211,7 +211,7 @@ def _check_scores(scores) -> Array:
     scores = jnp.asarray(scores)
     if scores.ndim != 1:
         raise ValueError(f"scores must have shape (b,), got {scores.shape}")
-    base.check_finite(scores, "scores")
+    checks.check_finite(scores, "scores")
     return scores
 
 
@@ -244,7 +244,7 @@ def bernoulli_gate(rho: float, floor: float = 1e-3) -> Gate:
     Returns:
       A :class:`Gate` with ``unbiased=True``, ``weighted=True``.
     """
-    rho = base.check_fraction(rho, "rho")
+    rho = checks.check_fraction(rho, "rho")
     floor = float(floor)
     if not 0.0 <= floor < 1.0:
         raise ValueError(f"floor must be in [0, 1), got {floor}")
@@ -281,7 +281,7 @@ def top_fraction_gate(rho: float) -> Gate:
     Returns:
       A :class:`Gate` with ``unbiased=False``, ``weighted=False``.
     """
-    rho = base.check_fraction(rho, "rho")
+    rho = checks.check_fraction(rho, "rho")
 
     def select(key, scores):
         del key

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax.traverse_util import flatten_dict
 
-from qdata.codecs.base import is_concrete
+from qdata.checks import is_concrete
 
 __all__ = [
     "LogisticRegression", "MLP", "SmallCNN", "ResNet20", "ResNet18", "ResNet18ImageNet", "STEMS", "MODELS",

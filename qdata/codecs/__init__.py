@@ -1,8 +1,8 @@
 """Everything that crosses a link: data quantizers and vector compressors with exact bit counts."""
-from qdata.codecs.base import (
-    Compressor, EmptyState, Payload, Quantizer, TreeSpec, array_bits, counter_bits, flatten, pack_codes,
-    payload_bits, unflatten, unpack_codes,
-)
+from qdata.codecs.packing import pack_codes, unpack_codes
+from qdata.codecs.payloads import Compressor, EmptyState, Payload, Quantizer, array_bits, payload_bits
+from qdata.codecs.randomness import counter_bits
+from qdata.codecs.trees import TreeSpec, flatten, unflatten
 from qdata.codecs.compressors import (
     ErrorFeedbackState, PowerSGDState, error_feedback, fp16, fp32, powersgd, qsgd, qsgd_entropy_bits,
     randk, scaled_sign, terngrad, topk,

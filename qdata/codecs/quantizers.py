@@ -1,17 +1,17 @@
 """Data quantizers Q: B-bit codes for data samples (DESIGN.md section 2, step 2; section 3).
 
 A node sends ``Q(x_j)`` instead of the sample ``x_j in R^n``. Every factory here returns a
-:class:`base.Quantizer` ``(encode, decode, bits, unbiased, delta)``:
+:class:`payloads.Quantizer` ``(encode, decode, bits, unbiased, delta)``:
 
 * ``encode(key, x) -> Payload`` with ``x`` of shape ``(b, *sample_shape)``, samples on the leading
   axis. Each coordinate becomes an integer code in ``0..2^B-1``; the codes of a sample are packed
-  with :func:`base.pack_codes` into ``payload.rows['codes']`` of shape
+  with :func:`packing.pack_codes` into ``payload.rows['codes']`` of shape
   ``(b, packed_size(n, B, words=True))``: uint32 words when a row fills whole words (B = 1, 2, 4, 8
   and ``n B`` a multiple of 32, as for images), otherwise 8, 4, 2 codes per byte for B = 1, 2, 4,
   uint8/uint16 words for B = 8, 16 and a bit stream for other B; either way sample ``j`` costs
   exactly ``8 * ceil(n B / 8)`` bits.
 * ``decode(payload) -> x_hat`` of the shape and dtype of ``x``.
-* ``bits(payload, mask=None)``: :func:`base.payload_bits`, read off the packed arrays (a Python
+* ``bits(payload, mask=None)``: :func:`payloads.payload_bits`, read off the packed arrays (a Python
   int); with a 0/1 ``mask`` over samples only the transmitted rows count, and the count is an exact
   :class:`~qdata.codecs.ledger.Bits` (rows sent times bits per row, never an int32 product).
 
@@ -38,7 +38,7 @@ counted in ``payload.info['clipped']`` (an int32, never sent). With ``on_clip="e
 ``x`` with out-of-range values raises ``ValueError``; under ``jax.jit``/``jax.vmap`` the values are
 traced, so the count is reported instead and the caller must check it.
 
-Randomness. The uniforms come from :func:`base.counter_bits`, 32-bit words from a 32-bit seed drawn
+Randomness. The uniforms come from :func:`randomness.counter_bits`, 32-bit words from a 32-bit seed drawn
 from ``key`` with ``jax.random.bits``: one word per coordinate, except for stochastic rounding with
 ``B in {1, 2, 4, 8}`` (also within :func:`per_sample_range`), where coordinates ``2i`` and ``2i + 1``
 take the low and high 16 bits of word ``i`` (half the hashing; the halves of a uniform word are
@@ -59,7 +59,7 @@ bits: ``code = (t + r) >> F`` with ``t`` the integer ``u 2^F`` and ``r`` an ``F`
 
 Computation is in float32 (float64 for float64 input), so ``u`` itself carries float32 rounding, about
 ``2^-24 (|lo| + |hi|)``. The encode and decode functions compile with
-:func:`base.codec_compiler_options` when called at top level (512-bit vectors on AVX-512 CPUs).
+:func:`compile_options.codec_compiler_options` when called at top level (512-bit vectors on AVX-512 CPUs).
 
 Everything runs under ``jax.jit`` (hyper-parameters are static Python values fixed by the factory)
 and under ``jax.vmap`` over a leading node axis (count bits per node, inside the vmap).
@@ -74,8 +74,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdata.codecs import base
-from qdata.codecs.base import Payload, Quantizer
+from qdata import checks
+from qdata.codecs import compile_options, packing, payloads, randomness
+from qdata.codecs.payloads import Payload, Quantizer
 
 Array = jax.Array
 
@@ -126,7 +127,7 @@ def _check_on_clip(on_clip) -> str:
 
 
 def _check_bound(value, name: str) -> float:
-    if isinstance(value, (bool, str, bytes)) or base.is_concrete(value) is False:
+    if isinstance(value, (bool, str, bytes)) or checks.is_concrete(value) is False:
         raise ValueError(f"{name} must be a real number (the quantizer range), got {value!r}")
     try:
         value = float(value)
@@ -139,7 +140,7 @@ def _check_bound(value, name: str) -> float:
 
 def _check_lo_hi(lo, hi) -> tuple[float, float]:
     lo, hi = _check_bound(lo, "lo"), _check_bound(hi, "hi")
-    return base.check_range(lo, hi)
+    return checks.check_range(lo, hi)
 
 
 def _check_x(x) -> Array:
@@ -154,13 +155,13 @@ def _check_x(x) -> Array:
         raise ValueError(f"x must be a floating-point array, got dtype {x.dtype}; cast integer data first")
     if math.prod(x.shape[1:]) == 0:
         raise ValueError(f"x's samples must have at least one coordinate, got shape {tuple(x.shape)}")
-    base.check_finite(x, "x")
+    checks.check_finite(x, "x")
     return x
 
 
 def _raise_if_clipped(x: Array, lo, hi) -> None:
     """on_clip='error' for concrete ``x`` (``lo``/``hi`` scalars or per-row arrays)."""
-    if not base.is_concrete(x):
+    if not checks.is_concrete(x):
         return
     a = np.asarray(x)
     count = int(np.count_nonzero((a < lo) | (a > hi)))
@@ -228,7 +229,7 @@ def _seed(key) -> Array:
 
 def _uniform24(seed: Array, shape) -> Array:
     """24-bit uniform words r (U = r / 2^24 in [0, 1)), regenerable from ``seed``."""
-    return base.counter_bits(seed, shape) >> (32 - _FRAC_BITS)
+    return randomness.counter_bits(seed, shape) >> (32 - _FRAC_BITS)
 
 
 def _floor_plus_uniform(u: Array, r24: Array, levels: int) -> Array:
@@ -251,13 +252,13 @@ def _uniform16(seed: Array, shape) -> Array:
     """16-bit uniform words r (U = r / 2^16 in [0, 1)) for a (b, n) batch, regenerable from ``seed``.
 
     Coordinates ``2i`` and ``2i + 1`` of a row take the low and high halves of word ``i`` of
-    :func:`base.counter_bits`: the halves of an exactly uniform 32-bit word are exactly uniform and
+    :func:`randomness.counter_bits`: the halves of an exactly uniform 32-bit word are exactly uniform and
     independent, and half as many words are hashed. The pairs stay on a minor axis of length 2, which
     the packing of B = 1, 2, 4 (codes grouped by 8, 4, 2) reads without a transpose.
     """
     b, n = shape
     m = -(-n // 2)
-    w = base.counter_bits(seed, (b, m))
+    w = randomness.counter_bits(seed, (b, m))
     r = (w[..., None] >> jnp.asarray([0, 16], jnp.uint32)) & jnp.uint32(0xFFFF)
     r = r.reshape(b, 2 * m)
     return r if 2 * m == n else r[:, :n]
@@ -324,7 +325,7 @@ def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tup
                delta: float | None) -> Quantizer:
     """The public encode/decode around jitted ones: input checks (and ``on_clip="error"`` against
     ``error_range``) before any work, the payload's kind checked before decoding; bits read off the
-    packed arrays (:func:`base.payload_bits`)."""
+    packed arrays (:func:`payloads.payload_bits`)."""
 
     def encode(key, x) -> Payload:
         x = _check_x(x)
@@ -336,7 +337,7 @@ def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tup
         _check_meta(payload, kind)
         return decode_jit(payload)
 
-    return Quantizer(encode=encode, decode=decode, bits=base.payload_bits, unbiased=unbiased, delta=delta)
+    return Quantizer(encode=encode, decode=decode, bits=payloads.payload_bits, unbiased=unbiased, delta=delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,34 +345,34 @@ def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tup
 
 
 def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
-    bits = base.check_bits(bits)
+    bits = checks.check_bits(bits)
     lo, hi = _check_lo_hi(lo, hi)
     on_clip = _check_on_clip(on_clip)
     levels = (1 << bits) - 1
     delta = (hi - lo) / levels
     to_codes, to_levels = _RULES[kind]
 
-    @base.codec_jit
+    @compile_options.codec_jit
     def _encode(key, x):
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
         flat = x.reshape(b, n).astype(cdt)
         codes, arrays = to_codes(key, flat - lo, levels / (hi - lo), levels)
-        if base.flags_fuse(n, bits, words=True):
+        if packing.flags_fuse(n, bits, words=True):
             # The out-of-range test rides along the packing loop instead of a pass of its own.
-            packed, outside = base.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi), words=True)
+            packed, outside = packing.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi), words=True)
             clipped = _count_outside(flat, lo, hi, outside)
         else:
-            packed, clipped = base.pack_codes(codes, bits, words=True), _count_outside(flat, lo, hi)
+            packed, clipped = packing.pack_codes(codes, bits, words=True), _count_outside(flat, lo, hi)
         meta = QuantizerMeta(kind, bits, lo, hi, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
         return Payload(arrays=arrays, rows={"codes": packed}, meta=meta, info={"clipped": clipped})
 
-    @base.codec_jit
+    @compile_options.codec_jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
         cdt = _compute_dtype(meta.dtype)
         n = math.prod(meta.sample_shape)
-        codes = base.unpack_codes(payload.rows["codes"], meta.bits, n)
+        codes = packing.unpack_codes(payload.rows["codes"], meta.bits, n)
         x_hat = lo + to_levels(codes, payload.arrays, cdt) * jnp.asarray(delta, cdt)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
@@ -394,7 +395,7 @@ def stochastic_rounding(bits: int, lo: float, hi: float, *, on_clip: str = "coun
         values (under ``jax.jit``/``vmap`` the count is reported instead).
 
     Returns:
-      A :class:`base.Quantizer` with ``unbiased=True`` and ``delta = Delta``. Payload:
+      A :class:`payloads.Quantizer` with ``unbiased=True`` and ``delta = Delta``. Payload:
       ``rows['codes']`` (b, ceil(n B / 8) bytes or n words), ``b * 8 ceil(n B / 8)`` bits.
     """
     return _fixed_range("stochastic_rounding", bits, lo, hi, on_clip, unbiased=True)
@@ -413,7 +414,7 @@ def nearest_rounding(bits: int, lo: float, hi: float, *, on_clip: str = "count")
         for a concrete ``x`` out of range; under ``jax.jit``/``vmap`` the count is reported instead).
 
     Returns:
-      A :class:`base.Quantizer` with ``unbiased=False`` and ``delta = Delta``; ``b * 8 ceil(n B / 8)``
+      A :class:`payloads.Quantizer` with ``unbiased=False`` and ``delta = Delta``; ``b * 8 ceil(n B / 8)``
       bits.
     """
     return _fixed_range("nearest_rounding", bits, lo, hi, on_clip, unbiased=False)
@@ -436,7 +437,7 @@ def subtractive_dither(bits: int, lo: float, hi: float, *, on_clip: str = "count
         for a concrete ``x`` out of range; under ``jax.jit``/``vmap`` the count is reported instead).
 
     Returns:
-      A :class:`base.Quantizer` with ``unbiased=True`` and ``delta = Delta``;
+      A :class:`payloads.Quantizer` with ``unbiased=True`` and ``delta = Delta``;
       ``b * 8 ceil(n B / 8) + 32`` bits.
     """
     return _fixed_range("subtractive_dither", bits, lo, hi, on_clip, unbiased=True)
@@ -477,10 +478,10 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         raises ``ValueError`` for a concrete ``x`` (under ``jax.jit``/``vmap`` the count is reported).
 
     Returns:
-      A :class:`base.Quantizer` with ``delta=None`` and ``unbiased`` true for stochastic rounding;
+      A :class:`payloads.Quantizer` with ``delta=None`` and ``unbiased`` true for stochastic rounding;
       ``b * (8 ceil(n B / 8) + 2 * bits(range_dtype))`` bits.
     """
-    bits = base.check_bits(bits)
+    bits = checks.check_bits(bits)
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got {rounding!r}")
     try:
@@ -501,7 +502,7 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         width = hi - lo
         return lo, width, width > 0
 
-    @base.codec_jit
+    @compile_options.codec_jit
     def _encode(key, x):
         b, n = x.shape[0], math.prod(x.shape[1:])
         cdt = _compute_dtype(x.dtype)
@@ -514,15 +515,15 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         scale = jnp.where(spread, levels / jnp.where(spread, width, 1.0), 0.0)
         codes, _ = to_codes(key, flat - lo, scale, levels)
         meta = QuantizerMeta(kind, bits, None, None, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
-        rows = {"codes": base.pack_codes(codes, bits, words=True), "lo": lo_sent, "hi": hi_sent}
+        rows = {"codes": packing.pack_codes(codes, bits, words=True), "lo": lo_sent, "hi": hi_sent}
         return Payload(rows=rows, meta=meta, info={"clipped": clipped})
 
-    @base.codec_jit
+    @compile_options.codec_jit
     def _decode(payload: Payload):
         meta = _check_meta(payload, kind)
         cdt = _compute_dtype(meta.dtype)
         n = math.prod(meta.sample_shape)
-        codes = base.unpack_codes(payload.rows["codes"], meta.bits, n)
+        codes = packing.unpack_codes(payload.rows["codes"], meta.bits, n)
         lo, width, _ = _steps(payload.rows["lo"], payload.rows["hi"], cdt)
         x_hat = lo + codes.astype(cdt) * (width / levels)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
