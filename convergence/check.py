@@ -55,6 +55,7 @@ from qdata.codecs.ledger import host_per_entry, host_total
 from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate, loss_score, no_gate
 from qdata.methods.gradient import gradient_compression, sgd
+from qdata.methods.qdata import qdata_method
 
 Array = jax.Array
 
@@ -187,14 +188,6 @@ class Round(NamedTuple):
     step: Callable
 
 
-def _round_from_estimator(est) -> Round:
-    def step(key, w, batch, state):
-        msg, state = est.node_message(key, w, batch, state)
-        return est.learner_gradient(w, msg), state, est.uplink_bits(msg)["total"]
-
-    return Round(est.init, step)
-
-
 def _round_from_method(method) -> Round:
     def step(key, w, batch, state):
         msg, state = method.node_message(key, w, batch, state)
@@ -234,7 +227,7 @@ def build_round(objective: O.Objective, setting: Setting) -> Round:
         correction=_correction(objective, setting) if setting.correction else None,
         score_fn=loss_score(objective.loss_fn),
     )
-    return _round_from_estimator(est)
+    return _round_from_method(qdata_method(est))
 
 
 # ----------------------------------------------------------------------------------------------

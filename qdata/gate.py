@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdata import checks
+from qdata.codecs.packing import pack_codes, unpack_codes
+from qdata.codecs.payloads import Payload
 
 Array = jax.Array
 
@@ -293,3 +295,44 @@ def top_fraction_gate(rho: float) -> Gate:
         return Selection(mask=mask, weight=mask, prob=mask)
 
     return Gate(select=select, unbiased=False, rho=rho, weighted=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# What crosses the link for a selection, and what the learner reads back.
+
+
+def select(gate: Gate, score_fn: Callable[..., Array], key, params, x: Array, y: Array) -> Selection:
+    """The gate's selection for a batch; the scores are computed only when the gate can drop samples
+    (rho < 1): with rho = 1 every sample is sent with a_j = 1."""
+    if gate.rho < 1.0:
+        return gate.select(key, score_fn(params, x, y))
+    ones = jnp.ones((x.shape[0],), jnp.float32)
+    return Selection(mask=ones, weight=ones, prob=ones)
+
+
+def selection_payloads(gate: Gate, selection: Selection) -> tuple[Payload, Payload]:
+    """``(weights, mask)`` as sent: fp16 p~_j of the transmitted rows (a weighted gate with rho < 1;
+    see the module docstring), and the b-bit bitmap of transmitted samples (rho < 1). Empty
+    payloads where nothing needs to be sent."""
+    mask = selection.mask
+    gated = gate.rho < 1.0
+    weights = Payload()
+    if gated and gate.weighted:
+        weights = Payload(rows={"prob": jnp.where(mask > 0, selection.prob, 0.0).astype(jnp.float16)})
+    bitmap = Payload(arrays={"bitmap": pack_codes(mask.astype(jnp.uint32), 1)}) if gated else Payload()
+    return weights, bitmap
+
+
+def received_mask(gate: Gate, bitmap: Payload, b: int) -> Array:
+    """m_j as the learner reads it off the bitmap (all ones when rho = 1: nothing was sent)."""
+    if gate.rho >= 1.0:
+        return jnp.ones((b,), jnp.float32)
+    return unpack_codes(bitmap.arrays["bitmap"], 1, b).astype(jnp.float32)
+
+
+def received_weights(gate: Gate, weights: Payload, mask: Array) -> Array:
+    """a_j as both sides compute it from what was sent: 1 / p~_j for a weighted gate, else m_j."""
+    if not (gate.rho < 1.0 and gate.weighted):
+        return mask.astype(jnp.float32)
+    p = weights.rows["prob"].astype(jnp.float32)
+    return jnp.where(mask > 0, 1.0 / jnp.where(p > 0, p, 1.0), 0.0)

@@ -1,5 +1,7 @@
 """The learner-side cache: a sample crosses the link once, and the estimate stays exact/unbiased."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,9 +10,10 @@ import optax
 import pytest
 
 from qdata.codecs import fp32, stochastic_rounding, subtractive_dither
-from qdata.codecs.base import unpack_codes
+from qdata.codecs.packing import unpack_codes
 from qdata.estimator import full_gradient, qdata_estimator
 from qdata.gate import bernoulli_gate
+from tests.one_node import one_node_gradient
 
 B, N_FEATURES, C, SHARD = 12, 16, 5, 20
 
@@ -43,8 +46,8 @@ def _batch(shard_x, shard_y, pos):
 
 def test_cached_samples_cost_only_their_positions():
     est, _, params, sx, sy = _setup()
-    node, cache = est.init(params), est.init_cache()
-    node_message, learner = jax.jit(est.node_message), jax.jit(est.learner_gradient_cached)
+    node, cache = est.init(params), est.init_learner()
+    node_message, learner = jax.jit(est.node_message), jax.jit(functools.partial(one_node_gradient, est))
     pos = np.arange(B) % 7  # duplicates inside the batch: each sample's codes travel once
     msg, node = node_message(jax.random.PRNGKey(1), params, _batch(sx, sy, pos), node)
     bits = est.uplink_bits(msg)
@@ -60,7 +63,7 @@ def test_cached_samples_cost_only_their_positions():
     bits2 = est.uplink_bits(msg2)
     assert int(bits2["data"]) == 0 and int(bits2["labels"]) == 0
     assert int(bits2["total"]) == int(bits2["positions"])
-    assert not np.any(np.asarray(msg2.data.rows["codes"]))  # nothing else travels
+    assert not np.any(np.asarray(msg2.samples.inner["x"].rows["codes"]))  # nothing else travels
     g2, cache = learner(params, msg2, cache)
     # ... and the learner, reading its cache, computes the same estimate as from the first message.
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
@@ -76,8 +79,8 @@ def test_exact_correction_with_cache_recovers_the_full_gradient(gated):
     if gated:
         kw["gate"] = bernoulli_gate(0.5)
     est, loss_fn, params, sx, sy = _setup(**kw)
-    node, cache = est.init(params), est.init_cache()
-    node_message, learner = jax.jit(est.node_message), jax.jit(est.learner_gradient_cached)
+    node, cache = est.init(params), est.init_learner()
+    node_message, learner = jax.jit(est.node_message), jax.jit(functools.partial(one_node_gradient, est))
     rng = np.random.default_rng(3)
     transmitted = set()
     for step in range(4):
@@ -96,7 +99,7 @@ def test_exact_correction_with_cache_recovers_the_full_gradient(gated):
         for u, v in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref)):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
     # Node and learner agree on what the learner holds: exactly the samples ever transmitted.
-    assert set(np.flatnonzero(np.asarray(node.cache.sent)).tolist()) == transmitted
+    assert set(np.flatnonzero(np.asarray(node.samples.held)).tolist()) == transmitted
 
 
 def test_cache_refuses_quantizers_with_per_message_side_information():

@@ -4,6 +4,7 @@ The model throughout is a small flax MLP, 8 inputs -> 16 tanh units -> 10 logits
 with softmax cross-entropy; inputs live in the box [0, 1]^8, the range of the dataset-wide quantizers.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ from qdata.codecs.compressors import fp32, qsgd, randk
 from qdata.codecs.quantizers import nearest_rounding, per_sample_range, stochastic_rounding, subtractive_dither
 from qdata.estimator import NodeMessage, full_gradient, qdata_estimator
 from qdata.gate import bernoulli_gate, no_gate, top_fraction_gate
+from tests.one_node import node_gradient, one_node_gradient
 
 N_IN, HIDDEN, CLASSES, B = 8, 16, 10, 16
 
@@ -50,12 +52,12 @@ def flat(tree):
 
 
 def gradient_draws(est, params, batch, draws, seed=7):
-    """learner_gradient(node_message(key)) for `draws` keys, flattened: (draws, d)."""
+    """g_i(node_message(key)) for `draws` keys, flattened: (draws, d)."""
     state = est.init(params)
 
     def one(key):
         message, _ = est.node_message(key, params, batch, state)
-        return ravel_pytree(est.learner_gradient(params, message))[0]
+        return ravel_pytree(node_gradient(est, params, message))[0]
 
     keys = jax.random.split(jax.random.key(seed), draws)
     return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
@@ -116,7 +118,7 @@ def test_fp32_correction_recovers_the_weighted_full_precision_gradient(problem, 
     params, batch = problem
     est = qdata_estimator(loss_fn, nearest_rounding(2, 0.0, 1.0), num_classes=CLASSES, gate=gate, correction=fp32())
     message, _ = jax.jit(est.node_message)(jax.random.key(3), params, batch, est.init(params))
-    g = flat(jax.jit(est.learner_gradient)(params, message))
+    g = flat(jax.jit(functools.partial(node_gradient, est))(params, message))
 
     # The a_j the learner uses, read back from the message independently of the estimator's code.
     mask = np.unpackbits(np.asarray(message.mask.arrays["bitmap"]), bitorder="little")[:B] if gate.rho < 1 else np.ones(B)
@@ -184,15 +186,15 @@ def test_bias_without_correction_is_within_lx_times_quantization_error(problem, 
     q = nearest_rounding(bits, 0.0, 1.0)
     est = qdata_estimator(loss_fn, q, num_classes=CLASSES)
     message, _ = jax.jit(est.node_message)(jax.random.key(0), params, batch, est.init(params))
-    bias = np.linalg.norm(flat(jax.jit(est.learner_gradient)(params, message)) - ref)
-    err = np.mean(np.linalg.norm(np.asarray(x) - np.asarray(q.decode(message.data)), axis=1))
+    bias = np.linalg.norm(flat(jax.jit(functools.partial(node_gradient, est))(params, message)) - ref)
+    err = np.mean(np.linalg.norm(np.asarray(x) - np.asarray(q.decode(message.samples["x"])), axis=1))
     assert bias <= lx * err
     assert bias > 1e-3 * np.linalg.norm(ref)  # the bias is real, not float noise
     # A tighter, empirical (not certified) version of the same inequality: L_x taken as 1.5 times the
     # largest Jacobian norm on a 5-point grid of each segment x_j -> Q(x_j) (the margin 1.5 covers the
     # variation between grid points of this smooth model). The certified L_x is ~10x looser, so this
     # is the check a wrong weight, label or decode would trip first.
-    x_hat = np.asarray(q.decode(message.data))
+    x_hat = np.asarray(q.decode(message.samples["x"]))
 
     def grad_at(xj, yj):
         return ravel_pytree(jax.grad(lambda p: loss_fn(p, xj[None], yj[None])[0])(params))[0]
@@ -228,7 +230,7 @@ def test_bias_grows_with_the_quantization_error(problem):
     for bits in (8, 4, 2):
         est = qdata_estimator(loss_fn, nearest_rounding(bits, 0.0, 1.0), num_classes=CLASSES)
         message, _ = jax.jit(est.node_message)(jax.random.key(0), params, batch, est.init(params))
-        biases.append(np.linalg.norm(flat(est.learner_gradient(params, message)) - ref))
+        biases.append(np.linalg.norm(flat(node_gradient(est, params, message)) - ref))
     assert biases[0] < biases[1] < biases[2]
 
 
@@ -333,10 +335,10 @@ def test_node_message_vmaps_over_nodes_and_matches_per_node_runs(problem):
     states = jax.tree_util.tree_map(lambda s: jnp.stack([s] * nodes), state)
     messages, _ = jax.jit(jax.vmap(est.node_message, in_axes=(0, None, 0, 0)))(keys, params, {"x": xs, "y": ys}, states)
     assert isinstance(messages, NodeMessage)
-    grads = jax.jit(jax.vmap(est.learner_gradient, in_axes=(None, 0)))(params, messages)
+    grads = jax.jit(jax.vmap(functools.partial(node_gradient, est), in_axes=(None, 0)))(params, messages)
     bits = jax.jit(jax.vmap(est.uplink_bits))(messages)
     node_message, learner_gradient, uplink_bits = (
-        jax.jit(est.node_message), jax.jit(est.learner_gradient), jax.jit(est.uplink_bits))
+        jax.jit(est.node_message), jax.jit(functools.partial(node_gradient, est)), jax.jit(est.uplink_bits))
     for i in range(nodes):
         message, _ = node_message(keys[i], params, {"x": xs[i], "y": ys[i]}, state)
         node_i = jax.tree_util.tree_map(lambda a: a[i], messages)
@@ -360,10 +362,10 @@ def test_untransmitted_rows_carry_nothing(problem):
     message, _ = jax.jit(est.node_message)(jax.random.key(0), params, batch, est.init(params))
     mask = np.unpackbits(np.asarray(message.mask.arrays["bitmap"]), bitorder="little")[:B]
     assert mask.sum() == 4
-    for row in jax.tree_util.tree_leaves(message.data.rows):
+    for row in jax.tree_util.tree_leaves(message.samples["x"].rows):
         assert np.all(np.asarray(row)[mask == 0] == 0)
     # The label stream holds the transmitted labels, in order, then zeros.
-    stream = np.asarray(message.labels.arrays["labels"])
+    stream = np.asarray(message.samples["y"].values)
     labels = np.stack([stream & 15, stream >> 4], axis=1).reshape(-1)[:B]
     np.testing.assert_array_equal(labels[:4], np.asarray(batch["y"])[mask == 1])
     assert np.all(labels[4:] == 0)
@@ -446,7 +448,7 @@ def test_uplink_bits_of_real_targets(bits, b, n, gate_kind, dtype, seed):
     got = {key: int(v) for key, v in jax.jit(est.uplink_bits)(message).items()}
     m = _sent_rows(message, b, gate_kind != "none")
     width = {"float32": 32, "float16": 16}[dtype]
-    assert message.labels.arrays["labels"].dtype == np.dtype(dtype)
+    assert message.samples["y"].values.dtype == np.dtype(dtype)
     assert got["labels"] == width * m
     assert got["data"] == m * 8 * math.ceil(n * bits / 8)
     assert got["weights"] == (16 * m if gate_kind == "bernoulli" else 0)
@@ -461,7 +463,7 @@ def test_real_targets_round_trip(gate):
     params, batch = _regression_problem(B)
     est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, gate=gate)
     message, _ = jax.jit(est.node_message)(jax.random.key(1), params, batch, est.init(params))
-    (_, y, a), _ = jax.jit(est.received)(message)
+    (_, y, a), _ = jax.jit(est.received)(message, est.init_learner())
     mask = np.asarray(a) > 0
     m = _sent_rows(message, B, gate.rho < 1)
     assert mask.sum() == m and 0 < m <= B
@@ -469,7 +471,7 @@ def test_real_targets_round_trip(gate):
     assert np.asarray(y).dtype == np.float32
     np.testing.assert_array_equal(np.asarray(y)[mask], want[mask])
     assert np.all(np.asarray(y)[~mask] == 0)
-    stream = np.asarray(message.labels.arrays["labels"])
+    stream = np.asarray(message.samples["y"].values)
     np.testing.assert_array_equal(stream[:m], want[mask])
     assert np.all(stream[m:] == 0)
 
@@ -485,11 +487,11 @@ def test_fp16_targets_are_rounded_and_the_correction_compensates():
     est = qdata_estimator(ls_loss, stochastic_rounding(8, 0.0, 1.0), num_classes=None, target_dtype=jnp.float16,
                           correction=fp32())
     message, _ = jax.jit(est.node_message)(jax.random.key(2), params, batch, est.init(params))
-    (_, y, _), _ = jax.jit(est.received)(message)
+    (_, y, _), _ = jax.jit(est.received)(message, est.init_learner())
     assert np.asarray(y).dtype == np.float16
     np.testing.assert_array_equal(np.asarray(y), y16)
     assert int(est.uplink_bits(message)["labels"]) == 16 * B
-    g = flat(jax.jit(est.learner_gradient)(params, message))
+    g = flat(jax.jit(functools.partial(node_gradient, est))(params, message))
     ref = flat(full_gradient(ls_loss)(params, batch["x"], batch["y"]))
     rounded = flat(full_gradient(ls_loss)(params, batch["x"], jnp.asarray(y16, jnp.float32)))
     # Residuals w^T x + c - y are differences of float32 numbers ~1000 (error ~1e-4 each, along
@@ -529,9 +531,9 @@ def test_cache_with_real_targets(dtype):
     sx, sy = shard_batch["x"], shard_batch["y"]
     est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, target_dtype=dtype,
                           correction=fp32(), cache_size=shard, sample_shape=(N_LS,))
-    node, cache = est.init(params), est.init_cache()
-    assert cache.labels.dtype == np.dtype(dtype) and cache.labels.shape == (shard,)
-    node_message, learner = jax.jit(est.node_message), jax.jit(est.learner_gradient_cached)
+    node, cache = est.init(params), est.init_learner()
+    assert cache.rows["y"].dtype == np.dtype(dtype) and cache.rows["y"].shape == (shard,)
+    node_message, learner = jax.jit(est.node_message), jax.jit(functools.partial(one_node_gradient, est))
     width = {"float32": 32, "float16": 16}[dtype]
     rng = np.random.default_rng(3)
     held = set()
@@ -548,7 +550,7 @@ def test_cache_with_real_targets(dtype):
         ref = full_gradient(ls_loss)(params, batch["x"], batch["y"])
         np.testing.assert_allclose(flat(g), flat(ref), rtol=1e-4, atol=1e-5 * np.abs(flat(ref)).max())
     # The learner holds exactly the targets ever sent, in the wire type, at their shard positions.
-    labels = np.asarray(cache.labels)
+    labels = np.asarray(cache.rows["y"])
     assert labels.dtype == np.dtype(dtype)
     idx = sorted(held)
     np.testing.assert_array_equal(labels[idx], np.asarray(sy.astype(dtype))[idx])
@@ -575,7 +577,7 @@ def test_real_targets_through_the_one_pass_learner():
     messages, _ = jax.vmap(est.node_message, in_axes=(0, None, 0, 0))(keys, params, {"x": xs, "y": ys}, states)
     method = qdata_method(est)
     g, _ = jax.jit(method.learner_gradient)(params, messages, method.init_learner(params, nodes))
-    per_node = jax.vmap(est.learner_gradient, in_axes=(None, 0))(params, messages)
+    per_node = jax.vmap(functools.partial(node_gradient, est), in_axes=(None, 0))(params, messages)
     np.testing.assert_allclose(flat(g), flat(jax.tree_util.tree_map(lambda v: v.mean(0), per_node)),
                                rtol=1e-5, atol=1e-6)
 

@@ -15,7 +15,9 @@ from qdata.codecs.base import EmptyState, Payload
 from qdata.codecs.compressors import fp32, qsgd
 from qdata.codecs.ledger import Bits
 from qdata.codecs.quantizers import per_sample_range, stochastic_rounding, subtractive_dither
-from qdata.estimator import _stream_prefix_bits, qdata_estimator
+from qdata.codecs.packing import code_dtype
+from qdata.codecs.streams import Stream, StreamMeta, stream_bits
+from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate
 from qdata.methods import sgd
 from qdata.methods.gradient import gradient_compression
@@ -217,9 +219,15 @@ def _imagenet_estimator(gate=None):
     return est, message
 
 
+def _with_label_count(message, sent):
+    # The label stream carries its count (how many labels it sends): the one value of it the ledger reads.
+    stream = message.samples["y"]
+    return message.replace(samples={**message.samples, "y": stream.replace(count=jnp.int32(sent))})
+
+
 def test_estimator_ledger_at_imagenet_scale():
-    est, message = _imagenet_estimator()  # no gate: every sample sent, the count needs no values
-    bits = est.uplink_bits(message)
+    est, message = _imagenet_estimator()  # no gate: every sample sent, the codes' count needs no values
+    bits = est.uplink_bits(_with_label_count(message, B_IMAGENET))
     assert int(bits["data"]) == B_IMAGENET * N_IMAGENET * 4 > 2**31
     assert int(bits["metadata"]) == B_IMAGENET * 32
     assert int(bits["labels"]) == 8 * math.ceil(B_IMAGENET * 10 / 8)  # ceil(log2 1000) = 10 bits
@@ -227,14 +235,14 @@ def test_estimator_ledger_at_imagenet_scale():
 
 
 def test_gated_estimator_ledger_at_imagenet_scale():
-    # The codes stay abstract (their count is their shape); only the b-bit bitmap, which the count
-    # reads, is made concrete: 4,000 of the 4,096 samples sent.
+    # The codes stay abstract (their count is their shape); only the b-bit bitmap and the label
+    # stream's count, which the ledger reads, are made concrete: 4,000 of the 4,096 samples sent.
     est, message = _imagenet_estimator(bernoulli_gate(0.5))
     sent = 4000
     mask = np.zeros(B_IMAGENET, bool)
     mask[np.random.default_rng(0).choice(B_IMAGENET, sent, replace=False)] = True
     bitmap = base.pack_codes(jnp.asarray(mask, jnp.uint32), 1)
-    message = message.replace(mask=Payload(arrays={"bitmap": bitmap}))
+    message = _with_label_count(message.replace(mask=Payload(arrays={"bitmap": bitmap})), sent)
     bits = est.uplink_bits(message)
     want = {"data": sent * N_IMAGENET * 4, "metadata": sent * 32, "weights": sent * 16,
             "labels": 8 * math.ceil(sent * 10 / 8), "mask": B_IMAGENET, "correction": 0}
@@ -247,12 +255,17 @@ def test_gated_estimator_ledger_at_imagenet_scale():
 def test_stream_prefix_is_exact_for_any_count(count, width):
     word = {8: 8, 16: 16, 32: 32}.get(width, 8)
     want = -(-count * width // word) * word
-    got = _stream_prefix_bits(jnp.int32(count), width)
+    got = stream_bits(_stream(count, width))
     assert isinstance(got, Bits) and int(got) == want
-    assert int(jax.jit(_stream_prefix_bits, static_argnums=1)(jnp.int32(count), width)) == want
+    assert int(jax.jit(stream_bits)(_stream(count, width))) == want
+
+
+def _stream(count, width):
+    # Its bits are read off its count and its container's word (the values themselves are not read).
+    return Stream(jnp.zeros((1,), code_dtype(width)), jnp.int32(count), StreamMeta(max(count, 1), width))
 
 
 def test_stream_prefix_of_a_billion_labels():
     # 2^30 labels of 10 bits: the product count * width leaves int32, the word count does not.
-    assert int(_stream_prefix_bits(jnp.int32(2**30), 10)) == 2**30 * 10
-    assert int(_stream_prefix_bits(jnp.int32(2**31 - 1), 32)) == (2**31 - 1) * 32
+    assert int(stream_bits(_stream(2**30, 10))) == 2**30 * 10
+    assert int(stream_bits(_stream(2**31 - 1, 32))) == (2**31 - 1) * 32

@@ -1,5 +1,7 @@
 """The methods layer: the learner's one-pass gradient over N nodes equals the mean of the per-node g_i."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from qdata.codecs import randk, stochastic_rounding
 from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate
 from qdata.methods import qdata_method
+from tests.one_node import one_node_gradient
 from tests.test_cache import B, C, SHARD, _setup
 
 NODES = 3
@@ -29,10 +32,8 @@ def test_one_backward_pass_equals_mean_of_node_estimates(cache):
     messages, _ = jax.vmap(est.node_message, in_axes=(0, None, 0, 0))(keys, params, batches, node_states)
     learner_state = method.init_learner(params, NODES)
     g, _ = jax.jit(method.learner_gradient)(params, messages, learner_state)
-    if cache:
-        per_node, _ = jax.vmap(est.learner_gradient_cached, in_axes=(None, 0, 0))(params, messages, learner_state)
-    else:
-        per_node = jax.vmap(est.learner_gradient, in_axes=(None, 0))(params, messages)
+    per_node, _ = jax.vmap(functools.partial(one_node_gradient, est), in_axes=(None, 0, 0))(
+        params, messages, learner_state)
     for u, v in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(per_node)):
         np.testing.assert_allclose(u, np.mean(v, axis=0), rtol=1e-5, atol=1e-6)
     assert np.asarray(jax.tree_util.tree_leaves(g)[0]).shape == jax.tree_util.tree_leaves(params)[0].shape

@@ -1,10 +1,10 @@
 """qdata as a training method: nodes send quantized samples (and optional corrections), not gradients.
 
-The node side is :func:`qdata.estimator.qdata_estimator`'s message; the learner decodes the N
-messages and averages the N per-node estimates g_i, so
+The node side is a one-node :class:`~qdata.estimator.Estimator` (gate, sample codec with its labels
+and optional cache, correction; :func:`qdata.estimator.qdata_estimator` composes them); the learner
+reads the N messages and computes, in one path whatever the codec,
 g = (1/N) sum_i [(1/b) sum_j a_j grad f(w; Q(x_j), y_j) + C(delta_i)] (DESIGN.md section 2, step 4).
-With the estimator's cache on, the learner keeps each node's received samples (its state) and a
-sample already held travels as its position alone.
+The learner's state is, per node, its sample codec's state: with the cache, the samples it holds.
 """
 
 from __future__ import annotations
@@ -37,25 +37,19 @@ def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str =
     """Wrap a one-node :class:`~qdata.estimator.Estimator` as a :class:`Method` over N nodes.
 
     Args:
-      estimator: the node message, per-node learner gradient and bit ledger (with or without cache).
+      estimator: the node message, what the learner reads off it and the bit ledger.
       needs_params: whether nodes need the model each round (they do to score samples for a gate or
         to compute a correction; a plain quantize-and-send node does not, and pays no downlink).
       name: the method's name in results.
     """
-    cached = estimator.learner_gradient_cached is not None
 
     def init_learner(params, num_nodes):
         del params
-        if not cached:
-            return ()
-        cache = estimator.init_cache()
-        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + a.shape), cache)
+        state = estimator.init_learner()
+        return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + a.shape), state)
 
     def learner_gradient(params, messages, learner_state):
-        if cached:
-            samples, learner_state = jax.vmap(estimator.received)(messages, learner_state)
-        else:
-            samples, _ = jax.vmap(estimator.received)(messages)
+        samples, learner_state = jax.vmap(estimator.received)(messages, learner_state)
         g = _mean_gradient(estimator.learner_loss, params, samples)
         corrections = jax.vmap(estimator.decoded_correction)(messages)
         if corrections is not None:
