@@ -118,7 +118,8 @@ def _ordered_parts(parts: dict) -> dict:
 
 def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.Gate = gates.no_gate(),
               correction: Correction = no_correction(), score_fn: Callable[..., Array] | None = None,
-              check_batch: Callable | None = None) -> Estimator:
+              check_batch: Callable | None = None,
+              labels_as_sent: Callable[[Array], Array] = lambda y: y) -> Estimator:
     """One node's estimator composed of a sample codec, a gate and a correction (module docstring).
 
     Args:
@@ -130,6 +131,11 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         evaluated when the gate has rho < 1.
       check_batch: ``batch -> (x, y)``, raising ValueError for a bad batch; default
         :func:`qdata.checks.check_batch` for real-valued fp32 targets.
+      labels_as_sent: ``y -> y~``, the labels as the learner will read them on the sent rows (exact
+        labels: y itself; fp16 targets: y rounded). The node corrects against y~, computed here from
+        y directly rather than decoded from its own label stream: the same values, and the same
+        compiled arithmetic as before the recomposition (a decoded y~ changes XLA's fusion, and with
+        it the correction's last bits on a multi-device mesh).
     """
     if check_batch is None:
         check_batch = functools.partial(checks.check_batch, num_classes=None, target_dtype=jnp.float32)
@@ -152,7 +158,8 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         # learner will use; then delta is unbiased for what the learner misses.
         view = samples.decode(payload, codec_state, mask)
         a = gates.received_weights(gate, weights, mask)
-        corr, corr_state = correction.encode(k_corr, params, x, y, view["x"], view["y"], a, state.correction)
+        y_sent = labels_as_sent(y)
+        corr, corr_state = correction.encode(k_corr, params, x, y, view["x"], y_sent, a, state.correction)
         message = NodeMessage(samples=payload, weights=weights, mask=bitmap, correction=corr, batch=x.shape[0])
         return message, NodeState(samples=codec_state, correction=corr_state)
 
@@ -240,4 +247,6 @@ def qdata_estimator(
                          sample_shape=sample_shape)
     corr = no_correction() if correction is None else make_correction(loss_fn, correction)
     check = functools.partial(checks.check_batch, num_classes=num_classes, target_dtype=target_dtype)
-    return estimator(loss_fn, codec, gate=gate, correction=corr, score_fn=score_fn, check_batch=check)
+    as_sent = (lambda y: y) if num_classes is not None else (lambda y: y.astype(target_dtype))
+    return estimator(loss_fn, codec, gate=gate, correction=corr, score_fn=score_fn, check_batch=check,
+                     labels_as_sent=as_sent)
