@@ -52,10 +52,9 @@ from convergence import bounds as B
 from convergence import objectives as O
 from qdata.codecs import compressors, quantizers
 from qdata.codecs.ledger import host_per_entry, host_total
-from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate, loss_score, no_gate
 from qdata.methods.gradient import gradient_compression, sgd
-from qdata.methods.qdata import qdata_method
+from qdata.methods.qdata import qdata_estimator, qdata_method
 
 Array = jax.Array
 

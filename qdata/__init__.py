@@ -7,10 +7,11 @@ methods in :mod:`qdata.methods`; the round loop over nodes, devices and processe
 :mod:`qdata.engine`; a run from a config to a results file in :mod:`qdata.run`.
 """
 from qdata.correction import Correction, no_correction
-from qdata.estimator import Estimator, NodeMessage, NodeState, full_gradient, qdata_estimator
+from qdata.estimator import Estimator, NodeMessage, NodeState, full_gradient
 from qdata.gate import (
     Gate, Selection, bernoulli_gate, gradient_norm_score, loss_score, no_gate, top_fraction_gate, water_fill,
 )
+from qdata.methods.qdata import qdata_estimator
 
 __all__ = [
     "Estimator", "NodeMessage", "NodeState", "full_gradient", "qdata_estimator",

@@ -14,6 +14,9 @@ four parts, each its own module:
 4. learner: g_i = (1/b) sum_j a_j grad_w f(w; Q(x_j), y_j) + C(delta_i), from ``received`` and
    ``decoded_correction``; the N-node learner is :func:`qdata.methods.qdata.qdata_method`.
 
+:func:`estimator` composes given parts; :func:`qdata.methods.qdata.qdata_estimator` builds them from a
+quantizer, a gate and a compressor.
+
 With the correction on and Q, C and the gate unbiased, E[g_i | w] = (1/b) sum_j grad_w f(w; x_j, y_j),
 the node's full-precision minibatch gradient (:func:`full_gradient`). Without it the bias is at most
 L_x * E||x - Q(x)||, L_x the Lipschitz constant of x -> grad_w f(w; x, y).
@@ -35,12 +38,10 @@ from flax import struct
 
 from qdata import checks
 from qdata import gate as gates
-from qdata.codecs.cache import learner_cache
-from qdata.codecs.data_codec import DataCodec, from_quantizer, joint
-from qdata.codecs.labels import class_labels, real_targets
+from qdata.codecs.data_codec import DataCodec
 from qdata.codecs.ledger import Bits
-from qdata.codecs.payloads import Compressor, Payload, Quantizer, payload_bits
-from qdata.correction import Correction, correction as make_correction, no_correction, weighted_mean_loss
+from qdata.codecs.payloads import Payload, payload_bits
+from qdata.correction import Correction, no_correction, weighted_mean_loss
 
 Array = jax.Array
 PyTree = Any
@@ -154,8 +155,8 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         weights, bitmap = gates.selection_payloads(gate, selection)
         mask = selection.mask
         payload, codec_state = samples.encode(k_data, {"x": x, "y": y}, state.samples, mask, batch.get("pos"))
-        # The node decodes its own message so that it uses exactly the Q(x_j), y~_j and a_j the
-        # learner will use; then delta is unbiased for what the learner misses.
+        # The node decodes its own message so that it uses exactly the Q(x_j) and a_j the learner
+        # will use (and y~_j, the labels as sent); then delta is unbiased for what the learner misses.
         view = samples.decode(payload, codec_state, mask)
         a = gates.received_weights(gate, weights, mask)
         y_sent = labels_as_sent(y)
@@ -183,70 +184,3 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
     return Estimator(init=init, init_learner=samples.init, node_message=node_message, received=received,
                      decoded_correction=lambda message: correction.decode(message.correction),
                      uplink_bits=uplink_bits, learner_loss=weighted_mean_loss(loss_fn))
-
-
-def sample_codec(quantizer: Quantizer, *, num_classes: int | None, target_dtype=None,
-                 cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None) -> DataCodec:
-    """The sample codec of :func:`qdata_estimator`: Q beside exact labels, optionally cached."""
-    labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
-    codec = joint(x=from_quantizer(quantizer), y=labels)
-    if cache_size is None:
-        return codec
-    cache_size = checks.check_int(cache_size, "cache_size", lo=1)
-    if sample_shape is None:
-        raise ValueError("sample_shape is required with cache_size (the cache holds quantized samples)")
-    example = {"x": jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in sample_shape), jnp.float32),
-               "y": jax.ShapeDtypeStruct((1,), jnp.int32 if num_classes is not None else jnp.float32)}
-    return learner_cache(codec, cache_size, example)
-
-
-def qdata_estimator(
-    loss_fn: Callable[..., Array],
-    quantizer: Quantizer,
-    *,
-    num_classes: int | None,
-    target_dtype=None,
-    gate: gates.Gate = gates.no_gate(),
-    correction: Compressor | None = None,
-    score_fn: Callable[..., Array] | None = None,
-    cache_size: int | None = None,
-    sample_shape: tuple[int, ...] | None = None,
-) -> Estimator:
-    """The qdata estimator of DESIGN.md section 2 from a quantizer, a gate and a compressor.
-
-    Args:
-      loss_fn: ``(params, x, y) -> (b,)`` per-sample losses f(w; x_j, y_j).
-      quantizer: the data quantizer Q (:mod:`qdata.codecs.quantizers`, or any
-        :class:`~qdata.codecs.payloads.Quantizer`).
-      num_classes: C; labels are integers in 0..C-1 and travel at ceil(log2 C) bits. None for
-        real-valued targets (regression): ``batch['y']`` is then a float (b,) array (integer arrays
-        are taken as real values, cast), sent as ``target_dtype`` values, 8 * itemsize bits each.
-      target_dtype: with ``num_classes=None``, the type the targets travel and are cached in:
-        ``jnp.float32`` (default; exact for float32 targets) or ``jnp.float16`` (half the bits; the
-        learner then sees y rounded to fp16, which the correction, when on, compensates: the node
-        corrects against the rounded y). Must be left None with integer labels.
-      gate: the importance gate (default :func:`qdata.gate.no_gate`, every sample sent).
-      correction: the vector compressor C of the gradient-difference correction; None to send none.
-      score_fn: ``(params, x, y) -> (b,)`` scores for the gate; default the per-sample loss.
-      cache_size: turn on the learner-side cache (:mod:`qdata.codecs.cache`) for nodes holding up to
-        this many samples; ``batch['pos']`` (b,) must then give each sample's position in the shard.
-      sample_shape: the shape of one sample; required with ``cache_size``.
-
-    Returns:
-      An :class:`Estimator`. With the correction on and ``quantizer``, ``correction`` and ``gate`` all
-      unbiased, the expected learner gradient equals ``full_gradient(loss_fn)(params, x, y)``.
-    """
-    if num_classes is None:
-        target_dtype = checks.check_target_dtype(jnp.float32 if target_dtype is None else target_dtype)
-    else:
-        num_classes = checks.check_int(num_classes, "num_classes", lo=1)
-        if target_dtype is not None:
-            raise ValueError("target_dtype is for real-valued targets (num_classes=None); integer labels "
-                             f"travel at ceil(log2 C) bits, got target_dtype={target_dtype!r} with num_classes={num_classes}")
-    codec = sample_codec(quantizer, num_classes=num_classes, target_dtype=target_dtype, cache_size=cache_size,
-                         sample_shape=sample_shape)
-    corr = no_correction() if correction is None else make_correction(loss_fn, correction)
-    check = functools.partial(checks.check_batch, num_classes=num_classes, target_dtype=target_dtype)
-    as_sent = (lambda y: y) if num_classes is not None else (lambda y: y.astype(target_dtype))
-    return estimator(loss_fn, codec, gate=gate, correction=corr, score_fn=score_fn, check_batch=check,
-                     labels_as_sent=as_sent)

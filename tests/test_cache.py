@@ -11,8 +11,9 @@ import pytest
 
 from qdata.codecs import fp32, stochastic_rounding, subtractive_dither
 from qdata.codecs.packing import unpack_codes
-from qdata.estimator import full_gradient, qdata_estimator
+from qdata.estimator import full_gradient
 from qdata.gate import bernoulli_gate
+from qdata.methods.qdata import qdata_estimator
 from tests.one_node import one_node_gradient
 
 B, N_FEATURES, C, SHARD = 12, 16, 5, 20

@@ -18,8 +18,9 @@ from jax.flatten_util import ravel_pytree
 
 from qdata.codecs.compressors import fp32, qsgd, randk
 from qdata.codecs.quantizers import nearest_rounding, per_sample_range, stochastic_rounding, subtractive_dither
-from qdata.estimator import NodeMessage, full_gradient, qdata_estimator
+from qdata.estimator import NodeMessage, full_gradient
 from qdata.gate import bernoulli_gate, no_gate, top_fraction_gate
+from qdata.methods.qdata import qdata_estimator
 from tests.one_node import node_gradient, one_node_gradient
 
 N_IN, HIDDEN, CLASSES, B = 8, 16, 10, 16

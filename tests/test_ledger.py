@@ -17,7 +17,7 @@ from qdata.codecs.ledger import Bits
 from qdata.codecs.quantizers import per_sample_range, stochastic_rounding, subtractive_dither
 from qdata.codecs.packing import code_dtype
 from qdata.codecs.streams import Stream, StreamMeta, stream_bits
-from qdata.estimator import qdata_estimator
+from qdata.methods.qdata import qdata_estimator
 from qdata.gate import bernoulli_gate
 from qdata.methods import sgd
 from qdata.methods.gradient import gradient_compression

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from qdata.codecs import randk, stochastic_rounding
-from qdata.estimator import qdata_estimator
 from qdata.gate import bernoulli_gate
 from qdata.methods import qdata_method
+from qdata.methods.qdata import qdata_estimator
 from tests.one_node import one_node_gradient
 from tests.test_cache import B, C, SHARD, _setup
 

@@ -78,7 +78,8 @@ def code_rows(payload: Payload) -> Payload:
     return Payload(rows=rows)
 
 
-def _same_state(payload, state, sent):
+def stateless_receive(payload, state, sent):
+    """``receive`` of a codec without state: the state is unchanged."""
     del payload, sent
     return state
 
@@ -120,7 +121,7 @@ def from_quantizer(quantizer: Quantizer) -> DataCodec:
     def decode_rows(payload, rows, sent):
         return mask_items(quantizer.decode(payload.replace(rows=rows)), sent)
 
-    return DataCodec(init=EmptyState, encode=encode, receive=_same_state, decode=decode, bits=bits,
+    return DataCodec(init=EmptyState, encode=encode, receive=stateless_receive, decode=decode, bits=bits,
                      rows=rows, decode_rows=decode_rows, unbiased=bool(getattr(quantizer, "unbiased", False)))
 
 

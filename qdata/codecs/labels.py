@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qdata.codecs.data_codec import DataCodec, _same_state
+from qdata.codecs.data_codec import DataCodec, stateless_receive
 from qdata.codecs.packing import index_width
 from qdata.codecs.payloads import EmptyState
 from qdata.codecs.streams import code_stream, read_stream, stream_bits, value_stream
@@ -37,7 +37,7 @@ def _stream_codec(encode) -> DataCodec:
         del stream
         return jnp.where(sent > 0, rows, 0)
 
-    return DataCodec(init=EmptyState, encode=encode, receive=_same_state, decode=decode,
+    return DataCodec(init=EmptyState, encode=encode, receive=stateless_receive, decode=decode,
                      bits=lambda stream, sent: {"labels": stream_bits(stream)}, rows=rows,
                      decode_rows=decode_rows, unbiased=True)
 

@@ -18,7 +18,7 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     from qdata import models
     from qdata.codecs import quantizers
     from qdata.config import make_compressor
-    from qdata.estimator import qdata_estimator
+    from qdata.methods.qdata import qdata_estimator
 
     loss_fn = models.per_sample_loss(model)
     if config.method == "sgd":
