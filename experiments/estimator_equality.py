@@ -4,8 +4,9 @@ Runs a few qdata configurations on digits through the real engine (``qdata.engin
 round the results come from) and saves, per configuration, the exact cumulative uplink bits by part
 and the final parameters. Run it on two checkouts and compare:
 
-    cd /tmp/base && python -m experiments.estimator_equality --save /tmp/eq_base.npz
-    cd /work/wt-est && python -m experiments.estimator_equality --save /tmp/eq_new.npz --compare /tmp/eq_base.npz
+    git worktree add --detach /tmp/base main && cp experiments/estimator_equality.py /tmp/base/experiments/
+    (cd /tmp/base && python -m experiments.estimator_equality --save /tmp/eq_base.npz)
+    python -m experiments.estimator_equality --save /tmp/eq_new.npz --compare /tmp/eq_base.npz
 
 With ``--devices 2`` the nodes are spread over 2 forced host devices (XLA_FLAGS is set before JAX
 starts). ``--compare`` prints each configuration's bits and whether every parameter is bitwise
