@@ -3,7 +3,7 @@
 For an :class:`~convergence.objectives.Objective` and an estimator :class:`Setting` (fp32 SGD, or
 qdata with B bits, correction on/off, gate on/off), :func:`check_setting`:
 
-1. builds the estimator from the real modules (:func:`qdata.estimator.qdata_estimator`,
+1. builds the estimator from the real modules (:func:`qdata.methods.qdata.qdata_estimator`,
    :func:`qdata.methods.gradient.sgd` / ``gradient_compression``) and its noise model
    (:func:`convergence.bounds.qdata_noise` / ``compressed_gradient_noise``) from the objective's
    constants and the codecs' own parameters (``quantizer.delta``, ``compressor.omega(d)``); the gate's

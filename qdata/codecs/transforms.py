@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qdata.codecs.base import Compressor
+from qdata.codecs.payloads import Compressor
 from qdata.codecs.ledger import Bits
 
 
