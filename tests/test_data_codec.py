@@ -123,3 +123,34 @@ def test_correction_is_the_compressed_gradient_difference():
     none = no_correction()
     payload, _ = none.encode(None, w, x, y, x_hat, y, a, none.init(w))
     assert none.decode(payload) is None and none.bits(payload) == 0
+
+
+def test_a_transform_code_plugs_into_the_estimator_and_its_cache():
+    """A new Quantizer (the DCT/PCA transform code) needs no estimator change: through the adapter
+    its code rows are charged as 'data', and the cache sends a held sample as its position alone."""
+    from qdata.codecs import transform_codes as tc
+    from qdata.methods.qdata import qdata_estimator
+    from tests.one_node import one_node_gradient
+
+    shard = jax.random.uniform(jax.random.key(5), (32, N))
+    setup = tc.fit_transform_code(np.asarray(shard), 24, basis="pca")
+    q = tc.transform_code(setup)
+
+    def loss_fn(w, x, y):
+        logits = x @ w
+        return jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+
+    w = jnp.zeros((N, 3))
+    est = qdata_estimator(loss_fn, q, num_classes=3, correction=fp32(), cache_size=32, sample_shape=(N,))
+    pos = jnp.arange(B, dtype=jnp.int32)
+    batch = {"x": shard[pos], "y": pos % 3, "pos": pos}
+    msg, node = est.node_message(jax.random.key(0), w, batch, est.init(w))
+    row_bits = payload_bits(Payload(rows={"codes": msg.samples.inner["x"].rows["codes"][:1]}))
+    assert int(est.uplink_bits(msg)["data"]) == B * row_bits
+    g, learner = one_node_gradient(est, w, msg)
+    full = jax.grad(lambda w: jnp.mean(loss_fn(w, batch["x"], batch["y"])))(w)
+    np.testing.assert_allclose(g, full, rtol=1e-4, atol=1e-6)  # exact correction: g is the full gradient
+    again, node = est.node_message(jax.random.key(1), w, batch, node)
+    assert int(est.uplink_bits(again)["data"]) == 0 and int(est.uplink_bits(again)["labels"]) == 0
+    g2, _ = one_node_gradient(est, w, again, learner)
+    np.testing.assert_allclose(g2, full, rtol=1e-4, atol=1e-6)
