@@ -207,6 +207,9 @@ def test_choices_use_validation_only_and_the_table_arithmetic():
     assert q["uplink"]["mean"] == pytest.approx(200) and q["total"]["mean"] == pytest.approx(200)
     assert q["ratio_uplink"] == pytest.approx(720 / 200) and q["ratio_total"] == pytest.approx(1_440 / 200)
     assert summary["best_qdata_ratio"] == {"uplink": pytest.approx(3.6), "total": pytest.approx(7.2)}
+    strict = summary["against_every_member"]["uplink"]
+    assert strict["compressor"] == "topk-10%" and strict["ratio"] == pytest.approx(3.6)
+    assert "against every swept compressor member" in compare_module.format_table(summary)
     # A compressor whose relay would cost more than the model (N - 1 = 1 times 1500 > 1024) gets the model.
     header, rounds = _fake([0.5], [0.5], 1500, down=1024)
     assert not compare_module.relays(header, rounds)
