@@ -1,11 +1,17 @@
 """A run described as data: one :class:`RunConfig` in, one results file out.
 
 A config can come from command-line flags, from a TOML file (keys are the field names), or from
-Python. Compressors are named by short specs, parsed once the model size d is known:
+Python. Every field is checked when the config is made, type included (a bool is a bool, an integer
+an integer, a float finite, a spec string well formed), and so is every combination of fields: a
+setting the chosen method would ignore is refused rather than silently dropped. An error names the
+field and its allowed values (:data:`FIELD_RULES`).
+
+Compressors are named by short specs (:func:`parse_compressor_spec`, checked at config time; K is
+checked against the model size d once d is known, in :func:`make_compressor`):
 
 =====================  =========================================================
 ``fp32``, ``fp16``     identity
-``randk:K``            random-k, K an integer or a fraction of d (``randk:0.01``)
+``randk:K``            random-k, K an integer >= 1 or a fraction of d in (0, 1) (``randk:0.01``)
 ``randk_seed:K``       random-k with a shared seed instead of indices
 ``topk:K``             top-k (biased; use with error feedback)
 ``qsgd:S``             QSGD with S levels, one norm for the whole vector
@@ -14,7 +20,7 @@ Python. Compressors are named by short specs, parsed once the model size d is kn
 ``terngrad``           TernGrad
 ``sign``               scaled sign (biased; use with error feedback)
 ``powersgd:R``         PowerSGD of rank R, each node its own Q (biased; use with error feedback)
-``ef:SPEC``            SPEC wrapped in error feedback (e.g. ``ef:topk:64``)
+``ef:SPEC``            SPEC wrapped in error feedback (e.g. ``ef:topk:64``), once
 =====================  =========================================================
 
 ``powersgd_allreduce:R`` is PowerSGD as Vogels et al. publish it (P summed over the nodes before
@@ -25,8 +31,12 @@ orthogonalization, one shared Q, two reductions a round): a method of its own
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
 
 from qdata.codecs import compressors
 from qdata.data import check_image_size
@@ -35,6 +45,12 @@ METHODS = ("qdata", "sgd", "gradient")
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
 GATES = ("off", "bernoulli", "top")
 SCORES = ("loss", "grad_norm")
+OPTIMIZERS = ("sgd", "adam")
+PARTITIONS = ("iid", "dirichlet:ALPHA", "similarity", "similarity:unbalanced")
+COMPRESSOR_SPECS = ("fp32", "fp16", "randk:K", "randk_seed:K", "topk:K", "qsgd[:S[:BUCKET]]",
+                    "qsgd_elias[:S[:BUCKET]]", "terngrad", "sign", "powersgd[:R]",
+                    "powersgd_allreduce[:R] (method gradient only)", "ef:SPEC")
+INT_MAX = 2**31 - 1  # integers travel as int32 inside the compiled round
 
 
 @dataclass(frozen=True)
@@ -84,39 +100,11 @@ class RunConfig:
     image_size: int | None = None
 
     def __post_init__(self):
-        checks = [
-            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-            (self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}"),
-            (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
-            (self.score in SCORES, f"score must be one of {SCORES}, got {self.score!r}"),
-            (isinstance(self.bits, int) and 1 <= self.bits <= 16, f"bits must be an integer in 1..16, got {self.bits!r}"),
-            (0.0 < self.rho <= 1.0, f"rho must be in (0, 1], got {self.rho}"),
-            (self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}"),
-            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
-            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0.0 < self.stream_start <= 1.0, f"stream_start must be in (0, 1], got {self.stream_start}"),
-            (self.stream_rounds >= 0, f"stream_rounds must be >= 0, got {self.stream_rounds}"),
-            (self.target_accuracy is None or 0.0 < self.target_accuracy <= 1.0,
-             f"target_accuracy must be in (0, 1], got {self.target_accuracy}"),
-            (self.num_devices >= 1, f"num_devices must be >= 1, got {self.num_devices}"),
-            (0.0 <= self.validation < 1.0, f"validation must be in [0, 1) (a share of the training set), "
-                                            f"got {self.validation}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, check_field(field.name, getattr(self, field.name)))
         check_image_size(self.image_size, self.dataset)
-        if self.error_feedback and self.compressor.startswith("ef:"):
-            raise ValueError(f"compressor {self.compressor!r} already has error feedback; error_feedback=True "
-                             "would wrap it twice (two memories compensating the same residual)")
-        if self.checkpoint_every and self.checkpoint_every % self.eval_every:
-            raise ValueError(f"checkpoint_every={self.checkpoint_every} must be a multiple of eval_every="
-                             f"{self.eval_every} (checkpoints are taken at evaluations)")
-        if self.gate == "off" and self.rho != 1.0:
-            raise ValueError(f"rho={self.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
+        _check_combination(self)
+        _check_nothing_ignored(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +114,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a table of RunConfig fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -134,50 +124,269 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str) -> "RunConfig":
+        """The config of a TOML file of RunConfig fields; every error names the file."""
+        return cls.from_dict(read_toml(path))
+
+
+def read_toml(path) -> dict:
+    """The table of a TOML file; a missing, unreadable or malformed file is a ValueError naming it."""
+    try:
         with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {str(path)!r} is a directory, not a TOML file") from None
+    except OSError as err:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# One field at a time: its type, then its allowed values.
+
+
+class Rule(NamedTuple):
+    """What a field may hold: ``kind`` (bool, int, float or str; floats finite, an int accepted for a
+    float), ``allowed`` in words for the error, and ``ok(value) -> bool`` (or a ValueError saying why)."""
+
+    kind: type
+    allowed: str
+    ok: Callable[[Any], bool] = lambda value: True
+    optional: bool = False
+
+
+def _ints(lo: int, hi: int = INT_MAX, optional: bool = False) -> Rule:
+    words = f"an integer in {lo}..{hi}" + (" or None" if optional else "")
+    return Rule(int, words, lambda v: lo <= v <= hi, optional)
+
+
+def _one_of(values) -> Rule:
+    return Rule(str, "one of " + ", ".join(repr(v) for v in values), lambda v: v in values)
+
+
+def _spec(allowed: str, parse: Callable[[str], Any]) -> Rule:
+    return Rule(str, allowed, lambda v: bool(parse(v)))
+
+
+FIELD_RULES: dict[str, Rule] = {
+    "name": Rule(str, "a non-empty string without '/' or control characters",
+                 lambda v: bool(v.strip()) and "/" not in v and v.isprintable()),
+    "dataset": Rule(str, "a dataset spec: digits, a tensorflow-datasets name, idx:PATH or synthetic:SHAPE:CLASSES",
+                    lambda v: bool(v.strip()) and v.isprintable()),
+    "model": _spec("a model: logreg, mlp, mlp:WIDTHS (e.g. mlp:128x64), cnn, resnet20, resnet18, resnet18_imagenet",
+                   lambda v: _check_model(v)),
+    "method": _one_of(METHODS),
+    "bits": _ints(1, 16),
+    "quantizer": _one_of(QUANTIZERS),
+    "gate": _one_of(GATES),
+    "rho": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "score": _one_of(SCORES),
+    "correction": _spec("'off' or a compressor spec: " + ", ".join(COMPRESSOR_SPECS),
+                        lambda v: v == "off" or parse_compressor_spec(v)),
+    "cache": Rule(bool, "true or false"),
+    "compressor": _spec("a compressor spec: " + ", ".join(COMPRESSOR_SPECS), lambda v: parse_compressor_spec(v)),
+    "error_feedback": Rule(bool, "true or false"),
+    "num_nodes": _ints(1),
+    "partition": _spec("one of " + ", ".join(PARTITIONS) + " (ALPHA a number > 0)", lambda v: _check_partition(v)),
+    "stream_start": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
+    "stream_rounds": _ints(0),
+    "batch_size": _ints(1),
+    "rounds": _ints(1),
+    "optimizer": _one_of(OPTIMIZERS),
+    "lr": Rule(float, "a finite number > 0", lambda v: v > 0),
+    "momentum": Rule(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
+    "seed": _ints(0),
+    "target_accuracy": Rule(float, "a number in (0, 1] or None", lambda v: 0.0 < v <= 1.0, optional=True),
+    "eval_every": _ints(1),
+    "checkpoint_every": _ints(0),
+    "num_devices": _ints(1),
+    "validation": Rule(float, "a number in [0, 1) (a share of the training set)", lambda v: 0.0 <= v < 1.0),
+    "max_train": _ints(1, optional=True),
+    "max_test": _ints(1, optional=True),
+    "data_dir": Rule(str, "a directory path or None", lambda v: bool(v) and v.isprintable(), optional=True),
+    "image_size": Rule(int, "a positive integer (the side in pixels of the square images, e.g. 64 or 224) or None",
+                       lambda v: 1 <= v <= INT_MAX, optional=True),
+}
+
+
+def _type_ok(kind: type, value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return kind is bool
+    if kind is int:
+        return isinstance(value, (int, np.integer))
+    if kind is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_field(name: str, value):
+    """``value`` checked against :data:`FIELD_RULES` ``[name]``, as a plain Python value (numpy scalars
+    become int/float/bool, an int given for a float field a float); a ValueError names the field, its
+    allowed values and what it got."""
+    rule = FIELD_RULES[name]
+    if value is None and rule.optional:
+        return None
+    ok = _type_ok(rule.kind, value)
+    if ok:
+        value = rule.kind(value)
+        try:
+            ok = bool(rule.ok(value))
+        except ValueError as err:  # a spec's parser says what is wrong with it, and what it allows
+            raise ValueError(f"{name}: {err}") from None
+    if not ok:
+        raise ValueError(f"{name} must be {rule.allowed}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _check_model(spec: str) -> bool:
+    from qdata import models
+
+    models.make_model(spec, 10)
+    return True
+
+
+def _check_partition(spec: str) -> bool:
+    if spec in ("iid", "similarity", "similarity:unbalanced"):
+        return True
+    head, _, alpha = spec.partition(":")
+    return head == "dirichlet" and _finite_number(alpha) is not None and _finite_number(alpha) > 0
+
+
+def _finite_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Fields together: combinations that cannot run, and settings the chosen method would ignore.
+
+
+def _check_combination(config: RunConfig) -> None:
+    if config.error_feedback and config.compressor.startswith("ef:"):
+        raise ValueError(f"compressor {config.compressor!r} already has error feedback; error_feedback=True "
+                         "would wrap it twice (two memories compensating the same residual)")
+    if config.checkpoint_every and config.checkpoint_every % config.eval_every:
+        raise ValueError(f"checkpoint_every={config.checkpoint_every} must be a multiple of eval_every="
+                         f"{config.eval_every} (checkpoints are taken at evaluations), or 0 (no checkpoints)")
+    if config.correction != "off" and parse_compressor_spec(config.correction).name == "powersgd_allreduce":
+        _not_a_compressor(config.correction)
+    if config.gate == "off" and config.rho != 1.0:
+        raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
+
+
+# field -> (whether the config uses it, the condition in words)
+_USED_WHEN = {
+    **{name: (lambda c: c.method == "qdata", "method='qdata'")
+       for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache")},
+    "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
+    "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
+    "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),
+    "stream_rounds": (lambda c: c.stream_start < 1.0, "stream_start < 1 (streaming nodes)"),
+}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+
+
+def _check_nothing_ignored(config: RunConfig) -> None:
+    """A field set away from its default that the chosen setting ignores is an error, not a no-op."""
+    ignored = [(name, when) for name, (used, when) in _USED_WHEN.items()
+               if getattr(config, name) != _DEFAULTS[name] and not used(config)]
+    if config.method == "qdata" and config.gate == "off" and config.score != _DEFAULTS["score"]:
+        ignored.append(("score", "a gate (gate='bernoulli' or 'top')"))
+    if ignored:
+        said = "; ".join(f"{name}={getattr(config, name)!r} is used only with {when}" for name, when in ignored)
+        raise ValueError(f"{said}: this run (method={config.method!r}, optimizer={config.optimizer!r}) would "
+                         "ignore it; leave it at its default")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compressor specs.
+
+
+class CompressorSpec(NamedTuple):
+    """A parsed compressor spec: ``name``, its ``args`` (a count K as ``("count", k)`` or
+    ``("fraction", f)``; levels, bucket, rank as ints) and whether it is wrapped in error feedback."""
+
+    name: str
+    args: tuple
+    error_feedback: bool = False
+
+
+def _count(spec: str, text: str) -> tuple[str, float]:
+    value = _finite_number(text)
+    if value is None or value <= 0 or (value >= 1 and value != int(value)):
+        raise ValueError(f"spec {spec!r}: K must be an integer >= 1 or a fraction of d in (0, 1), got {text!r}")
+    return ("fraction", value) if value < 1 else ("count", int(value))
+
+
+def _positive_int(spec: str, what: str, text: str, hi: int = INT_MAX) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= hi:
+        raise ValueError(f"spec {spec!r}: {what} must be an integer in 1..{hi}, got {text!r}")
+    return int(text)
+
+
+def parse_compressor_spec(spec: str) -> CompressorSpec:
+    """Parse a compressor spec (module docstring); a ValueError names the spec and what it allows."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a compressor spec must be a string, one of {', '.join(COMPRESSOR_SPECS)}, got {spec!r}")
+    if spec.startswith("ef:"):
+        inner = parse_compressor_spec(spec[3:])
+        if inner.error_feedback:
+            raise ValueError(f"spec {spec!r}: error feedback wraps a compressor once ('ef:ef:...' is refused)")
+        return inner._replace(error_feedback=True)
+    name, *args = spec.split(":")
+    arity = {"fp32": (0, 0), "fp16": (0, 0), "terngrad": (0, 0), "sign": (0, 0), "randk": (1, 1),
+             "randk_seed": (1, 1), "topk": (1, 1), "qsgd": (0, 2), "qsgd_elias": (0, 2), "powersgd": (0, 1),
+             "powersgd_allreduce": (0, 1)}
+    if name not in arity:
+        raise ValueError(f"unknown compressor {spec!r}; known: {', '.join(COMPRESSOR_SPECS)}")
+    lo, hi = arity[name]
+    if not lo <= len(args) <= hi:
+        form = next(s for s in COMPRESSOR_SPECS if s.split(":")[0].split("[")[0] == name)
+        raise ValueError(f"spec {spec!r} must be written {form!r}")
+    if name in ("randk", "randk_seed", "topk"):
+        return CompressorSpec(name, (_count(spec, args[0]),))
+    if name in ("qsgd", "qsgd_elias"):
+        levels = _positive_int(spec, "the levels S", args[0], compressors._MAX_LEVELS) if args else 4
+        bucket = _positive_int(spec, "the bucket size", args[1]) if len(args) > 1 else None
+        return CompressorSpec(name, (levels, bucket))
+    if name in ("powersgd", "powersgd_allreduce"):
+        return CompressorSpec(name, (_positive_int(spec, "the rank R", args[0]) if args else 2,))
+    return CompressorSpec(name, ())
+
+
+def _resolve_count(spec: str, count: tuple[str, float], d: int) -> int:
+    kind, value = count
+    k = max(1, int(round(value * d))) if kind == "fraction" else int(value)
+    if k > d:
+        raise ValueError(f"spec {spec!r} keeps K={k} coordinates of a model of d={d}: K must be in 1..{d} "
+                         f"(or a fraction of d in (0, 1))")
+    return k
+
+
+def _not_a_compressor(spec: str):
+    raise ValueError(f"{spec!r} is a method (two reductions a round, one shared Q), not a compressor of one "
+                     "message: use it as method='gradient' with compressor='powersgd_allreduce:R', "
+                     "not as a correction or inside another spec")
 
 
 def make_compressor(spec: str, d: int):
     """Build the compressor named by ``spec`` (see the module docstring) for a model of size d."""
-    name, _, arg = spec.partition(":")
-    if name == "ef":
-        return compressors.error_feedback(make_compressor(arg, d))
-
-    def count(default=None) -> int:
-        if not arg:
-            if default is None:
-                raise ValueError(f"compressor {spec!r} needs a parameter, e.g. '{name}:0.01' or '{name}:100'")
-            return default
-        value = float(arg)
-        k = int(round(value * d)) if value < 1 else int(value)
-        return max(1, k)
-
-    if name == "fp32":
-        return compressors.fp32()
-    if name == "fp16":
-        return compressors.fp16()
-    if name == "randk":
-        return compressors.randk(count())
-    if name == "randk_seed":
-        return compressors.randk(count(), indices="seed")
-    if name == "topk":
-        return compressors.topk(count())
-    if name in ("qsgd", "qsgd_elias"):
-        levels, _, bucket = arg.partition(":")
-        return compressors.qsgd(int(levels) if levels else 4, bucket_size=int(bucket) if bucket else None,
-                                coding="elias" if name == "qsgd_elias" else "fixed")
-    if name == "terngrad":
-        return compressors.terngrad()
-    if name == "sign":
-        return compressors.scaled_sign()
-    if name == "powersgd":
-        return compressors.powersgd(int(arg) if arg else 2)
-    if name == "powersgd_allreduce":
-        raise ValueError(f"{spec!r} is a method (two reductions a round, one shared Q), not a compressor of one "
-                         "message: use it as method='gradient' with compressor='powersgd_allreduce:R', "
-                         "not as a correction or inside another spec")
-    raise ValueError(
-        f"unknown compressor {spec!r}; known: fp32, fp16, randk:K, randk_seed:K, topk:K, qsgd:S[:BUCKET], qsgd_elias:S[:BUCKET], terngrad, sign, "
-        "powersgd:R, powersgd_allreduce:R (method gradient only), ef:SPEC"
-    )
+    parsed = parse_compressor_spec(spec)
+    name, args = parsed.name, parsed.args
+    if name in ("randk", "randk_seed", "topk"):
+        k = _resolve_count(spec, args[0], d)
+        inner = {"randk": lambda: compressors.randk(k), "randk_seed": lambda: compressors.randk(k, indices="seed"),
+                 "topk": lambda: compressors.topk(k)}[name]()
+    else:
+        inner = {"fp32": compressors.fp32, "fp16": compressors.fp16, "terngrad": compressors.terngrad,
+                 "sign": compressors.scaled_sign,
+                 "qsgd": lambda: compressors.qsgd(args[0], bucket_size=args[1]),
+                 "qsgd_elias": lambda: compressors.qsgd(args[0], bucket_size=args[1], coding="elias"),
+                 "powersgd": lambda: compressors.powersgd(args[0]),
+                 "powersgd_allreduce": lambda: _not_a_compressor(spec)}[name]()
+    return compressors.error_feedback(inner) if parsed.error_feedback else inner
