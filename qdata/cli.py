@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
+import threading
 import typing
+from pathlib import Path
+
+DEFAULT_COORDINATOR = "127.0.0.1:12355"
+# jax.distributed aborts the process after its own fixed initialization timeout of 300 s.
+MAX_INIT_TIMEOUT = 290.0
 
 
 HELP = {
@@ -70,13 +77,30 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 choices=choices.get(field.name))
 
 
-def _config_from(args: argparse.Namespace, base=None):
-    from qdata.config import RunConfig
+def _config_from(args: argparse.Namespace):
+    """The flags over the TOML file's fields: each value of the file is checked first (an error there
+    names the file), then the combination."""
+    from qdata.config import RunConfig, check_field, check_values, read_toml
 
-    config = RunConfig.from_toml(args.config) if getattr(args, "config", None) else (base or RunConfig())
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-               if getattr(args, f.name, None) is not None}
-    return config.replace(**changes)
+    values = {}
+    if getattr(args, "config", None):
+        values = read_toml(args.config)
+        try:
+            check_values(values)
+        except ValueError as err:
+            raise ValueError(f"--config {args.config}: {err}") from None
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
+             if getattr(args, f.name, None) is not None}
+    for name, value in flags.items():
+        try:
+            check_field(name, value)
+        except ValueError as err:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: {err}") from None
+    try:
+        return RunConfig.from_dict({**values, **flags})
+    except ValueError as err:
+        where = f"--config {args.config}" + (" with the flags" if flags else "") if values else ""
+        raise ValueError(f"{where}: {err}" if where else str(err)) from None
 
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
@@ -97,26 +121,93 @@ def _compare_changes(args: argparse.Namespace) -> dict:
     return changes
 
 
-def _maybe_distributed(args: argparse.Namespace) -> None:
-    if args.num_processes and args.num_processes > 1:
-        from qdata.engine import initialize_distributed
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported in one line naming the flag (exit status 2)."""
 
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be (or be creatable as) a writable directory: checked before any work."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out!r} exists and is not a directory")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out {out!r} cannot be created: {str(probe)!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out!r} is not writable (no write permission on {str(probe)!r})")
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """The multi-process flags, checked before any work: counts, and a coordinator that resolves."""
+    for flag, value in (("--num-processes", args.num_processes), ("--local-devices", args.local_devices)):
+        if value < 0:
+            raise ValueError(f"{flag} must be an integer >= 0, got {value}")
+    if not 0 < args.init_timeout <= MAX_INIT_TIMEOUT:
+        raise ValueError(f"--init-timeout must be in (0, {MAX_INIT_TIMEOUT}] seconds, got {args.init_timeout}")
+    if args.num_processes <= 1:
+        extra = [f for f, v in (("--coordinator", args.coordinator), ("--process-id", args.process_id)) if v is not None]
+        if extra:
+            raise ValueError(f"{' and '.join(extra)} {'need' if len(extra) > 1 else 'needs'} --num-processes > 1 "
+                             "(a multi-process run)")
+        return
+    if not 0 <= (args.process_id or 0) < args.num_processes:
+        raise ValueError(f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}")
+    coordinator = args.coordinator or DEFAULT_COORDINATOR
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"--coordinator must be HOST:PORT with PORT in 1..65535, got {coordinator!r}")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--coordinator {coordinator!r}: host {host!r} does not resolve ({err})") from None
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """jax.distributed over the processes, or a clear error if they do not all join within
+    ``--init-timeout`` seconds. JAX itself would abort the process with a C++ fatal log after its
+    own fixed 300 s, so a watchdog thread (the join releases the GIL) ends it first, with exit status 2."""
+    from qdata.engine import initialize_distributed
+
+    coordinator = args.coordinator or DEFAULT_COORDINATOR
+
+    def give_up():
+        print(f"qdata: error: process {args.process_id or 0} of {args.num_processes}: not every process joined "
+              f"the run at --coordinator {coordinator} within --init-timeout {args.init_timeout:g} s (a peer that "
+              "never started, a wrong address or port, or a busy port)", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    watchdog = threading.Timer(args.init_timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        initialize_distributed(coordinator, args.num_processes, args.process_id or 0, args.local_devices or None)
+    finally:
+        watchdog.cancel()
+
+
+def _maybe_distributed(args: argparse.Namespace) -> None:
+    if args.num_processes > 1:
+        _join_processes(args)
     elif args.local_devices:
         import jax
 
         jax.config.update("jax_num_cpu_devices", args.local_devices)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qdata", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qdata", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
     train_p = sub.add_parser("train", help="one run; writes OUT/results.jsonl and orbax checkpoints")
     train_p.add_argument("--config", help="a TOML file of RunConfig fields")
     train_p.add_argument("--out", help="the run's directory (default runs/NAME)")
-    train_p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train_p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out "
+                         "(the config must be the run's; name, num_devices, checkpoint_every, data_dir and a "
+                         "longer rounds may change)")
     compare_p = sub.add_parser("compare", help="the main job: qdata vs SGD and gradient compression")
     compare_p.add_argument("--config", help="a lineup TOML file (default experiments/compare_digits.toml; "
                                             "see qdata.lineup); a flag the lineup sets is refused")
@@ -127,34 +218,53 @@ def main(argv: list[str] | None = None) -> int:
         _add_config_flags(p)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         group = p.add_argument_group("several processes (jax.distributed; gloo collectives on CPU)")
-        group.add_argument("--coordinator", default="127.0.0.1:12355", help="host:port of process 0")
+        group.add_argument("--coordinator", default=None, help=f"host:port of process 0 (default {DEFAULT_COORDINATOR})")
         group.add_argument("--num-processes", type=int, default=0)
-        group.add_argument("--process-id", type=int, default=0)
+        group.add_argument("--process-id", type=int, default=None)
         group.add_argument("--local-devices", type=int, default=0,
                            help="CPU devices in this process (a simulated multi-device machine)")
-    args = parser.parse_args(argv)
+        group.add_argument("--init-timeout", type=float, default=60.0,
+                           help=f"seconds to wait for every process to join, in (0, {MAX_INIT_TIMEOUT}] (default 60)")
+    return parser
 
+
+def _train(args: argparse.Namespace) -> None:
+    from qdata.run import train
+
+    config = _config_from(args)
+    out = args.out or os.path.join("runs", config.name)
+    _check_out(out)
+    _check_processes(args)
+    _maybe_distributed(args)
+    record = train(config, out, resume=args.resume, progress=not args.no_progress)
+    print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
+          f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from qdata.compare import DEFAULT_LINEUP, compare
+    from qdata.lineup import load_lineup, with_overrides
+
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out, the directory of the comparison to continue")
+    lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
+    if args.out:
+        _check_out(args.out)
+    _check_processes(args)
+    _maybe_distributed(args)
+    summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
+    print(summary["table"])
+    print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        _maybe_distributed(args)
-        if args.command == "train":
-            from qdata.run import train
-
-            config = _config_from(args)
-            out = args.out or os.path.join("runs", config.name)
-            record = train(config, out, resume=args.resume, progress=not args.no_progress)
-            print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
-                  f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
-        else:
-            from qdata.compare import DEFAULT_LINEUP, compare
-            from qdata.lineup import load_lineup, with_overrides
-
-            if args.resume and not args.out:
-                raise ValueError("--resume needs --out, the directory of the comparison to continue")
-            lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
-            summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
-            print(summary["table"])
-            print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
+        _train(args) if args.command == "train" else _compare(args)
     except (ValueError, FileExistsError) as err:
+        print(f"qdata: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file or directory the run reads or writes
         print(f"qdata: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -114,18 +114,29 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        if not isinstance(values, dict):
-            raise ValueError(f"a config must be a table of RunConfig fields, got {type(values).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        check_values(values)
         return cls(**values)
 
     @classmethod
     def from_toml(cls, path: str) -> "RunConfig":
         """The config of a TOML file of RunConfig fields; every error names the file."""
-        return cls.from_dict(read_toml(path))
+        values = read_toml(path)
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def check_values(values: dict) -> None:
+    """Check a table of RunConfig fields one by one (unknown keys, types, ranges), before the
+    combination is checked by constructing the config."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a config must be a table of RunConfig fields, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELD_RULES))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(FIELD_RULES)}")
+    for name, value in values.items():
+        check_field(name, value)
 
 
 def read_toml(path) -> dict:
