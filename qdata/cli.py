@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import typing
+import warnings
 from pathlib import Path
 
 DEFAULT_COORDINATOR = "127.0.0.1:12355"
@@ -257,10 +258,18 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # One line, the message alone: a warning here says what qdata did about a file (e.g. a torn
+    # results line dropped, a broken checkpoint set aside), not where in the source it was raised.
+    print(f"qdata: warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _train(args) if args.command == "train" else _compare(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _train(args) if args.command == "train" else _compare(args)
     except (ValueError, FileExistsError) as err:
         print(f"qdata: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
         return 2

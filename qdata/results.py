@@ -9,16 +9,49 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 
+class TornLineWarning(UserWarning):
+    """The last line of a results file was cut short (a run killed while writing it) and is dropped."""
+
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSON-lines results file, one a line (blank lines skipped).
+
+    A run killed while writing leaves its last line torn: that line is dropped with a
+    :class:`TornLineWarning` naming the file and the line. A bad line anywhere else is not an
+    interruption but a damaged file: a ValueError naming the file and the line.
+    """
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if position == len(numbered) - 1:
+                warnings.warn(f"{path}: line {number} is torn (an interrupted write: {err}); dropped",
+                              TornLineWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON object ({err}); the file is damaged") from None
+        records.append(record)
+    return records
+
+
 def load(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """``(header, rounds)`` of a results file (or of the directory holding ``results.jsonl``)."""
+    """``(header, rounds)`` of a results file (or of the directory holding ``results.jsonl``); a torn
+    last line is dropped with a warning (:func:`read_records`)."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.jsonl"
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    if not path.exists():
+        raise ValueError(f"{path}: no such results file")
+    records = read_records(path)
     if not records or records[0].get("kind") != "config":
         raise ValueError(f"{path} is not a qdata results file (its first line is not the config)")
     return records[0], [r for r in records if r.get("kind") == "round"]

@@ -16,12 +16,13 @@ ends with the same parameters as an uninterrupted one.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from qdata import checkpoints
 from qdata import data as qdata_data
 from qdata import engine, models
+from qdata import resume as qresume
 from qdata.codecs import ledger
 from qdata import results as qresults
 from qdata.config import RunConfig
@@ -74,7 +77,8 @@ class Experiment:
             "dataset": {"name": ds.name, "source": getattr(ds, "source", None), "synthetic": bool(ds.synthetic), "n": int(ds.n),
                         "sample_shape": list(ds.sample_shape), "num_classes": int(ds.num_classes),
                         "num_train": int(len(ds.y_train)), "num_test": int(len(ds.y_test)),
-                        "num_validation": 0 if self.y_val is None else int(len(self.y_val))},
+                        "num_validation": 0 if self.y_val is None else int(len(self.y_val)),
+                        "fingerprint": data_fingerprint(ds)},
             "model": {"name": self.config.model, "params": int(self.d)},
             "method": self.method.name,
             "downlink_bits_per_node_per_round": engine.downlink_bits_per_round(self.method, self.params),
@@ -83,17 +87,54 @@ class Experiment:
         }
 
 
-def _read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def data_fingerprint(ds: qdata_data.Dataset, samples: int = 4096) -> str:
+    """SHA-256 (first 16 hex digits) of the labels and of up to ``samples`` evenly spaced samples of
+    each split: what a resume compares to know it continues on the same data, cheap at any size."""
+    digest = hashlib.sha256()
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        picks = np.unique(np.linspace(0, len(y) - 1, min(samples, len(y))).astype(np.int64))
+        for part in (np.asarray(y), np.asarray(x[picks])):
+            digest.update(f"{part.dtype.str}{part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _write_records(path: Path, records: list[dict]) -> None:
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def check_batch_fits(config: RunConfig, count) -> None:
+    """Refuse, before anything is compiled, a batch larger than the smallest node's shard."""
+    smallest = int(np.min(count))
+    if config.batch_size > smallest:
+        raise ValueError(f"batch_size={config.batch_size} is larger than the smallest node's shard ({smallest} "
+                         f"samples; {int(np.sum(count))} training samples over num_nodes={config.num_nodes}): "
+                         f"choose batch_size <= {smallest}, or fewer nodes")
+
+
+class _Saved(NamedTuple):
+    """What a resume finds in ``OUT``: the results' header and round records, and the checkpoints."""
+
+    header: dict | None
+    rounds: list[dict]
+    steps: list[int]
+
+
+def _check_resume(config: RunConfig, out: Path, results_path: Path) -> tuple[_Saved, dict]:
+    """The run found in ``out`` and the config's safe changes to it (:mod:`qdata.resume`)."""
+    records = qresults.read_records(results_path) if results_path.exists() else []
+    header = records[0] if records and records[0].get("kind") == "config" else None
+    saved = _Saved(header, [r for r in records if r.get("kind") == "round"], checkpoints.saved_steps(out))
+    if header is None:
+        return saved, {}
+    changed = qresume.check_config(header["config"], config, has_checkpoints=bool(saved.steps),
+                                   where=str(results_path))
+    if "rounds" in changed and config.stream_start < 1.0 and config.stream_rounds == 0:
+        raise ValueError("--resume: rounds cannot change for streaming nodes with stream_rounds=0 (their data "
+                         "arrives by the last round, so the arrival schedule would change); set stream_rounds")
+    return saved, changed
 
 
 def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = False,
@@ -103,7 +144,8 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     Args:
       config: the run.
       out_dir: its directory (created).
-      resume: continue from the newest checkpoint in ``out_dir`` (a fresh start if there is none).
+      resume: continue from the newest intact checkpoint in ``out_dir`` (a fresh start if there is
+        none); the config must be the run's, up to the changes :mod:`qdata.resume` allows.
       progress: show a progress bar.
       on_round: called with each round record after it is written (and after its checkpoint).
       dataset: train on this prepared dataset instead of loading ``config.dataset`` (e.g. the data
@@ -115,59 +157,62 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     writer = jax.process_index() == 0
     if writer and results_path.exists() and not resume:
         raise FileExistsError(f"{results_path} exists: pass resume=True (--resume) to continue it, or choose another directory")
+    saved, changed = _check_resume(config, out, results_path) if resume else (_Saved(None, [], []), {})
+    if saved.rounds and saved.rounds[-1]["round"] >= config.rounds:
+        return saved.rounds[-1]  # nothing left to do
     out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        finished = [r for r in _read_records(results_path) if r["kind"] == "round"]
-        if finished and finished[-1]["round"] >= config.rounds:
-            return finished[-1]  # nothing left to do
 
     exp = Experiment(config, dataset)
+    header = exp.describe()
+    if saved.header is not None:
+        qresume.check_same_data(saved.header["dataset"], header["dataset"], where=str(results_path))
+    check_batch_fits(config, exp.count)
     mesh = engine.node_mesh(config.num_devices)
     engine.check_nodes_fit(config.num_nodes, mesh)
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
                                                         config.num_nodes, config.seed))
-
-    header = exp.describe()
-    downlink_per_round = header["downlink_bits_per_node_per_round"] * config.num_nodes
-    cumulative: dict[str, int] = {}
-    encoder_counts: dict[str, int] = {}
-    elapsed = 0.0  # wall seconds of the rounds before a resume
-    records = [header]
-
-    manager = None
-    if config.checkpoint_every:
-        manager = ocp.CheckpointManager(
-            (out / "checkpoints").absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-        )
-    if resume and manager is not None and manager.latest_step() is not None:
-        step = manager.latest_step()
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state),
-            ledger=ocp.args.JsonRestore(),
-        ))
-        state = restored["state"]
-        saved = restored["ledger"]
-        cumulative = {k: int(v) for k, v in saved["cumulative"].items()}
-        encoder_counts = {k: int(v) for k, v in saved.get("encoder_counts", {}).items()}
-        elapsed = float(saved.get("wall_seconds", 0.0))
-        records = [r for r in _read_records(results_path) if r["kind"] != "round" or r["round"] <= step]
-        if not records or records[0]["kind"] != "config":
-            records = [header] + records
+    manager = checkpoints.open_manager(out) if config.checkpoint_every else None
+    totals, records = _Totals({}, {}, 0.0), [header]
+    restored = checkpoints.restore_newest_intact(manager, state) if resume and manager is not None else None
+    if restored is not None:
+        state, ledger_saved = restored.state, restored.ledger
+        totals = _Totals({k: int(v) for k, v in ledger_saved["cumulative"].items()},
+                         {k: int(v) for k, v in ledger_saved.get("encoder_counts", {}).items()},
+                         float(ledger_saved.get("wall_seconds", 0.0)))
+        records += [r for r in saved.rounds if r["round"] <= restored.step]
+    if resume and saved.header is not None:
+        records[0] = qresume.record(header, saved.header, restored.step if restored else 0, changed)
     if writer:
         _write_records(results_path, records)
+    try:
+        return _run_rounds(exp, mesh, shards, state, records, totals, manager, results_path if writer else None,
+                           progress, on_round)
+    finally:
+        if manager is not None:
+            manager.close()
 
-    x_eval, y_eval = exp.dataset.x_test, exp.dataset.y_test
-    n_fit = min(len(exp.dataset.y_train), 2048)
-    x_fit, y_fit = exp.dataset.to_float(exp.dataset.x_train[:n_fit]), exp.dataset.y_train[:n_fit]
-    mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
+
+class _Totals(NamedTuple):
+    """Exact running totals carried across a resume (saved in each checkpoint's ledger)."""
+
+    cumulative: dict
+    encoder_counts: dict
+    elapsed: float  # wall seconds of the rounds before a resume
+
+
+def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], totals: _Totals, manager,
+                results_path: Path | None, progress: bool, on_round) -> dict:
+    """The round loop: ``eval_every`` rounds on device, then an evaluation record (appended to the
+    results file when ``results_path``) and, every ``checkpoint_every`` rounds, a checkpoint."""
+    config = exp.config
     available = None
     if config.stream_start < 1.0:
         available = functools.partial(qdata_data.available_counts, start_fraction=config.stream_start,
                                       arrival_rounds=config.stream_rounds or max(config.rounds - 1, 1))
     one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
                                   state_template=state, available=available, to_float=exp.dataset.to_float)
+    evaluate = _evaluator(exp, records[0]["downlink_bits_per_node_per_round"] * config.num_nodes)
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -175,6 +220,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
 
         bar = tqdm(total=config.rounds, initial=done, desc=config.name, unit="round", leave=False)
     last = records[-1] if records[-1]["kind"] == "round" else None
+    cumulative, encoder_counts = dict(totals.cumulative), dict(totals.encoder_counts)
     start = time.perf_counter()
     while done < config.rounds:
         length = min(config.eval_every - done % config.eval_every, config.rounds - done)
@@ -183,40 +229,15 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
-        params = engine.fetch(state.params)
-        record = {
-            "kind": "round",
-            "round": done,
-            "test_accuracy": float(models.accuracy(exp.model, params, x_eval, y_eval, to_float=exp.dataset.to_float)),
-            "train_loss": float(mean_loss(params, x_fit, y_fit)),
-            "uplink_bits_last_round_per_node": {k: ledger.host_total(v[-1]) / config.num_nodes
-                                                for k, v in bits.items()},
-            "cumulative_uplink_bits": dict(cumulative),
-            "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
-            "cumulative_downlink_bits": downlink_per_round * done,
-            # What the encoders counted locally (never sent), e.g. data values clipped to the range.
-            "encoder_counts": dict(encoder_counts),
-            "wall_seconds": elapsed + time.perf_counter() - start,
-        }
-        if exp.x_val is not None:
-            record["val_accuracy"] = float(models.accuracy(exp.model, params, exp.x_val, exp.y_val,
-                                                           to_float=exp.dataset.to_float))
-        if config.target_accuracy is not None:
-            so_far = [r for r in records if r["kind"] == "round"] + [record]
-            record["bits_to_target_per_node"] = qresults.bits_to_reach(so_far, config.target_accuracy)
-        if not math.isfinite(record["train_loss"]):
-            record["diverged"] = True
+        record = evaluate(engine.fetch(state.params), done, bits, cumulative, encoder_counts, records,
+                          totals.elapsed + time.perf_counter() - start)
         records.append(record)
-        if writer:
+        if results_path is not None:
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                ledger=ocp.args.JsonSave({"cumulative": cumulative, "encoder_counts": encoder_counts,
-                                          "wall_seconds": record["wall_seconds"]}),
-            ))
-            manager.wait_until_finished()
+            checkpoints.save(manager, done, state, {"cumulative": cumulative, "encoder_counts": encoder_counts,
+                                                    "wall_seconds": record["wall_seconds"]})
         if bar is not None:
             bar.update(length)
             bar.set_postfix(acc=f"{record['test_accuracy']:.3f}")
@@ -225,9 +246,43 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
             on_round(record)
     if bar is not None:
         bar.close()
-    if manager is not None:
-        manager.close()
     return last
+
+
+def _evaluator(exp: Experiment, downlink_per_round: int):
+    """``evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds) -> record``:
+    one evaluation's round record (accuracies, training loss and the bit ledger so far)."""
+    config, ds = exp.config, exp.dataset
+    n_fit = min(len(ds.y_train), 2048)
+    x_fit, y_fit = ds.to_float(ds.x_train[:n_fit]), ds.y_train[:n_fit]
+    mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
+
+    def evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds):
+        record = {
+            "kind": "round",
+            "round": done,
+            "test_accuracy": float(models.accuracy(exp.model, params, ds.x_test, ds.y_test, to_float=ds.to_float)),
+            "train_loss": float(mean_loss(params, x_fit, y_fit)),
+            "uplink_bits_last_round_per_node": {k: ledger.host_total(v[-1]) / config.num_nodes
+                                                for k, v in bits.items()},
+            "cumulative_uplink_bits": dict(cumulative),
+            "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
+            "cumulative_downlink_bits": downlink_per_round * done,
+            # What the encoders counted locally (never sent), e.g. data values clipped to the range.
+            "encoder_counts": dict(encoder_counts),
+            "wall_seconds": wall_seconds,
+        }
+        if exp.x_val is not None:
+            record["val_accuracy"] = float(models.accuracy(exp.model, params, exp.x_val, exp.y_val,
+                                                           to_float=ds.to_float))
+        if config.target_accuracy is not None:
+            so_far = [r for r in records if r["kind"] == "round"] + [record]
+            record["bits_to_target_per_node"] = qresults.bits_to_reach(so_far, config.target_accuracy)
+        if not math.isfinite(record["train_loss"]):
+            record["diverged"] = True
+        return record
+
+    return evaluate
 
 
 def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
