@@ -36,6 +36,7 @@ import gzip
 import math
 import os
 import re
+import zlib
 from typing import NamedTuple, Sequence
 
 import jax
@@ -342,8 +343,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     uint32 dimensions, then the data in row-major order."""
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a download cut short, or not gzip at all
+        raise ValueError(f"{path}: damaged gzip file ({err}); download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]
@@ -386,6 +390,9 @@ def _load_idx(directory: str) -> Dataset:
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if y.ndim != 1 or x.shape[0] != y.shape[0]:
             raise ValueError(f"{directory}: {split} images of shape {x.shape} do not match labels of shape {y.shape}")
+        if y.shape[0] == 0:
+            raise ValueError(f"{found[f'y_{split}']}: the {split} set holds 0 samples; an IDX dataset needs "
+                             "at least one training and one test sample")
         if x.ndim == 3:  # (N, H, W) grey-scale: one channel
             arrays[f"x_{split}"] = x[..., None]
     integer = np.issubdtype(arrays["x_train"].dtype, np.integer)
