@@ -134,7 +134,8 @@ def check_values(values: dict) -> None:
         raise ValueError(f"a config must be a table of RunConfig fields, got {type(values).__name__}")
     unknown = sorted(set(values) - set(FIELD_RULES))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(FIELD_RULES)}")
+        hint = " (this looks like a lineup file: qdata compare --config FILE runs it)" if {"base", "run"} & set(unknown) else ""
+        raise ValueError(f"unknown config key(s) {unknown}{hint}; known keys: {sorted(FIELD_RULES)}")
     for name, value in values.items():
         check_field(name, value)
 
