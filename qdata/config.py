@@ -345,21 +345,24 @@ def parse_compressor_spec(spec: str) -> CompressorSpec:
     """Parse a compressor spec (module docstring); a ValueError names the spec and what it allows."""
     if not isinstance(spec, str):
         raise ValueError(f"a compressor spec must be a string, one of {', '.join(COMPRESSOR_SPECS)}, got {spec!r}")
-    if spec.startswith("ef:"):
-        inner = parse_compressor_spec(spec[3:])
-        if inner.error_feedback:
-            raise ValueError(f"spec {spec!r}: error feedback wraps a compressor once ('ef:ef:...' is refused)")
-        return inner._replace(error_feedback=True)
-    name, *args = spec.split(":")
+    body, wrapped = (spec[3:], True) if spec.startswith("ef:") else (spec, False)
+    if wrapped and (body == "ef" or body.startswith("ef:")):
+        raise ValueError(f"spec {spec!r}: error feedback wraps a compressor once ('ef:ef:...' is refused)")
+    return _parse_plain(spec, body)._replace(error_feedback=wrapped)
+
+
+def _parse_plain(spec: str, body: str) -> CompressorSpec:
+    """``body``, a spec without its ``ef:``; errors name the whole ``spec``."""
+    name, *args = body.split(":")
     arity = {"fp32": (0, 0), "fp16": (0, 0), "terngrad": (0, 0), "sign": (0, 0), "randk": (1, 1),
              "randk_seed": (1, 1), "topk": (1, 1), "qsgd": (0, 2), "qsgd_elias": (0, 2), "powersgd": (0, 1),
              "powersgd_allreduce": (0, 1)}
     if name not in arity:
-        raise ValueError(f"unknown compressor {spec!r}; known: {', '.join(COMPRESSOR_SPECS)}")
+        raise ValueError(f"unknown compressor spec {spec!r}; known: {', '.join(COMPRESSOR_SPECS)}")
     lo, hi = arity[name]
     if not lo <= len(args) <= hi:
         form = next(s for s in COMPRESSOR_SPECS if s.split(":")[0].split("[")[0] == name)
-        raise ValueError(f"spec {spec!r} must be written {form!r}")
+        raise ValueError(f"spec {spec!r} must be written {('ef:' if body != spec else '') + form!r}")
     if name in ("randk", "randk_seed", "topk"):
         return CompressorSpec(name, (_count(spec, args[0]),))
     if name in ("qsgd", "qsgd_elias"):
