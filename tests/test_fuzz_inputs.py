@@ -115,7 +115,8 @@ def bad_compressor_spec():
         lambda v: v != int(v)).map(repr), st.sampled_from(["", "x", "nan", "inf", "-0.5", "1e400", "0x10", "1:2"]))
     bad_levels = st.one_of(st.integers(max_value=0).map(str), st.sampled_from(["", "x", "2.5", "-3", "1e3"]))
     unknown = text.filter(lambda v: v.split(":")[0] not in
-                          {"fp32", "fp16", "randk", "randk_seed", "topk", "qsgd", "terngrad", "sign", "powersgd", "ef"})
+                          {"fp32", "fp16", "randk", "randk_seed", "topk", "qsgd", "qsgd_elias", "terngrad", "sign",
+                           "powersgd", "powersgd_allreduce", "ef"})
     plain = st.sampled_from(["fp32", "fp16", "terngrad", "sign"])
     spec = st.one_of(
         unknown,
@@ -125,7 +126,8 @@ def bad_compressor_spec():
         st.tuples(st.just("qsgd"), bad_levels).map(":".join),
         st.tuples(st.just("qsgd"), st.integers(1, 8).map(str), bad_levels).map(":".join),
         st.tuples(st.just("qsgd"), st.integers(1, 8).map(str), st.integers(1, 8).map(str), st.text(max_size=3)).map(":".join),
-        st.tuples(st.just("powersgd"), bad_levels).map(":".join),
+        st.tuples(st.sampled_from(["qsgd_elias", "qsgd"]), st.integers(1, 8).map(str), bad_levels).map(":".join),
+        st.tuples(st.sampled_from(["powersgd", "powersgd_allreduce"]), bad_levels).map(":".join),
         st.tuples(st.just("topk"), st.integers(1, 99).map(str), st.text(max_size=3)).map(":".join),
     )
     return st.one_of(spec, spec.map(lambda s: "ef:" + s), st.sampled_from(["ef:ef:topk:10", "ef:", "ef:ef:fp32"]))
@@ -203,6 +205,7 @@ def bad_combination():
         st.builds(lambda s: ("error feedback", {"method": "gradient", "compressor": "ef:" + s, "error_feedback": True}),
                   st.sampled_from(["topk:10", "sign", "randk:0.5", "qsgd:4"])),
         st.just(("score", {"score": "grad_norm"})),
+        st.builds(lambda r: ("powersgd_allreduce", {"correction": f"powersgd_allreduce:{r}"}), st.integers(1, 8)),
     )
 
 
