@@ -93,12 +93,22 @@ def _set_aside(root: Path, step: int, err: Exception) -> None:
                   "trying the previous one", BrokenCheckpointWarning, stacklevel=3)
 
 
-def restore_newest_intact(manager: ocp.CheckpointManager, template) -> Restored | None:
+def restore_newest_intact(manager: ocp.CheckpointManager, template, at_most: int | None = None) -> Restored | None:
     """The newest checkpoint that restores into ``template``'s structure and matches its digest; the
-    broken ones on the way are set aside (module docstring). None when no checkpoint is intact."""
+    broken ones on the way are set aside (module docstring). None when no checkpoint is intact.
+
+    ``at_most``: the last round the results file records. A checkpoint beyond it (its record was
+    lost, e.g. torn) cannot continue the results and is deleted with a warning: the rounds after
+    the checkpoint used are recomputed, bitwise the same.
+    """
     root = Path(manager.directory)
     found = None
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in [s for s in steps if at_most is not None and s > at_most]:
+        warnings.warn(f"checkpoint {root / str(step)} is newer than the last round the results record "
+                      f"({at_most}); deleted, its rounds will be recomputed", BrokenCheckpointWarning, stacklevel=2)
+        manager.delete(step)
+    for step in [s for s in steps if at_most is None or s <= at_most]:
         try:
             found = _restore(manager, step, template)
             break

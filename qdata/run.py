@@ -128,6 +128,9 @@ def _check_resume(config: RunConfig, out: Path, results_path: Path) -> tuple[_Sa
     header = records[0] if records and records[0].get("kind") == "config" else None
     saved = _Saved(header, [r for r in records if r.get("kind") == "round"], checkpoints.saved_steps(out))
     if header is None:
+        if saved.steps:
+            raise ValueError(f"--resume: {out} has checkpoints but {results_path} holds no run header, so the "
+                             "config cannot be checked against the run's; start a new run (another --out)")
         return saved, {}
     changed = qresume.check_config(header["config"], config, has_checkpoints=bool(saved.steps),
                                    where=str(results_path))
@@ -174,7 +177,10 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
                                                         config.num_nodes, config.seed))
     manager = checkpoints.open_manager(out) if config.checkpoint_every else None
     totals, records = _Totals({}, {}, 0.0), [header]
-    restored = checkpoints.restore_newest_intact(manager, state) if resume and manager is not None else None
+    restored = None
+    if resume and manager is not None:
+        recorded = saved.rounds[-1]["round"] if saved.rounds else 0
+        restored = checkpoints.restore_newest_intact(manager, state, at_most=recorded)
     if restored is not None:
         state, ledger_saved = restored.state, restored.ledger
         totals = _Totals({k: int(v) for k, v in ledger_saved["cumulative"].items()},
