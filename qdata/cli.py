@@ -130,7 +130,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _check_out(out: str) -> None:
-    """``--out`` must be (or be creatable as) a writable directory: checked before any work."""
+    """``--out`` must be a writable directory, or one that can be created (it is): before any work."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out!r} exists and is not a directory")
@@ -141,6 +141,10 @@ def _check_out(out: str) -> None:
         raise ValueError(f"--out {out!r} cannot be created: {str(probe)!r} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out!r} is not writable (no write permission on {str(probe)!r})")
+    try:  # permissions alone do not tell (root, read-only or virtual file systems): make it
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out!r} cannot be created: {err.strerror}") from None
 
 
 def _check_processes(args: argparse.Namespace) -> None:
@@ -234,8 +238,8 @@ def _train(args: argparse.Namespace) -> None:
 
     config = _config_from(args)
     out = args.out or os.path.join("runs", config.name)
-    _check_out(out)
     _check_processes(args)
+    _check_out(out)
     _maybe_distributed(args)
     record = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
@@ -249,9 +253,9 @@ def _compare(args: argparse.Namespace) -> None:
     if args.resume and not args.out:
         raise ValueError("--resume needs --out, the directory of the comparison to continue")
     lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
+    _check_processes(args)
     if args.out:
         _check_out(args.out)
-    _check_processes(args)
     _maybe_distributed(args)
     summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
     print(summary["table"])
