@@ -177,7 +177,7 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
             if floor.get("accuracy") is not None:
                 ax.plot([floor["bits"]], [floor["accuracy"]], marker="*", markersize=11, color="black")
         ax.set_xscale("log")
-        ax.set_xlabel(f"cumulative {measure} bits per node (exact{', uplink + model broadcast' if measure == 'total' else ''})")
+        ax.set_xlabel(f"cumulative {measure} bits per node (exact{', uplink + downlink' if measure == 'total' else ''})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     axes[1].legend(fontsize=7, loc="lower right")
