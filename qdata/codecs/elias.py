@@ -14,7 +14,7 @@ that one's length minus one, ..., most significant group first, then a 0.
 The stream is variable-length, so it is not formed inside the jitted round: the learner there reads
 the fixed-length payload that :func:`qdata.codecs.compressors.qsgd` produces, and the ledger charges
 :func:`qsgd_elias_bits`, the exact length of the stream :func:`encode_qsgd` writes from that same
-payload (jit-able, counted in closed form from the levels). :func:`encode_qsgd` and
+payload (jit-able, counted in closed form from the levels, as exact :class:`~qdata.codecs.ledger.Bits`). :func:`encode_qsgd` and
 :func:`decode_qsgd` are the host-side coder; the tests check that the decoded stream gives back the
 payload's norms, levels and signs, and that its length equals :func:`qsgd_elias_bits`.
 """
@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdata.codecs import base
+from qdata.codecs.ledger import Bits
 
+_MAX_OMEGA = 42  # the longest omega code of an int32 (n = 2^31 - 1)
 _DEPTH = 5  # omega's recursion for n < 2^32: n -> floor(log2 n) <= 31 -> <= 4 -> <= 2 -> 1
 
 
@@ -80,8 +82,18 @@ def _levels_and_signs(payload) -> tuple[jax.Array, jax.Array]:
     return (codes >> 1).astype(jnp.int32), (codes & 1).astype(jnp.int32)
 
 
-def qsgd_elias_bits(payload) -> jax.Array:
-    """Exact bits of the Elias stream of one QSGD message (module docstring); int32, jit-able."""
+def _length_bits(lengths: jax.Array, where: jax.Array) -> Bits:
+    """Sum of ``lengths`` over ``where`` as exact :class:`Bits`: a count per code length (every
+    omega code of an int32 is at most 42 bits), so no int32 sum of bits is formed."""
+    total = Bits.of(0)
+    for length in range(1, _MAX_OMEGA + 1):
+        total = total + Bits.count(jnp.sum(where & (lengths == length), dtype=jnp.int32), length)
+    return total
+
+
+def qsgd_elias_bits(payload) -> Bits:
+    """Exact bits of the Elias stream of one QSGD message (module docstring), as :class:`Bits`
+    (exact at any size, jit-able)."""
     meta = payload.meta
     level, _ = _levels_and_signs(payload)
     d, b = meta.spec.size, meta.bucket
@@ -91,10 +103,12 @@ def qsgd_elias_bits(payload) -> jax.Array:
     position = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32), (nb, b))
     seen = jax.lax.cummax(jnp.where(nonzero, position, -1), axis=1)
     previous = jnp.concatenate([jnp.full((nb, 1), -1, jnp.int32), seen[:, :-1]], axis=1)
-    per_entry = omega_length(jnp.maximum(position - previous, 1)) + 1 + omega_length(jnp.maximum(level, 1))
-    body = jnp.sum(jnp.where(nonzero, per_entry, 0))
-    heads = jnp.sum(32 + omega_length(jnp.sum(nonzero, axis=1, dtype=jnp.int32) + 1))
-    return (body + heads).astype(jnp.int32)
+    gaps = _length_bits(omega_length(jnp.maximum(position - previous, 1)), nonzero)
+    levels = _length_bits(omega_length(jnp.maximum(level, 1)), nonzero)
+    signs = Bits.count(jnp.sum(nonzero, dtype=jnp.int32), 1)
+    counts = omega_length(jnp.sum(nonzero, axis=1, dtype=jnp.int32) + 1)
+    heads = Bits.of(32 * nb) + _length_bits(counts, jnp.ones_like(counts, bool))
+    return gaps + levels + signs + heads
 
 
 def encode_qsgd(payload) -> tuple[bytes, int]:
