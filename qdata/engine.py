@@ -240,6 +240,7 @@ def _exchange_phases(method: Method, node_map: str):
 
             def one_node(k, reply, node_state):
                 message, node_state = exchange.answer(k, params, reply, node_state)
+                message, _ = split_diagnostics(message)  # local diagnostics never cross the link
                 return message, node_state, exchange.answer_bits(message)
 
             args = (_node_keys(state, n_local, step), replies, state.node_states)

@@ -439,6 +439,32 @@ def _matrix_plan(shapes: tuple, rank: int) -> tuple:
     return tuple(plan)
 
 
+def split_matrices(tree: PyTree, plan: tuple) -> tuple[list, Array]:
+    """The leaves of a :func:`_matrix_plan` as (m, n) float32 matrices, and the other leaves as one
+    fp32 vector, in leaf order."""
+    mats, rest = [], []
+    for leaf, p in zip(jax.tree_util.tree_leaves(tree), plan):
+        if p is None:
+            rest.append(jnp.ravel(leaf).astype(jnp.float32))
+        else:
+            mats.append(jnp.reshape(leaf, (p[0], p[1])).astype(jnp.float32))
+    return mats, (jnp.concatenate(rest) if rest else jnp.zeros((0,), jnp.float32))
+
+
+def join_matrices(mats, rest: Array, spec: TreeSpec, plan: tuple) -> PyTree:
+    """The inverse of :func:`split_matrices`: the tree of ``spec`` (shapes, dtypes, structure)."""
+    leaves, mats, start = [], iter(mats), 0
+    for shape, dtype, p in zip(spec.shapes, spec.dtypes, plan):
+        if p is None:
+            size = math.prod(shape)
+            leaf = rest[start:start + size].reshape(shape)
+            start += size
+        else:
+            leaf = next(mats).reshape(shape)
+        leaves.append(leaf.astype(dtype))
+    return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+
+
 def powersgd(rank: int, *, seed: int = 0) -> Compressor:
     """PowerSGD (Vogels et al. 2019): rank-r approximation by one warm-started power iteration.
 
@@ -485,34 +511,19 @@ def powersgd(rank: int, *, seed: int = 0) -> Compressor:
         if got != expected:
             raise ValueError(f"state does not match the tree: Q shapes {got}, expected {expected}; "
                              "build it with init(params) on a tree of the same structure")
-        ps, qs, rest = [], [], []
-        matrices = iter(state.q)
-        for leaf, p in zip(jax.tree_util.tree_leaves(tree), plan):
-            if p is None:
-                rest.append(jnp.ravel(leaf).astype(jnp.float32))
-                continue
-            m = jnp.reshape(leaf, (p[0], p[1])).astype(jnp.float32)
-            left, _ = jnp.linalg.qr(m @ next(matrices))
+        mats, rest = split_matrices(tree, plan)
+        ps, qs = [], []
+        for m, q in zip(mats, state.q):
+            left, _ = jnp.linalg.qr(m @ q)
             ps.append(left)
             qs.append(m.T @ left)
-        rest = jnp.concatenate(rest) if rest else jnp.zeros((0,), jnp.float32)
         payload = Payload(arrays={"p": tuple(ps), "q": tuple(qs), "rest": rest}, meta=spec)
         return payload, PowerSGDState(tuple(qs))
 
     def decode(payload):
         spec: TreeSpec = payload.meta
-        plan = _matrix_plan(spec.shapes, rank)
-        ps, qs, rest = iter(payload.arrays["p"]), iter(payload.arrays["q"]), payload.arrays["rest"]
-        leaves, start = [], 0
-        for shape, dtype, p in zip(spec.shapes, spec.dtypes, plan):
-            if p is None:
-                size = math.prod(shape)
-                leaf = rest[start : start + size].reshape(shape)
-                start += size
-            else:
-                leaf = (next(ps) @ next(qs).T).reshape(shape)
-            leaves.append(leaf.astype(dtype))
-        return jax.tree_util.tree_unflatten(spec.treedef, leaves)
+        mats = [p @ q.T for p, q in zip(payload.arrays["p"], payload.arrays["q"])]
+        return join_matrices(mats, payload.arrays["rest"], spec, _matrix_plan(spec.shapes, rank))
 
     return Compressor(init, encode, decode, base.payload_bits, unbiased=False)
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from qdata.codecs import base
 from qdata.codecs.base import Payload
-from qdata.codecs.compressors import _matrix_plan
+from qdata.codecs.compressors import _matrix_plan, join_matrices, split_matrices
 from qdata.codecs.ledger import Bits
 from qdata.methods.base import Exchange, Method
 
@@ -55,31 +55,6 @@ class PowerSGDLearner(NamedTuple):
 
 def _plan(params: PyTree, rank: int) -> tuple:
     return _matrix_plan(base.tree_spec(params).shapes, rank)
-
-
-def _split(tree: PyTree, plan: tuple) -> tuple[list, jax.Array]:
-    """The matrix leaves as (m, n) float32 matrices, and the other leaves as one fp32 vector."""
-    mats, rest = [], []
-    for leaf, p in zip(jax.tree_util.tree_leaves(tree), plan):
-        if p is None:
-            rest.append(jnp.ravel(leaf).astype(jnp.float32))
-        else:
-            mats.append(jnp.reshape(leaf, (p[0], p[1])).astype(jnp.float32))
-    return mats, (jnp.concatenate(rest) if rest else jnp.zeros((0,), jnp.float32))
-
-
-def _join(mats: list, rest: jax.Array, like: PyTree, plan: tuple) -> PyTree:
-    """The inverse of :func:`_split`, in the shapes and dtypes of ``like``."""
-    leaves, mats, start = [], iter(mats), 0
-    for leaf, p in zip(jax.tree_util.tree_leaves(like), plan):
-        if p is None:
-            size = math.prod(jnp.shape(leaf))
-            value = rest[start:start + size].reshape(jnp.shape(leaf))
-            start += size
-        else:
-            value = next(mats).reshape(jnp.shape(leaf))
-        leaves.append(value.astype(jnp.result_type(leaf)))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
 def _rest_size(params: PyTree, plan: tuple) -> int:
@@ -126,7 +101,7 @@ def powersgd_allreduce(loss_fn, rank: int, *, error_feedback: bool = True, seed:
         del key  # deterministic given the state
         grads = jax.grad(lambda p: jnp.mean(loss_fn(p, batch["x"], batch["y"])))(params)
         m = jax.tree_util.tree_map(lambda g, e: (g + e).astype(g.dtype), grads, state.error)
-        mats, rest = _split(m, _plan(params, rank))
+        mats, rest = split_matrices(m, _plan(params, rank))
         message = Payload(arrays={"p": tuple(a @ q for a, q in zip(mats, state.q)), "rest": rest})
         return message, state._replace(m=m)
 
@@ -141,12 +116,13 @@ def powersgd_allreduce(loss_fn, rank: int, *, error_feedback: bool = True, seed:
     def answer_q(key, params, reply, state):
         del key
         plan = _plan(params, rank)
-        mats, rest = _split(state.m, plan)
+        mats, rest = split_matrices(state.m, plan)
         p_hat = reply.arrays["p_hat"]
         qs = tuple(a.T @ p for a, p in zip(mats, p_hat))
         error = jax.tree_util.tree_map(jnp.zeros_like, params)
         if error_feedback:  # the other leaves were sent exactly: their residual is 0
-            error = _join([a - p @ q.T for a, p, q in zip(mats, p_hat, qs)], jnp.zeros_like(rest), params, plan)
+            error = join_matrices([a - p @ q.T for a, p, q in zip(mats, p_hat, qs)], jnp.zeros_like(rest),
+                                  base.tree_spec(params), plan)
         return Payload(arrays={"q": qs}), state._replace(error=error)
 
     def reply_q(params, messages, learner_state, total):
@@ -164,7 +140,7 @@ def powersgd_allreduce(loss_fn, rank: int, *, error_feedback: bool = True, seed:
         del messages  # the update is formed from what the replies carried
         share = jax.tree_util.tree_map(lambda a: a[0], learner_state)
         mats = [p @ q.T for p, q in zip(share.p_hat, share.q)]
-        return _join(mats, share.rest, params, _plan(params, rank)), learner_state
+        return join_matrices(mats, share.rest, base.tree_spec(params), _plan(params, rank)), learner_state
 
     def reply_p_bits(params):
         return sum(32 * p[0] * p[2] for p in _plan(params, rank) if p is not None)
