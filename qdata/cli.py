@@ -38,6 +38,7 @@ HELP = {
     "score": "qdata: the gate's importance score",
     "correction": "qdata: off, or the compressor of the gradient-difference correction (e.g. ef:topk:32, randk:64)",
     "cache": "qdata: the learner keeps received samples; a sample crosses the link once",
+    "coder": "qdata: how the data codes cross the link: fixed (B bits each) or ans (adaptive context ANS, lossless)",
     "compressor": "gradient: fp32 | fp16 | randk:K | randk_seed:K | topk:K | qsgd:S[:BUCKET] | terngrad | sign | "
                   "powersgd:R | ef:SPEC (K an integer or a fraction of d)",
     "error_feedback": "gradient: wrap the compressor in error feedback",
@@ -105,7 +106,7 @@ def _config_from(args: argparse.Namespace):
 
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
-PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "compressor",
+PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "compressor",
               "error_feedback", "name")
 
 

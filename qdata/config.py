@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from qdata.codecs import compressors
+from qdata.codecs.context_ans import CODERS
 from qdata.data import check_image_size
 
 METHODS = ("qdata", "sgd", "gradient")
@@ -69,6 +70,7 @@ class RunConfig:
     score: str = "loss"
     correction: str = "off"
     cache: bool = False
+    coder: str = "fixed"  # how the data codes cross the link: fixed length, or adaptive context ANS
     # gradient compression
     compressor: str = "fp32"
     error_feedback: bool = False
@@ -198,6 +200,7 @@ FIELD_RULES: dict[str, Rule] = {
     "correction": _spec("'off' or a compressor spec: " + ", ".join(COMPRESSOR_SPECS),
                         lambda v: v == "off" or parse_compressor_spec(v)),
     "cache": Rule(bool, "true or false"),
+    "coder": _one_of(CODERS),
     "compressor": _spec("a compressor spec: " + ", ".join(COMPRESSOR_SPECS), lambda v: parse_compressor_spec(v)),
     "error_feedback": Rule(bool, "true or false"),
     "num_nodes": _ints(1),
@@ -287,6 +290,9 @@ def _check_combination(config: RunConfig) -> None:
                          f"{config.eval_every} (checkpoints are taken at evaluations), or 0 (no checkpoints)")
     if config.correction != "off" and parse_compressor_spec(config.correction).name == "powersgd_allreduce":
         _not_a_compressor(config.correction)
+    if config.coder == "ans" and config.bits > 8:
+        raise ValueError(f"coder='ans' codes B <= 8 bits a coordinate (its context counts hold 2^B symbols), "
+                         f"got bits={config.bits}; use coder='fixed' or bits in 1..8")
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 
@@ -294,7 +300,7 @@ def _check_combination(config: RunConfig) -> None:
 # field -> (whether the config uses it, the condition in words)
 _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
-       for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache")},
+       for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),

@@ -27,8 +27,9 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
         wrapped = config.compressor.startswith("ef:")
         name, _, rank = config.compressor.removeprefix("ef:").partition(":")
         if name == "powersgd_allreduce":
+            # The shared initial Q is drawn from the run's seed, so seeds vary it as they vary the data.
             return powersgd_allreduce(loss_fn, int(rank) if rank else 2,
-                                      error_feedback=config.error_feedback or wrapped)
+                                      error_feedback=config.error_feedback or wrapped, seed=config.seed)
         return gradient_compression(loss_fn, make_compressor(config.compressor, d),
                                     error_feedback=config.error_feedback, name="gradient")
     lo, hi = dataset.value_range
@@ -49,7 +50,7 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     estimator = qdata_estimator(loss_fn, quantizer, num_classes=dataset.num_classes, gate=gate,
                                 correction=correction, score_fn=score_fn,
                                 cache_size=node_size if config.cache else None,
-                                sample_shape=dataset.sample_shape)
+                                sample_shape=dataset.sample_shape, coder=config.coder)
     # The model goes down to the nodes only if they use it: to score samples or to correct.
     needs_params = correction is not None or (config.gate != "off" and config.rho < 1.0)
     return qdata_method(estimator, needs_params=needs_params)

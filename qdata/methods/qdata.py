@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from qdata import checks
 from qdata import gate as gates
 from qdata.codecs.cache import learner_cache
+from qdata.codecs.context_ans import CODERS, context_ans
 from qdata.codecs.data_codec import DataCodec, from_quantizer, joint
 from qdata.codecs.labels import class_labels, real_targets
 from qdata.codecs.payloads import Compressor, Quantizer
@@ -73,11 +74,31 @@ def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str =
                   estimator.uplink_bits, needs_params=needs_params)
 
 
+def _code_width(quantizer: Quantizer, sample_shape) -> int:
+    """B of a quantizer's fixed-length codes, read off the static record of its payload."""
+    if sample_shape is None:
+        raise ValueError("coder='ans' needs sample_shape (the context of a code is its neighbours)")
+    example = jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in sample_shape), jnp.float32)
+    payload = jax.eval_shape(quantizer.encode, jax.random.PRNGKey(0), example)
+    width = getattr(payload.meta, "bits", None)
+    if not isinstance(width, int) or "codes" not in payload.rows:
+        raise ValueError("coder='ans' codes the fixed-length codes of a qdata.codecs quantizer "
+                         f"(payload rows['codes'], meta.bits); this quantizer's payload has {sorted(payload.rows)}")
+    return width
+
+
 def sample_codec(quantizer: Quantizer, *, num_classes: int | None, target_dtype=None,
-                 cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None) -> DataCodec:
-    """The sample codec of :func:`qdata_estimator`: Q beside exact labels, optionally cached."""
+                 cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None,
+                 coder: str = "fixed") -> DataCodec:
+    """The sample codec of :func:`qdata_estimator`: Q beside exact labels, Q's codes sent at fixed
+    length or as an adaptive context ANS stream, optionally cached."""
+    if coder not in CODERS:
+        raise ValueError(f"coder must be one of {CODERS}, got {coder!r}")
     labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
-    codec = joint(x=from_quantizer(quantizer), y=labels)
+    samples = from_quantizer(quantizer)
+    if coder == "ans":
+        samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
+    codec = joint(x=samples, y=labels)
     if cache_size is None:
         return codec
     cache_size = checks.check_int(cache_size, "cache_size", lo=1)
@@ -99,6 +120,7 @@ def qdata_estimator(
     score_fn: Callable[..., Array] | None = None,
     cache_size: int | None = None,
     sample_shape: tuple[int, ...] | None = None,
+    coder: str = "fixed",
 ) -> Estimator:
     """The qdata estimator of DESIGN.md section 2 from a quantizer, a gate and a compressor.
 
@@ -118,7 +140,10 @@ def qdata_estimator(
       score_fn: ``(params, x, y) -> (b,)`` scores for the gate; default the per-sample loss.
       cache_size: turn on the learner-side cache (:mod:`qdata.codecs.cache`) for nodes holding up to
         this many samples; ``batch['pos']`` (b,) must then give each sample's position in the shard.
-      sample_shape: the shape of one sample; required with ``cache_size``.
+      sample_shape: the shape of one sample; required with ``cache_size`` or ``coder='ans'``.
+      coder: how Q's codes cross the link: ``'fixed'`` (B bits each) or ``'ans'``
+        (:func:`qdata.codecs.context_ans.context_ans`: adaptive context-model ANS, lossless, so the
+        training is that of ``'fixed'`` and only the bits change).
 
     Returns:
       An :class:`Estimator`. With the correction on and ``quantizer``, ``correction`` and ``gate`` all
@@ -132,7 +157,7 @@ def qdata_estimator(
             raise ValueError("target_dtype is for real-valued targets (num_classes=None); integer labels "
                              f"travel at ceil(log2 C) bits, got target_dtype={target_dtype!r} with num_classes={num_classes}")
     codec = sample_codec(quantizer, num_classes=num_classes, target_dtype=target_dtype, cache_size=cache_size,
-                         sample_shape=sample_shape)
+                         sample_shape=sample_shape, coder=coder)
     corr = no_correction() if correction is None else make_correction(loss_fn, correction)
     check = functools.partial(checks.check_batch, num_classes=num_classes, target_dtype=target_dtype)
     as_sent = (lambda y: y) if num_classes is not None else (lambda y: y.astype(target_dtype))
