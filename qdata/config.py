@@ -38,6 +38,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from qdata import faults as _faults
 from qdata.codecs import compressors
 from qdata.codecs.context_ans import CODERS
 from qdata.data import check_image_size
@@ -100,6 +101,11 @@ class RunConfig:
     # tensorflow-datasets only: images resized and centre-cropped to image_size x image_size
     # (required for datasets of varying image size, such as imagenet2012)
     image_size: int | None = None
+    # reliability (issue 12, items 2-3; qdata.faults, qdata.integrity): a schedule of faulty nodes and
+    # links ("none", or rules such as "drop:1:0.5,leave:3:100"), and a checked header on every message
+    # (96 bits a message, charged as the part 'integrity'; off in every measured figure)
+    faults: str = "none"
+    integrity: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -223,6 +229,10 @@ FIELD_RULES: dict[str, Rule] = {
     "data_dir": Rule(str, "a directory path or None", lambda v: bool(v) and v.isprintable(), optional=True),
     "image_size": Rule(int, "a positive integer (the side in pixels of the square images, e.g. 64 or 224) or None",
                        lambda v: 1 <= v <= INT_MAX, optional=True),
+    # reliability (issue 12)
+    "faults": _spec("'none' or comma-separated rules " + ", ".join(_faults.SPECS[1:]),
+                    lambda v: _faults.parse_faults(v) is not None),
+    "integrity": Rule(bool, "true or false"),
 }
 
 
@@ -293,6 +303,7 @@ def _check_combination(config: RunConfig) -> None:
     if config.coder == "ans" and config.bits > 8:
         raise ValueError(f"coder='ans' codes B <= 8 bits a coordinate (its context counts hold 2^B symbols), "
                          f"got bits={config.bits}; use coder='fixed' or bits in 1..8")
+    _faults.check_nodes(_faults.parse_faults(config.faults), config.num_nodes, config.faults)  # reliability
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 

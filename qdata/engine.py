@@ -42,6 +42,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qdata import faults as qfaults
+from qdata import integrity as qintegrity
 from qdata.codecs.base import Payload
 from qdata.data import sample_batch
 from qdata.methods.base import Method
@@ -50,6 +52,7 @@ PyTree = Any
 AXIS = "nodes"
 NODE_MAPS = ("auto", "vmap", "unroll")
 UNROLL_MAX = 16  # most nodes per device that "auto" unrolls on CPU
+LINK_COUNTS = ("answered", "rejected")  # the learner's per-node counts of a round with a Link
 
 
 class TrainState(NamedTuple):
@@ -203,10 +206,15 @@ def _map_nodes(fn: Callable, args: tuple, unroll: bool):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
+def _node_ids(n_local: int) -> jax.Array:
+    """The global indices of this device's nodes."""
+    return jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
+
+
 def _node_keys(state: TrainState, n_local: int, step: int) -> jax.Array:
     """This device's nodes' keys for message ``step`` of the round (0: the first message), derived
     from (seed, round, global node index) so they do not depend on the placement."""
-    node_ids = jax.lax.axis_index(AXIS) * n_local + jnp.arange(n_local)
+    node_ids = _node_ids(n_local)
     round_key = jax.random.fold_in(state.key, state.round)
     if step:  # folded with a value no node index takes (indices count up from 0)
         round_key = jax.random.fold_in(round_key, 2**32 - step)
@@ -224,14 +232,29 @@ def _sum_over_nodes(tree: PyTree) -> PyTree:
     return jax.lax.psum(jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), tree), AXIS)
 
 
+def _sum_over_answers(answered: jax.Array):
+    """:func:`_sum_over_nodes` over the nodes whose messages the learner took (``answered``, this
+    device's nodes): a missing node's slot counts as zero, so ``total(ones)`` counts the answers."""
+    def total(tree: PyTree) -> PyTree:
+        return _sum_over_nodes(jax.tree_util.tree_map(lambda a: _where_nodes(answered, a, jnp.zeros_like(a)), tree))
+    return total
+
+
+def _where_nodes(mask: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """Per node (leading axis), ``new`` where ``mask`` else ``old``."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b),
+                                  new, old)
+
+
 def _exchange_phases(method: Method, node_map: str):
-    """Per :class:`~qdata.methods.base.Exchange`, its learner step ``reply(state, messages) ->
-    (replies, state)`` and its node step ``answer(state, replies) -> (messages, state, bits)``."""
+    """Per :class:`~qdata.methods.base.Exchange`, its learner step ``reply(state, messages, answered=None)
+    -> (replies, state)`` (with ``answered``, over the answering nodes only) and its node step
+    ``answer(state, replies) -> (messages, state, bits)``."""
     steps = []
     for step, exchange in enumerate(method.exchanges, start=1):
-        def reply(state: TrainState, messages, exchange=exchange):
-            replies, learner_state = exchange.reply(_varying_params(state), messages, state.learner_state,
-                                                    _sum_over_nodes)
+        def reply(state: TrainState, messages, answered=None, exchange=exchange):
+            total = _sum_over_nodes if answered is None else _sum_over_answers(answered)
+            replies, learner_state = exchange.reply(_varying_params(state), messages, state.learner_state, total)
             return replies, state._replace(learner_state=learner_state)
 
         def answer(state: TrainState, replies, exchange=exchange, step=step):
@@ -290,6 +313,103 @@ def _round_phases(method: Method, optimizer: optax.GradientTransformation, batch
     return nodes, _exchange_phases(method, node_map), learner
 
 
+class Link(NamedTuple):
+    """What happens between the nodes and the learner (issue 12): the fault schedule
+    (:mod:`qdata.faults`) and whether every message is sealed and checked (:mod:`qdata.integrity`)."""
+
+    faults: qfaults.FaultSchedule = qfaults.FaultSchedule()
+    integrity: bool = False
+
+    @property
+    def on(self) -> bool:
+        return bool(self.faults.rules) or self.integrity
+
+
+def _transmit(link: Link, name: str, state: TrainState, messages, bits: dict, sending, bits_of):
+    """This device's nodes' messages across the link: sealed (with integrity), damaged as the fault
+    schedule says, checked at the learner. Returns ``(messages, bits, ok)``: the messages as
+    received, the bits charged (the header's part ``'integrity'`` added; nothing for a node that
+    does not send) and whether the learner accepts each message."""
+    node_ids = _node_ids(sending.shape[0])
+
+    def one(message, node_bits, node_id):
+        if not jax.tree_util.tree_leaves(message):  # an empty answer: nothing crosses
+            return message, node_bits, jnp.bool_(True)
+        if not link.integrity:
+            message, _ = qfaults.damage(link.faults, state.key, state.round, node_id, message, jnp.uint32(0))
+            return message, node_bits, jnp.bool_(True)
+        ident = qintegrity.identity(message, name)
+        sealed = qintegrity.seal(message, ident, node_bits["total"])
+        (header, body), arrived = qfaults.damage(link.faults, state.key, state.round, node_id,
+                                                 (sealed.header, sealed.body), sealed.arrived)
+        ok = qintegrity.verify(qintegrity.Sealed(header, body, arrived), ident, lambda m: bits_of(m)["total"])
+        head = qintegrity.header_bits(sealed)
+        return body, {**node_bits, "integrity": head, "total": node_bits["total"] + head}, ok
+
+    messages, bits, ok = jax.vmap(one)(messages, bits, node_ids)
+    bits = jax.tree_util.tree_map(lambda c: jnp.where(sending, c, jnp.zeros_like(c)), bits)
+    return messages, bits, ok
+
+
+def _masked_learner(method: Method, optimizer: optax.GradientTransformation, node_map: str):
+    """Steps 2-3 over the answering nodes only: ``learner(state, messages, node_states, answered)``.
+
+    The method's ``learner_gradient`` is taken node by node (its g is a mean over nodes of per-node
+    terms, :mod:`qdata.methods.base`), and g is their mean over the nodes that answered, across
+    devices: unbiased over the data present. A missing node's learner state is kept; with no answer
+    at all the model and the optimizer state stay as they were."""
+
+    def learner(state: TrainState, messages, node_states, answered):
+        params = _varying_params(state)
+
+        def one(message, learner_state):
+            alone = lambda t: jax.tree_util.tree_map(lambda a: a[None], t)
+            g, learner_state = method.learner_gradient(params, alone(message), alone(learner_state))
+            return g, jax.tree_util.tree_map(lambda a: a[0], learner_state)
+
+        args = (messages, state.learner_state)
+        grads, learner_state = _map_nodes(one, args, unrolls_nodes(node_map, answered.shape[0], state.params))
+        count = jax.lax.psum(jnp.sum(answered, dtype=jnp.int32), AXIS)
+        total = _sum_over_answers(answered)(grads)
+        grads = jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1).astype(g.dtype), total)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        took = count > 0
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(took, a, b), new, old)
+        params = keep(optax.apply_updates(state.params, updates), state.params)
+        learner_state = _where_nodes(answered, learner_state, state.learner_state)
+        return TrainState(params, keep(opt_state, state.opt_state), node_states, learner_state, state.key,
+                          state.round + 1)
+
+    return learner
+
+
+def _faulty_body(method: Method, optimizer, node_map: str, link: Link, nodes, exchanges):
+    """The round of :func:`make_round` with a :class:`Link`: who sends (the fault schedule), what
+    arrives and passes the checks, and the learner over the answers. A node that does not send, or
+    whose message is rejected, keeps its state of the round's start (a rejection is NACKed)."""
+    learner = _masked_learner(method, optimizer, node_map)
+
+    def body(state: TrainState, shards: NodeShards):
+        sending = qfaults.sends(link.faults, state.key, state.round, _node_ids(shards.count.shape[0]))
+        start = state.node_states
+        messages, node_states, bits, diagnostics = nodes(state, shards)
+        messages, bits, ok = _transmit(link, method.name, state, messages, bits, sending, method.uplink_bits)
+        answered, rejected = sending & ok, (sending & ~ok).astype(jnp.int32)
+        state = state._replace(node_states=node_states)
+        for (reply, answer), exchange in zip(exchanges, method.exchanges):
+            replies, state = reply(state, messages, answered)
+            messages, state, more = answer(state, replies)
+            messages, more, ok = _transmit(link, method.name, state, messages, more, sending, exchange.answer_bits)
+            rejected, answered = rejected + (answered & ~ok), answered & ok
+            bits = _add_bits(bits, more)
+        node_states = _where_nodes(answered, state.node_states, start)
+        diagnostics = {k: jnp.where(sending, v, 0) for k, v in diagnostics.items()}
+        diagnostics.update(answered=answered.astype(jnp.int32), rejected=rejected)
+        return learner(state, messages, node_states, answered), bits, diagnostics
+
+    return body
+
+
 def _add_bits(bits: dict, more: dict) -> dict:
     """A node's uplink parts over the messages of one round, summed by name."""
     out = dict(bits)
@@ -301,7 +421,8 @@ def _add_bits(bits: dict, more: dict) -> dict:
 def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                batch_size: int, state_template: TrainState,
                available: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-               to_float: Callable[[jax.Array], jax.Array] | None = None, node_map: str = "auto"):
+               to_float: Callable[[jax.Array], jax.Array] | None = None, node_map: str = "auto",
+               link: Link = Link()):
     """Compile one round of ``method`` (the module docstring's three steps) into one function.
 
     Args:
@@ -311,12 +432,16 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
       to_float: turns stored samples (e.g. uint8 pixels) into the float values the method sees
         (:meth:`qdata.data.Dataset.to_float`); default a cast to float32.
       node_map: ``"vmap"``, ``"unroll"`` or ``"auto"`` (see :func:`unrolls_nodes`).
+      link: faulty nodes and links and the integrity check (:class:`Link`; default none of them:
+        every node answers every round, as in the module docstring).
 
     Returns:
       ``run(state, shards) -> (state, bits, diagnostics)`` for :class:`NodeShards` ``shards``:
       ``bits`` is a dict of each node's exact uplink bits this round, part by part: each a
       :class:`~qdata.codecs.ledger.Bits` with counts of leading axis N (exact on the host at any scale),
-      ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values).
+      ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values); with
+      ``link.on`` also the learner's :data:`LINK_COUNTS`: ``answered`` (1 where the node's messages
+      were applied) and ``rejected`` (its messages the integrity check refused).
     """
     specs = state_specs(state_template)
     unrolls_nodes(node_map, 1)  # checks node_map before any work
@@ -331,6 +456,8 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
             bits = _add_bits(bits, more)
         return learner(state, messages, state.node_states), bits, diagnostics
 
+    if link.on:
+        body = _faulty_body(method, optimizer, node_map, link, nodes, exchanges)
     sharded = jax.shard_map(body, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=(specs, P(AXIS), P(AXIS)))
     return jax.jit(sharded, donate_argnums=(0,))
 
@@ -407,10 +534,17 @@ def check_nodes_fit(num_nodes: int, mesh: Mesh) -> None:
         raise ValueError(f"num_nodes={num_nodes} must be a multiple of the number of devices ({d})")
 
 
+def downlink_parts(method: Method, params: PyTree) -> tuple[int, int]:
+    """Bits sent to one node in one round: ``(model broadcast, replies)``, the broadcast 32*d if the
+    node needs the model (else 0), the replies those of the round's
+    :class:`~qdata.methods.base.Exchange` steps."""
+    replies = sum(int(exchange.reply_bits(params)) for exchange in method.exchanges)
+    if not method.needs_params:
+        return 0, replies
+    return 32 * int(sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params))), replies
+
+
 def downlink_bits_per_round(method: Method, params: PyTree) -> int:
     """Bits sent to one node in one round: the model broadcast (32*d if the node needs the model)
     and the learner's replies within the round (:class:`~qdata.methods.base.Exchange`)."""
-    replies = sum(int(exchange.reply_bits(params)) for exchange in method.exchanges)
-    if not method.needs_params:
-        return replies
-    return replies + 32 * int(sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params)))
+    return sum(downlink_parts(method, params))

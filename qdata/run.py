@@ -30,7 +30,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from qdata import answers as qanswers
 from qdata import checkpoints
+from qdata import faults as qfaults
 from qdata import data as qdata_data
 from qdata import engine, models
 from qdata import resume as qresume
@@ -176,7 +178,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
                                                         config.num_nodes, config.seed))
     manager = checkpoints.open_manager(out) if config.checkpoint_every else None
-    totals, records = _Totals({}, {}, 0.0), [header]
+    totals, records = _Totals({}, {}, 0.0, qanswers.Answers.empty(config.num_nodes)), [header]
     restored = None
     if resume and manager is not None:
         recorded = saved.rounds[-1]["round"] if saved.rounds else 0
@@ -185,7 +187,9 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         state, ledger_saved = restored.state, restored.ledger
         totals = _Totals({k: int(v) for k, v in ledger_saved["cumulative"].items()},
                          {k: int(v) for k, v in ledger_saved.get("encoder_counts", {}).items()},
-                         float(ledger_saved.get("wall_seconds", 0.0)))
+                         float(ledger_saved.get("wall_seconds", 0.0)),
+                         qanswers.Answers.from_ledger(ledger_saved["link"]) if "link" in ledger_saved
+                         else totals.link)
         records += [r for r in saved.rounds if r["round"] <= restored.step]
     if resume and saved.header is not None:
         records[0] = qresume.record(header, saved.header, restored.step if restored else 0, changed)
@@ -205,6 +209,7 @@ class _Totals(NamedTuple):
     cumulative: dict
     encoder_counts: dict
     elapsed: float  # wall seconds of the rounds before a resume
+    link: qanswers.Answers  # who answered, and the downlink, with faults or integrity on
 
 
 def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], totals: _Totals, manager,
@@ -216,9 +221,12 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
     if config.stream_start < 1.0:
         available = functools.partial(qdata_data.available_counts, start_fraction=config.stream_start,
                                       arrival_rounds=config.stream_rounds or max(config.rounds - 1, 1))
+    link = engine.Link(qfaults.parse_faults(config.faults), config.integrity)
     one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
-                                  state_template=state, available=available, to_float=exp.dataset.to_float)
+                                  state_template=state, available=available, to_float=exp.dataset.to_float,
+                                  link=link)
     evaluate = _evaluator(exp, records[0]["downlink_bits_per_node_per_round"] * config.num_nodes)
+    downlink_parts = engine.downlink_parts(exp.method, exp.params)
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -226,24 +234,34 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
 
         bar = tqdm(total=config.rounds, initial=done, desc=config.name, unit="round", leave=False)
     last = records[-1] if records[-1]["kind"] == "round" else None
-    cumulative, encoder_counts = dict(totals.cumulative), dict(totals.encoder_counts)
+    cumulative, encoder_counts, answers = dict(totals.cumulative), dict(totals.encoder_counts), totals.link
     start = time.perf_counter()
     while done < config.rounds:
         length = min(config.eval_every - done % config.eval_every, config.rounds - done)
         state, bits, diagnostics = engine.run_rounds(one_round, state, shards, length)
         cumulative = ledger.add_totals(cumulative, bits)  # exact Python ints at any scale
+        since = None
+        if link.on:  # the learner's counts of who answered are not the encoders' counts
+            counts = {k: diagnostics.pop(k) for k in engine.LINK_COUNTS}
+            since = qanswers.account(link.faults, counts["answered"], counts["rejected"], done, *downlink_parts,
+                                     config.integrity)
+            answers = qanswers.add(answers, since)
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
         record = evaluate(engine.fetch(state.params), done, bits, cumulative, encoder_counts, records,
                           totals.elapsed + time.perf_counter() - start)
+        if since is not None:
+            record.update(_answers_record(since, answers))
         records.append(record)
         if results_path is not None:
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
-            checkpoints.save(manager, done, state, {"cumulative": cumulative, "encoder_counts": encoder_counts,
-                                                    "wall_seconds": record["wall_seconds"]})
+            saved = {"cumulative": cumulative, "encoder_counts": encoder_counts, "wall_seconds": record["wall_seconds"]}
+            if link.on:
+                saved["link"] = answers.to_ledger()
+            checkpoints.save(manager, done, state, saved)
         if bar is not None:
             bar.update(length)
             bar.set_postfix(acc=f"{record['test_accuracy']:.3f}")
@@ -253,6 +271,15 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
     if bar is not None:
         bar.close()
     return last
+
+
+def _answers_record(since: qanswers.Answers, answers: qanswers.Answers) -> dict:
+    """A round record's account of who answered (with faults or integrity on): per node, since the
+    last record and in all; the downlink as the fault schedule makes it (:mod:`qdata.answers`)."""
+    return {"answered_per_node": list(since.answered), "rejected_per_node": list(since.rejected),
+            "cumulative_answered_per_node": list(answers.answered),
+            "cumulative_rejected_per_node": list(answers.rejected),
+            "cumulative_downlink_bits": answers.downlink}
 
 
 def _evaluator(exp: Experiment, downlink_per_round: int):
