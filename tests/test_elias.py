@@ -87,3 +87,24 @@ def test_elias_is_cheaper_than_fixed_at_few_levels_and_the_spec_builds_it():
         assert int(coded.bits(payload)) < fixed.bits(payload)
     with pytest.raises(ValueError, match="coding"):
         compressors.qsgd(4, coding="huffman")
+
+
+def test_every_truncation_and_byte_flip_is_refused_or_decodes_never_crashes():
+    # Issue 12 item 2: the host decoder checks what it reads (a ValueError, never an IndexError).
+    c = compressors.qsgd(4, bucket_size=16, coding="elias")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=50), jnp.float32)
+    payload, _ = c.encode(jax.random.PRNGKey(0), x, c.init(x))
+    data, nbits = elias.encode_qsgd(payload)
+    for cut in range(nbits):
+        with pytest.raises(ValueError):
+            elias.decode_qsgd(data[:(cut + 7) // 8], cut, payload.meta)
+    with pytest.raises(ValueError, match="a truncated stream"):
+        elias.decode_qsgd(data[:-1], nbits, payload.meta)
+    for at in range(len(data)):
+        for bit in range(8):
+            damaged = bytearray(data)
+            damaged[at] ^= 1 << bit
+            try:
+                elias.decode_qsgd(bytes(damaged), nbits, payload.meta)
+            except ValueError:
+                pass

@@ -133,20 +133,38 @@ def encode_qsgd(payload) -> tuple[bytes, int]:
 
 
 def decode_qsgd(data: bytes, nbits: int, meta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read an Elias stream back (host): ``(norms, levels, signs)`` of the d coordinates."""
+    """Read an Elias stream back (host): ``(norms, levels, signs)`` of the d coordinates.
+
+    A truncated or malformed stream (fewer bytes than ``nbits``, a norm, code or sign cut short, a
+    count or gap that leaves its bucket, a level above s, bits left over) is a ValueError saying which.
+    """
+    if not isinstance(data, (bytes, bytearray)) or isinstance(nbits, bool) or not isinstance(nbits, int):
+        raise ValueError(f"decode_qsgd takes the stream's bytes and its bit count, got {type(data).__name__} "
+                         f"and {nbits!r}")
+    if not 0 <= nbits <= 8 * len(data):
+        raise ValueError(f"the stream claims {nbits} bits but holds {8 * len(data)} (a truncated stream)")
     bits = format(int.from_bytes(data, "big"), f"0{len(data) * 8}b")[:nbits] if data else ""
     d, b = meta.spec.size, meta.bucket
     norms, level, sign = [], np.zeros(d, np.int64), np.zeros(d, np.int64)
     at = 0
     for start in range(0, d, b):
+        end = min(start + b, d)
+        if at + 32 > nbits:
+            raise ValueError(f"the stream ends inside the norm of the bucket at coordinate {start}")
         norms.append(np.uint32(int(bits[at:at + 32], 2)).view(np.float32))
         count, at = read_omega(bits, at + 32)
+        if count - 1 > end - start:
+            raise ValueError(f"the bucket at coordinate {start} claims {count - 1} nonzeros, it has {end - start} coordinates")
         position = start - 1
         for _ in range(count - 1):
             gap, at = read_omega(bits, at)
             position += gap
+            if position >= end or at >= nbits:
+                raise ValueError(f"a gap leaves the bucket at coordinate {start}, or the stream ends in a sign")
             sign[position] = int(bits[at])
             level[position], at = read_omega(bits, at + 1)
+            if level[position] > meta.levels:
+                raise ValueError(f"level {level[position]} at coordinate {position} is above s = {meta.levels}")
     if at != nbits:
         raise ValueError(f"the stream has {nbits} bits, the message read ends at {at}")
     return np.asarray(norms, np.float32), level, sign
