@@ -55,6 +55,10 @@ HELP = {
     "data_dir": "tensorflow-datasets data_dir with prepared datasets",
     "image_size": "tensorflow-datasets only: resize each image's shorter side to SIZE and centre-crop it to "
                   "SIZExSIZE (required by datasets of varying image size, such as imagenet2012)",
+    "faults": "faulty nodes and links: 'none' or comma-separated rules drop:NODE:P, leave:NODE:ROUND, "
+              "corrupt:NODE:P, truncate:NODE:P (NODE an index or '*'; see qdata/faults.py)",
+    "integrity": "seal every message behind a checked 96-bit header (charged as 'integrity'); rejected "
+                 "messages are not applied and are counted",
 }
 
 

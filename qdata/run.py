@@ -6,7 +6,9 @@ then one ``{"kind": "round", ...}`` per evaluation with the test accuracy, the t
 bit ledger: the uplink bits of the last round per node (part by part), the exact cumulative
 uplink and downlink bits so far (all nodes, and per node), and with ``target_accuracy`` set the
 uplink bits per node at the first evaluation that reached it (null until then). Figures are drawn
-from this file alone.
+from this file alone. With ``faults`` or ``integrity`` on, each round record also says who answered:
+per node, the rounds whose messages were applied and the messages refused, since the last record and
+in all (:mod:`qdata.answers`), and the downlink as the fault schedule makes it.
 
 Checkpoints (orbax) go to ``OUT/checkpoints`` every ``checkpoint_every`` rounds; ``resume=True``
 restores the newest one, drops the result lines written after it, and continues; the resumed run

@@ -164,3 +164,48 @@ def test_four_devices_equal_one_device_with_faults():
         assert one[key] == four[key], key
     for a, b in zip(p1, p4):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # float sums in another order
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # JAX's coordination service takes about 90 s to abort the survivor
+def test_a_peer_dying_mid_run_leaves_the_last_finished_checkpoint_intact(tmp_path):
+    import signal
+    import time
+    import warnings
+
+    from qdata import checkpoints
+    from qdata.checkpoints import BrokenCheckpointWarning
+
+    out = tmp_path / "run"
+    flags = ["--dataset", "digits", "--model", "logreg", "--num-nodes", "4", "--batch-size", "8", "--rounds", "4000",
+             "--eval-every", "2", "--checkpoint-every", "2", "--seed", "1", "--method", "sgd", "--no-progress",
+             "--num-devices", "4", "--local-devices", "2", "--num-processes", "2",
+             "--coordinator", f"127.0.0.1:{_free_port()}", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-m", "qdata.cli", "train", *flags, "--process-id", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    start = time.time()
+    while max(checkpoints.saved_steps(out), default=0) < 6 and time.time() - start < 240:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # the peer dies mid-run, between or inside checkpoint writes
+    procs[0].communicate(timeout=300)  # the survivor aborts (JAX's C++ fatal log: not qdata's to catch)
+    procs[1].communicate(timeout=60)
+    steps = checkpoints.saved_steps(out)
+    assert steps and steps[-1] >= 6
+    header, _ = qresults.load(out)
+    config = RunConfig.from_dict(header["config"]).replace(num_devices=1)
+    exp = Experiment(config)
+    template = engine.place_state(engine.node_mesh(1), engine.init_state(exp.method, exp.optimizer, exp.params, 4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BrokenCheckpointWarning)
+        manager = checkpoints.open_manager(out)
+        restored = checkpoints.restore_newest_intact(manager, template)
+        manager.close()
+    assert restored.step == steps[-1]  # the newest finished checkpoint restores and matches its digest

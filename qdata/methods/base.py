@@ -19,6 +19,12 @@ estimate g and applies an optax update. A :class:`Method` says exactly those thr
 
 ``needs_params`` says whether nodes need the model each round (downlink bits are charged only then).
 
+With faulty nodes or checked messages (:class:`qdata.engine.Link`) the engine takes
+``learner_gradient`` node by node, on one-node slices of the messages and the learner state, and
+averages g over the nodes that answered: so a method's g must be the mean over nodes of a per-node
+term (as for qdata and gradient compression), or the same for every node (as PowerSGD's, formed from
+its replies). An exchange's ``total`` then sums over the answering nodes only.
+
 A method may also talk back within the round: each :class:`Exchange` in ``exchanges`` is a learner
 reply to every node, computed from the latest messages, and each node's answer to it, which becomes
 the latest message (Vogels et al.'s two all-reduces in PowerSGD; split learning's activation
