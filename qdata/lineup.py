@@ -114,6 +114,15 @@ def _run(entry, index: int, base: RunConfig, base_fields: set, grid: tuple[float
     return Run(label, family, config, run_grid, frozenset(fields))
 
 
+def _check_fault_free(runs, source: str) -> None:
+    # The comparison's downlink column is the fault-free one of each method: refuse faults rather than
+    # print a wrong total (a node that has left receives nothing; see qdata.answers).
+    faulty = sorted(r.label for r in runs if getattr(r.config, "faults", "none") != "none")
+    if faulty:
+        raise ValueError(f"{source}: faults are set for {faulty}; qdata compare tables fault-free runs only "
+                         "(run faulty nodes with qdata train --faults)")
+
+
 def parse_lineup(values: dict, *, source: str = "lineup") -> Lineup:
     """Check and build a :class:`Lineup` from a parsed TOML document (module docstring)."""
     unknown = sorted(set(values) - set(TOP_KEYS))
@@ -138,6 +147,7 @@ def parse_lineup(values: dict, *, source: str = "lineup") -> Lineup:
         raise ValueError(f"{source}: duplicate run label(s) {duplicates}")
     if sum(r.config.method == "sgd" for r in runs) != 1:
         raise ValueError(f"{source}: exactly one run must be the reference, method = \"sgd\" (full-precision SGD)")
+    _check_fault_free(runs, source)
     tune = _ints(values.get("tune_seeds", [seeds[0]]), "tune_seeds")
     return Lineup(base, frozenset(base_values), runs, seeds, tune, _floors(values.get("floors")),
                   str(values.get("description", "")))
@@ -171,4 +181,5 @@ def with_overrides(lineup: Lineup, changes: dict, *, source: str = "the command 
         return lineup
     base = lineup.base.replace(**changes)
     runs = tuple(r._replace(config=r.config.replace(**changes)) for r in lineup.runs)
+    _check_fault_free(runs, source)
     return lineup._replace(base=base, runs=runs, base_fields=lineup.base_fields | set(changes))

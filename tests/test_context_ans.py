@@ -125,3 +125,15 @@ def test_bad_coder_settings_are_refused_before_any_work():
         sample_codec(quantizers.stochastic_rounding(4, 0.0, 1.0), num_classes=10, sample_shape=(4,), coder="png")
     with pytest.raises(ValueError, match="needs sample_shape"):
         sample_codec(quantizers.stochastic_rounding(4, 0.0, 1.0), num_classes=10, coder="ans")
+
+
+def test_an_empty_stream_for_sent_samples_is_refused():
+    with pytest.raises(ValueError, match="empty stream"):
+        ca.decode_words(np.zeros((0,), np.uint32), np.ones((ca.num_contexts(2), 4), np.int32), 3, (2, 2), 2)
+
+
+def test_compare_refuses_faulty_runs_it_would_table_wrongly():
+    from qdata.lineup import load_lineup, with_overrides
+
+    with pytest.raises(ValueError, match="faults are set for"):
+        with_overrides(load_lineup("compare_digits_ans.toml"), {"faults": "drop:1:0.5"})

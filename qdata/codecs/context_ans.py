@@ -105,7 +105,10 @@ def decode_words(words, counts, count: int, sample_shape, bits: int) -> np.ndarr
     position by position, each context rebuilt from the codes already decoded. Host (tests)."""
     h, w, c = _layout(sample_shape)
     codes = np.zeros((int(count), h * w * c), np.int32)
-    coder = constriction.stream.stack.AnsCoder(np.asarray(words, np.uint32))
+    words = np.asarray(words, np.uint32)
+    if int(count) > 0 and words.size == 0:
+        raise ValueError(f"an empty stream cannot hold {int(count)} samples' codes (truncated message?)")
+    coder = constriction.stream.stack.AnsCoder(words)
     order = np.arange(h * w * c)
     for k in order:  # raster order: every neighbour of position k precedes it
         ctx = contexts(codes, sample_shape, bits, xp=np)[:, k]
