@@ -149,6 +149,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # 40 s of subprocesses; 4 devices = 1 device without faults is in the default suite
 def test_four_devices_equal_one_device_with_faults():
     config = dict(FAULTY, rounds=4, checkpoint_every=4)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
