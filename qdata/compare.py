@@ -106,8 +106,10 @@ def relays(header: dict, rounds: list[dict]) -> bool:
     the other N - 1 nodes' messages, relayed by the learner, instead of receiving the model (32 d
     bits): the relay costs ``(N - 1)`` times a node's uplink. It is charged where it is smaller in
     every evaluated round (``uplink_bits_last_round_per_node``; fixed-size messages: every round).
-    SGD and qdata keep the model broadcast (qdata's nodes cannot form the learner's update)."""
-    if header["method"] != "gradient":
+    SGD and qdata keep the model broadcast (qdata's nodes cannot form the learner's update). Gaia's
+    significance filter (``significance:S``) relays like a gradient compressor: its messages vary in
+    size, and the rule reads the largest evaluated round's."""
+    if header["method"] != "gradient" and not header["method"].startswith("significance:"):
         return False
     others = header["config"]["num_nodes"] - 1
     largest = max(r["uplink_bits_last_round_per_node"]["total"] for r in rounds)

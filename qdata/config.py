@@ -26,6 +26,10 @@ checked against the model size d once d is known, in :func:`make_compressor`):
 ``powersgd_allreduce:R`` is PowerSGD as Vogels et al. publish it (P summed over the nodes before
 orthogonalization, one shared Q, two reductions a round): a method of its own
 (:mod:`qdata.methods.powersgd`), for ``method = "gradient"`` only; error feedback as configured.
+``significance:S`` is Gaia's significance filter (Hsieh et al. 2017; :mod:`qdata.methods.significance`):
+each node accumulates its gradients and sends the coordinates whose update ``lr |a_j|`` exceeds S times
+``|w_j|`` (S > 0, e.g. 0.01); a method, for ``method = "gradient"`` only, without error feedback (it
+keeps what it has not sent by itself).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet:ALPHA", "similarity", "similarity:unbalanced")
 COMPRESSOR_SPECS = ("fp32", "fp16", "randk:K", "randk_seed:K", "topk:K", "qsgd[:S[:BUCKET]]",
                     "qsgd_elias[:S[:BUCKET]]", "terngrad", "sign", "powersgd[:R]",
-                    "powersgd_allreduce[:R] (method gradient only)", "ef:SPEC")
+                    "powersgd_allreduce[:R] (method gradient only)", "significance:S (method gradient only)", "ef:SPEC")
 INT_MAX = 2**31 - 1  # integers travel as int32 inside the compiled round
 
 
@@ -298,12 +302,16 @@ def _check_combination(config: RunConfig) -> None:
     if config.checkpoint_every and config.checkpoint_every % config.eval_every:
         raise ValueError(f"checkpoint_every={config.checkpoint_every} must be a multiple of eval_every="
                          f"{config.eval_every} (checkpoints are taken at evaluations), or 0 (no checkpoints)")
-    if config.correction != "off" and parse_compressor_spec(config.correction).name == "powersgd_allreduce":
+    if config.correction != "off" and parse_compressor_spec(config.correction).name in METHOD_SPECS:
         _not_a_compressor(config.correction)
     if config.coder == "ans" and config.bits > 8:
         raise ValueError(f"coder='ans' codes B <= 8 bits a coordinate (its context counts hold 2^B symbols), "
                          f"got bits={config.bits}; use coder='fixed' or bits in 1..8")
     _faults.check_nodes(_faults.parse_faults(config.faults), config.num_nodes, config.faults)  # reliability
+    if parse_compressor_spec(config.compressor).name == "significance" and (
+            config.error_feedback or config.compressor.startswith("ef:")):
+        raise ValueError(f"compressor {config.compressor!r} keeps what it has not sent (its accumulator): "
+                         "error feedback would keep it twice; set error_feedback=False and drop any 'ef:'")
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 
@@ -373,7 +381,7 @@ def _parse_plain(spec: str, body: str) -> CompressorSpec:
     name, *args = body.split(":")
     arity = {"fp32": (0, 0), "fp16": (0, 0), "terngrad": (0, 0), "sign": (0, 0), "randk": (1, 1),
              "randk_seed": (1, 1), "topk": (1, 1), "qsgd": (0, 2), "qsgd_elias": (0, 2), "powersgd": (0, 1),
-             "powersgd_allreduce": (0, 1)}
+             "powersgd_allreduce": (0, 1), "significance": (1, 1)}
     if name not in arity:
         raise ValueError(f"unknown compressor spec {spec!r}; known: {', '.join(COMPRESSOR_SPECS)}")
     lo, hi = arity[name]
@@ -388,6 +396,11 @@ def _parse_plain(spec: str, body: str) -> CompressorSpec:
         return CompressorSpec(name, (levels, bucket))
     if name in ("powersgd", "powersgd_allreduce"):
         return CompressorSpec(name, (_positive_int(spec, "the rank R", args[0]) if args else 2,))
+    if name == "significance":
+        threshold = _finite_number(args[0])
+        if threshold is None or threshold <= 0:
+            raise ValueError(f"spec {spec!r}: the threshold S must be a number > 0 (e.g. 0.01), got {args[0]!r}")
+        return CompressorSpec(name, (threshold,))
     return CompressorSpec(name, ())
 
 
@@ -400,10 +413,14 @@ def _resolve_count(spec: str, count: tuple[str, float], d: int) -> int:
     return k
 
 
+METHOD_SPECS = ("powersgd_allreduce", "significance")  # specs that name a method, not a compressor
+
+
 def _not_a_compressor(spec: str):
-    raise ValueError(f"{spec!r} is a method (two reductions a round, one shared Q), not a compressor of one "
-                     "message: use it as method='gradient' with compressor='powersgd_allreduce:R', "
-                     "not as a correction or inside another spec")
+    raise ValueError(f"{spec!r} is a method (its nodes keep state the learner's reply or the model shapes), "
+                     "not a compressor of one message: use it as method='gradient' with "
+                     "compressor='powersgd_allreduce:R' or 'significance:S', not as a correction or inside "
+                     "another spec")
 
 
 def make_compressor(spec: str, d: int):
@@ -420,5 +437,6 @@ def make_compressor(spec: str, d: int):
                  "qsgd": lambda: compressors.qsgd(args[0], bucket_size=args[1]),
                  "qsgd_elias": lambda: compressors.qsgd(args[0], bucket_size=args[1], coding="elias"),
                  "powersgd": lambda: compressors.powersgd(args[0]),
-                 "powersgd_allreduce": lambda: _not_a_compressor(spec)}[name]()
+                 "powersgd_allreduce": lambda: _not_a_compressor(spec),
+                 "significance": lambda: _not_a_compressor(spec)}[name]()
     return compressors.error_feedback(inner) if parsed.error_feedback else inner

@@ -1,5 +1,5 @@
 """Training methods behind one interface (:class:`Method`): qdata, SGD, gradient compression and
-PowerSGD as published (two reductions a round)."""
+PowerSGD as published (two reductions a round), Gaia's significance filter."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from qdata.methods.base import Exchange, Method
 from qdata.methods.gradient import gradient_compression, sgd
 from qdata.methods.powersgd import powersgd_allreduce
 from qdata.methods.qdata import qdata_method
+from qdata.methods.significance import significance_filter
 
 
 def build_method(config, model, dataset, d: int, *, node_size: int | None = None) -> Method:
@@ -30,6 +31,8 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
             # The shared initial Q is drawn from the run's seed, so seeds vary it as they vary the data.
             return powersgd_allreduce(loss_fn, int(rank) if rank else 2,
                                       error_feedback=config.error_feedback or wrapped, seed=config.seed)
+        if name == "significance":
+            return significance_filter(loss_fn, float(rank), config.lr)
         return gradient_compression(loss_fn, make_compressor(config.compressor, d),
                                     error_feedback=config.error_feedback, name="gradient")
     lo, hi = dataset.value_range
@@ -56,4 +59,5 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     return qdata_method(estimator, needs_params=needs_params)
 
 
-__all__ = ["Exchange", "Method", "build_method", "gradient_compression", "powersgd_allreduce", "qdata_method", "sgd"]
+__all__ = ["Exchange", "Method", "build_method", "gradient_compression", "powersgd_allreduce", "qdata_method", "sgd",
+           "significance_filter"]
