@@ -47,7 +47,8 @@ from qdata.codecs import compressors
 from qdata.codecs.context_ans import CODERS
 from qdata.data import check_image_size
 
-METHODS = ("qdata", "sgd", "gradient")
+METHODS = ("qdata", "sgd", "gradient", "dca")
+DCA_VALUES = ("float32", "float16")
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
 GATES = ("off", "bernoulli", "top")
 SCORES = ("loss", "grad_norm")
@@ -79,6 +80,10 @@ class RunConfig:
     # gradient compression
     compressor: str = "fp32"
     error_feedback: bool = False
+    # data collaboration analysis (method "dca", one-shot; qdata.methods.dca)
+    dca_dim: int = 16  # m: each node's PCA dimension, and the collaboration representation's
+    dca_anchors: int = 128  # r: anchor points, drawn from the data range with a shared seed
+    dca_values: str = "float32"  # how the mapped values travel
     # the distributed setting
     num_nodes: int = 8
     partition: str = "iid"
@@ -213,6 +218,9 @@ FIELD_RULES: dict[str, Rule] = {
     "coder": _one_of(CODERS),
     "compressor": _spec("a compressor spec: " + ", ".join(COMPRESSOR_SPECS), lambda v: parse_compressor_spec(v)),
     "error_feedback": Rule(bool, "true or false"),
+    "dca_dim": _ints(1),
+    "dca_anchors": _ints(1),
+    "dca_values": _one_of(DCA_VALUES),
     "num_nodes": _ints(1),
     "partition": _spec("one of " + ", ".join(PARTITIONS) + " (ALPHA a number > 0)", lambda v: _check_partition(v)),
     "stream_start": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
@@ -312,6 +320,10 @@ def _check_combination(config: RunConfig) -> None:
             config.error_feedback or config.compressor.startswith("ef:")):
         raise ValueError(f"compressor {config.compressor!r} keeps what it has not sent (its accumulator): "
                          "error feedback would keep it twice; set error_feedback=False and drop any 'ef:'")
+    if config.method == "dca" and (config.stream_start < 1.0 or config.dca_anchors < config.dca_dim):
+        raise ValueError(f"method='dca' is one-shot: it needs every sample at the start (stream_start=1, got "
+                         f"{config.stream_start}) and dca_anchors >= dca_dim (got {config.dca_anchors} < "
+                         f"{config.dca_dim})")
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 
@@ -320,6 +332,7 @@ def _check_combination(config: RunConfig) -> None:
 _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
        for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder")},
+    **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),

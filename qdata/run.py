@@ -55,13 +55,15 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
 class Experiment:
     """The pieces a config describes, built once: data, shards, model, method, optimizer."""
 
-    def __init__(self, config: RunConfig, dataset: qdata_data.Dataset | None = None):
+    def __init__(self, config: RunConfig, dataset: qdata_data.Dataset | None = None, validation=None):
         self.config = config
         self.dataset = dataset if dataset is not None else qdata_data.load_dataset(config.dataset, data_dir=config.data_dir, seed=config.seed,
                                               max_train=config.max_train, max_test=config.max_test,
                                               image_size=config.image_size)
         self.x_val = self.y_val = None
-        if config.validation:
+        if validation is not None:  # a validation split prepared with the dataset (e.g. mapped by DCA)
+            self.x_val, self.y_val = validation
+        elif config.validation:
             self.dataset, self.x_val, self.y_val = qdata_data.split_validation(
                 self.dataset, config.validation, config.seed)
         self.model = models.make_model(config.model, self.dataset.num_classes)
@@ -145,7 +147,8 @@ def _check_resume(config: RunConfig, out: Path, results_path: Path) -> tuple[_Sa
 
 
 def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress: bool = False,
-          on_round: Callable[[dict], None] | None = None, dataset: qdata_data.Dataset | None = None) -> dict:
+          on_round: Callable[[dict], None] | None = None, dataset: qdata_data.Dataset | None = None,
+          validation=None) -> dict:
     """Run ``config`` and write ``out_dir/results.jsonl``; return the last round's record.
 
     Args:
@@ -157,7 +160,15 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
       on_round: called with each round record after it is written (and after its checkpoint).
       dataset: train on this prepared dataset instead of loading ``config.dataset`` (e.g. the data
         the learner holds after a one-shot floor, :func:`qdata.floors.central_dataset`).
+      validation: ``(x_val, y_val)`` prepared with ``dataset``, instead of a split carved from it.
+
+    A one-shot method (``method="dca"``) ships its data once and trains centrally:
+    :func:`qdata.methods.dca.train_dca`.
     """
+    if config.method == "dca":
+        from qdata.methods.dca import train_dca
+
+        return train_dca(config, out_dir, resume=resume, progress=progress)
     out = Path(out_dir)
     results_path = out / "results.jsonl"
     # Over several processes every process runs the same program; process 0 alone writes results.
@@ -169,7 +180,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         return saved.rounds[-1]  # nothing left to do
     out.mkdir(parents=True, exist_ok=True)
 
-    exp = Experiment(config, dataset)
+    exp = Experiment(config, dataset, validation)
     header = exp.describe()
     if saved.header is not None:
         qresume.check_same_data(saved.header["dataset"], header["dataset"], where=str(results_path))
@@ -324,6 +335,10 @@ def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
     """Wall seconds of one round's node phase (all N nodes' messages) and learner phase (g and the
     update) for ``config``, each compiled on its own from the round's own functions and timed on the
     initial state (:func:`qdata.engine.time_phases`; median of ``repeats``)."""
+    if config.method == "dca":
+        from qdata.methods.dca import dca_phase_seconds
+
+        return dca_phase_seconds(config)
     exp = Experiment(config)
     mesh = engine.node_mesh(config.num_devices)
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)

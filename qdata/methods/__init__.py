@@ -22,6 +22,9 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     from qdata.methods.qdata import qdata_estimator
 
     loss_fn = models.per_sample_loss(model)
+    if config.method == "dca":
+        raise ValueError("method='dca' is one-shot (each node ships its mapped data once, the learner trains "
+                         "centrally), not a per-round method: run it with qdata.run.train")
     if config.method == "sgd":
         return sgd(loss_fn)
     if config.method == "gradient":
