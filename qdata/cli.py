@@ -30,7 +30,11 @@ HELP = {
                "idx:PATH | synthetic:32x32x3:10",
     "model": "logreg | mlp | mlp:128x64 | cnn | resnet20 | resnet18 (CIFAR stem: 3x3 conv) | resnet18_imagenet "
              "(ImageNet stem: 7x7 stride-2 conv and 3x3 stride-2 max-pool, for imagenet2012)",
-    "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients)",
+    "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients) | "
+              "dca (one-shot data collaboration analysis: PCA-mapped data and anchors, trained centrally)",
+    "dca_dim": "dca: each node's PCA dimension m (and the collaboration representation's)",
+    "dca_anchors": "dca: shared anchor points r (drawn from the data range with a shared seed; r >= m)",
+    "dca_values": "dca: float32 | float16, how the mapped values travel",
     "bits": "qdata: bits per data coordinate, 1..16",
     "quantizer": "qdata: the data quantizer",
     "gate": "qdata: importance gate (off sends every sample)",
@@ -40,7 +44,8 @@ HELP = {
     "cache": "qdata: the learner keeps received samples; a sample crosses the link once",
     "coder": "qdata: how the data codes cross the link: fixed (B bits each) or ans (adaptive context ANS, lossless)",
     "compressor": "gradient: fp32 | fp16 | randk:K | randk_seed:K | topk:K | qsgd:S[:BUCKET] | terngrad | sign | "
-                  "powersgd:R | ef:SPEC (K an integer or a fraction of d)",
+                  "powersgd:R | powersgd_allreduce:R | significance:S (Gaia's filter, S e.g. 0.01) | ef:SPEC "
+                  "(K an integer or a fraction of d)",
     "error_feedback": "gradient: wrap the compressor in error feedback",
     "partition": "iid | dirichlet:ALPHA | similarity",
     "stream_start": "streaming nodes: share of each node's data present at round 0 (1 = all)",
@@ -111,7 +116,7 @@ def _config_from(args: argparse.Namespace):
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
 PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "compressor",
-              "error_feedback", "name")
+              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

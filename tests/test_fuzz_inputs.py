@@ -143,7 +143,10 @@ def _field_cases():
         "model": st.one_of(text.filter(lambda v: v not in {"logreg", "mlp", "cnn", "resnet20", "resnet18", "resnet18_imagenet"}
                                        and not (v.startswith("mlp:") and all(w.isdigit() and int(w) > 0 for w in v[4:].split("x")))),
                            st.sampled_from(["mlp:", "mlp:0", "mlp:-3", "mlp:12x", "mlp:axb"]), st.integers(), junk),
-        "method": bad_choice(("qdata", "sgd", "gradient")),
+        "method": bad_choice(("qdata", "sgd", "gradient", "dca")),
+        "dca_dim": bad_int(1),
+        "dca_anchors": bad_int(1),
+        "dca_values": bad_choice(("float32", "float16")),
         "bits": bad_int(1, 16),
         "quantizer": bad_choice(("stochastic", "nearest", "dither", "per_sample")),
         "gate": bad_choice(("off", "bernoulli", "top")),
@@ -176,7 +179,8 @@ def _field_cases():
         "data_dir": st.one_of(st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=2), max_size=1)),
         "image_size": bad_int(1, optional=True),
     }
-    context = {"correction": qdata_on, "compressor": gradient, "error_feedback": gradient}
+    context = {"correction": qdata_on, "compressor": gradient, "error_feedback": gradient,
+               **{f: {"method": "dca"} for f in ("dca_dim", "dca_anchors", "dca_values")}}
     return cases, context
 
 
