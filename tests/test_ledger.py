@@ -269,3 +269,5 @@ def test_stream_prefix_of_a_billion_labels():
     # 2^30 labels of 10 bits: the product count * width leaves int32, the word count does not.
     assert int(stream_bits(_stream(2**30, 10))) == 2**30 * 10
     assert int(stream_bits(_stream(2**31 - 1, 32))) == (2**31 - 1) * 32
+    # Hypothesis's find: 1,321,528,399 positions of 13 bits fill 2,147,483,649 bytes, one past int32.
+    assert int(stream_bits(_stream(1_321_528_399, 13))) == 17_179_869_192

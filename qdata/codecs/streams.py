@@ -87,12 +87,13 @@ def read_stream(stream: Stream, keep: Array) -> Array:
 def prefix_bits(count: Array, width: int, word: int) -> Bits:
     """Bits of the whole ``word``-bit words that hold the first ``count`` values of ``width`` bits."""
     # ceil(count w / word) without forming count * w, which leaves int32 long before the word count
-    # does: with g = gcd(w, word), count = q (word/g) + r gives q (w/g) + ceil(r (w/g) / (word/g)).
+    # does: with g = gcd(w, word), count = q (word/g) + r gives q (w/g) + ceil(r (w/g) / (word/g)),
+    # and q (w/g) words are charged as q units of (w/g) words, since that product too can pass 2^31.
     g = math.gcd(width, word)
     w, per = width // g, word // g
     count = jnp.asarray(count, jnp.int32)
     q, r = count // per, count % per
-    return Bits.count(q * w + (r * w + per - 1) // per, word)
+    return Bits.count(q, w * word) + Bits.count((r * w + per - 1) // per, word)
 
 
 def stream_bits(stream: Stream) -> Bits:
