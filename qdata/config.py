@@ -316,6 +316,10 @@ def _check_combination(config: RunConfig) -> None:
         raise ValueError(f"coder='ans' codes B <= 8 bits a coordinate (its context counts hold 2^B symbols), "
                          f"got bits={config.bits}; use coder='fixed' or bits in 1..8")
     _faults.check_nodes(_faults.parse_faults(config.faults), config.num_nodes, config.faults)  # reliability
+    if config.coder == "ans" and _faults.parse_faults(config.faults).has("corrupt", "truncate") and not config.integrity:
+        raise ValueError(f"coder='ans' with faults={config.faults!r} needs integrity=true: a damaged message the "
+                         "learner accepted would leave its context counts apart from the node's, and every later "
+                         "stream would be charged under a model the learner lacks")
     if parse_compressor_spec(config.compressor).name == "significance" and (
             config.error_feedback or config.compressor.startswith("ef:")):
         raise ValueError(f"compressor {config.compressor!r} keeps what it has not sent (its accumulator): "

@@ -80,6 +80,10 @@ def test_a_full_context_is_halved_and_stays_odd():
     state = codec.init()
     state["counts"] = state["counts"].at[0].set(ca.RESCALE_AT // 4 + 1)  # the row sums past the limit
     payload, new = jax.jit(codec.encode)(jax.random.PRNGKey(0), jnp.zeros((2, 3, 3)), state, jnp.ones((2,)))
+    old, adds = np.asarray(state["counts"][0]), np.zeros(4, np.int64)
+    adds[0] = 2 * 2 * 9  # two blank samples: every code 0, every context 0
+    np.testing.assert_array_equal(np.asarray(new["counts"][0]), ((old + adds) >> 1) | 1)
+    np.testing.assert_array_equal(np.asarray(new["counts"][1:]), np.asarray(state["counts"][1:]))  # untouched
     assert int(new["counts"][0].sum()) <= ca.RESCALE_AT and np.all(np.asarray(new["counts"]) % 2 == 1)
     learner = codec.receive(payload, codec.init() | {"counts": state["counts"]}, jnp.ones((2,)))
     np.testing.assert_array_equal(np.asarray(learner["counts"]), np.asarray(new["counts"]))
@@ -88,14 +92,15 @@ def test_a_full_context_is_halved_and_stays_odd():
 def test_each_node_is_coded_under_its_own_counts_under_vmap():
     codec, shape = _codec(3, (6, 6)), (6, 6)
     states = jax.vmap(lambda _: codec.init())(jnp.arange(3))
-    states["counts"] = states["counts"].at[1].add(40)  # node 1 has learnt something else
+    states["counts"] = states["counts"].at[1, :, 0].add(400)  # node 1 has learnt that 0 is likely
     x = jax.vmap(lambda k: _smooth(k, 4, shape))(jax.random.split(jax.random.PRNGKey(1), 3))
     sent = jnp.ones((3, 4))
     payloads, _ = jax.jit(jax.vmap(codec.encode))(jax.random.split(jax.random.PRNGKey(2), 3), x, states, sent)
     for i in range(3):
         codes = np.asarray(unpack_codes(payloads.inner.rows["codes"][i], 3, 36))
         assert int(payloads.words[i]) == ca.encode_words(codes, states["counts"][i], shape, 3).size
-
+    codes = np.asarray(unpack_codes(payloads.inner.rows["codes"][1], 3, 36))
+    assert ca.encode_words(codes, states["counts"][0], shape, 3).size != int(payloads.words[1])
 
 def test_ans_training_is_exactly_fixed_length_training_for_fewer_bits(tmp_path):
     base = RunConfig(dataset="digits", method="qdata", bits=4, cache=True, num_nodes=4, rounds=12, eval_every=6,
@@ -119,6 +124,9 @@ def test_bad_coder_settings_are_refused_before_any_work():
         RunConfig(coder="ans", bits=12)
     with pytest.raises(ValueError, match="coder='ans' is used only with method='qdata'"):
         RunConfig(method="sgd", coder="ans")
+    with pytest.raises(ValueError, match="needs integrity=true"):
+        RunConfig(coder="ans", num_nodes=4, faults="corrupt:1:0.5")
+    RunConfig(coder="ans", num_nodes=4, faults="corrupt:1:0.5", integrity=True)
     with pytest.raises(ValueError, match="bits must be"):
         _codec(9, (4, 4))
     with pytest.raises(ValueError, match="coder must be one of"):
@@ -127,9 +135,12 @@ def test_bad_coder_settings_are_refused_before_any_work():
         sample_codec(quantizers.stochastic_rounding(4, 0.0, 1.0), num_classes=10, coder="ans")
 
 
-def test_an_empty_stream_for_sent_samples_is_refused():
-    with pytest.raises(ValueError, match="empty stream"):
-        ca.decode_words(np.zeros((0,), np.uint32), np.ones((ca.num_contexts(2), 4), np.int32), 3, (2, 2), 2)
+def test_blank_samples_code_to_no_words_and_decode_back():
+    # ANS starts at state 0 and codes a run of symbol 0 in no words: a valid, empty stream.
+    counts = np.ones((ca.num_contexts(2), 4), np.int32)
+    words = ca.encode_words(np.zeros((3, 4), np.int32), counts, (2, 2), 2)
+    assert words.size == 0
+    np.testing.assert_array_equal(ca.decode_words(words, counts, 3, (2, 2), 2), np.zeros((3, 4), np.int32))
 
 
 def test_compare_refuses_faulty_runs_it_would_table_wrongly():

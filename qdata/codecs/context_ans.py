@@ -105,12 +105,9 @@ def decode_words(words, counts, count: int, sample_shape, bits: int) -> np.ndarr
     position by position, each context rebuilt from the codes already decoded. Host (tests)."""
     h, w, c = _layout(sample_shape)
     codes = np.zeros((int(count), h * w * c), np.int32)
-    words = np.asarray(words, np.uint32)
-    if int(count) > 0 and words.size == 0:
-        raise ValueError(f"an empty stream cannot hold {int(count)} samples' codes (truncated message?)")
-    coder = constriction.stream.stack.AnsCoder(words)
-    order = np.arange(h * w * c)
-    for k in order:  # raster order: every neighbour of position k precedes it
+    # An empty stream is a valid one (ANS codes a run of the first symbol in no words at all).
+    coder = constriction.stream.stack.AnsCoder(np.asarray(words, np.uint32))
+    for k in range(h * w * c):  # raster order: every neighbour of position k precedes it
         ctx = contexts(codes, sample_shape, bits, xp=np)[:, k]
         codes[:, k] = coder.decode(_FAMILY, _probabilities(counts, ctx))
     if not coder.is_empty():
@@ -163,8 +160,7 @@ def context_ans(inner: DataCodec, bits: int, sample_shape) -> DataCodec:
 
     def bits_of(payload, sent):
         parts = dict(inner.bits(payload.inner, sent))
-        fixed = parts.pop("data")
-        del fixed  # the fixed-length codes are not sent: the stream is
+        parts.pop("data")  # the fixed-length codes are not sent: the stream is
         any_sent = jnp.any(sent > 0).astype(jnp.int32)
         parts["data"] = Bits.count(payload.words, 32)
         parts["metadata"] = Bits.of(parts.get("metadata", Bits.of(0))) + Bits.count(any_sent, 32)

@@ -120,10 +120,7 @@ def entropy_coder(model: Payload) -> EntropyCoder:
         return coder.get_compressed()
 
     def decode(words, count: int) -> np.ndarray:
-        words = np.asarray(words, np.uint32)
-        if int(count) > 0 and words.size == 0 and any(a > 1 for a in alphabet):
-            raise ValueError(f"an empty stream cannot hold {int(count)} samples' codes (truncated message?)")
-        coder = constriction.stream.stack.AnsCoder(words)
+        coder = constriction.stream.stack.AnsCoder(np.asarray(words, np.uint32))
         codes = np.zeros((int(count), len(models)), np.int32)
         for k, m in enumerate(models):
             if alphabet[k] > 1:
