@@ -80,21 +80,20 @@ def powersgd_allreduce(loss_fn, rank: int, *, error_feedback: bool = True, seed:
       error_feedback: keep each node's residual ``e_i`` (the paper's Algorithm 2; on by default).
       seed: seed of the shared i.i.d. standard normal initial Q.
     """
-    rank = base.check_int(rank, "rank")
+    rank, seed = base.check_int(rank, "rank"), base.check_int(seed, "seed", lo=0)
 
     def init_node(params):
-        plan = _plan(params, rank)
-        root = jax.random.key(base.check_int(seed, "seed", lo=0))
+        plan, root = _plan(params, rank), jax.random.key(seed)
         q = tuple(jax.random.normal(jax.random.fold_in(root, i), (p[1], p[2]), jnp.float32)
                   for i, p in enumerate(plan) if p is not None)
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         return PowerSGDNode(q, zeros, zeros)
 
     def init_learner(params, num_nodes):
-        plan = [p for p in _plan(params, rank) if p is not None]
+        full = _plan(params, rank)  # once: the matrix leaves' shapes and the size of the rest
+        plan = [p for p in full if p is not None]
         one = PowerSGDLearner(tuple(jnp.zeros((m, r)) for m, _, r in plan),
-                              tuple(jnp.zeros((n, r)) for _, n, r in plan),
-                              jnp.zeros((_rest_size(params, _plan(params, rank)),)))
+                              tuple(jnp.zeros((n, r)) for _, n, r in plan), jnp.zeros((_rest_size(params, full),)))
         return _to_each(one, num_nodes)
 
     def node_message(key, params, batch, state):
