@@ -20,6 +20,8 @@ import typing
 import warnings
 from pathlib import Path
 
+from qdata import peers
+
 DEFAULT_COORDINATOR = "127.0.0.1:12355"
 # jax.distributed aborts the process after its own fixed initialization timeout of 300 s.
 MAX_INIT_TIMEOUT = 290.0
@@ -164,6 +166,8 @@ def _check_processes(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be an integer >= 0, got {value}")
     if not 0 < args.init_timeout <= MAX_INIT_TIMEOUT:
         raise ValueError(f"--init-timeout must be in (0, {MAX_INIT_TIMEOUT}] seconds, got {args.init_timeout}")
+    if not 0 < args.peer_timeout <= peers.MAX_PEER_TIMEOUT:
+        raise ValueError(f"--peer-timeout must be in (0, {peers.MAX_PEER_TIMEOUT:g}] seconds, got {args.peer_timeout}")
     if args.num_processes <= 1:
         extra = [f for f, v in (("--coordinator", args.coordinator), ("--process-id", args.process_id)) if v is not None]
         if extra:
@@ -200,14 +204,25 @@ def _join_processes(args: argparse.Namespace) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        initialize_distributed(coordinator, args.num_processes, args.process_id or 0, args.local_devices or None)
+        initialize_distributed(coordinator, args.num_processes, args.process_id or 0, args.local_devices or None,
+                               heartbeat_seconds=peers.jax_heartbeat_seconds(args.peer_timeout))
     finally:
         watchdog.cancel()
 
 
-def _maybe_distributed(args: argparse.Namespace) -> None:
+def _train_checkpoint_note(out: str) -> str:
+    from qdata import checkpoints
+
+    steps = checkpoints.saved_steps(Path(out)) if os.path.isdir(out) else []
+    where = f"the last finished checkpoint in {out} (round {steps[-1]}) is intact" if steps else \
+        f"no finished checkpoint in {out} yet"
+    return f"{where}; run again with --resume once every process can start"
+
+
+def _maybe_distributed(args: argparse.Namespace, describe=lambda: "") -> None:
     if args.num_processes > 1:
         _join_processes(args)
+        peers.watch_peers(args.process_id or 0, args.num_processes, args.peer_timeout, describe)
     elif args.local_devices:
         import jax
 
@@ -240,6 +255,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="CPU devices in this process (a simulated multi-device machine)")
         group.add_argument("--init-timeout", type=float, default=60.0,
                            help=f"seconds to wait for every process to join, in (0, {MAX_INIT_TIMEOUT}] (default 60)")
+        group.add_argument("--peer-timeout", type=float, default=60.0,
+                           help="seconds a process of a running run may stay silent before the others stop with "
+                                f"an error, in (0, {peers.MAX_PEER_TIMEOUT:g}] (default 60)")
     return parser
 
 
@@ -250,7 +268,7 @@ def _train(args: argparse.Namespace) -> None:
     out = args.out or os.path.join("runs", config.name)
     _check_processes(args)
     _check_out(out)
-    _maybe_distributed(args)
+    _maybe_distributed(args, lambda: _train_checkpoint_note(out))
     record = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
           f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
@@ -266,7 +284,8 @@ def _compare(args: argparse.Namespace) -> None:
     _check_processes(args)
     if args.out:
         _check_out(args.out)
-    _maybe_distributed(args)
+    _maybe_distributed(args, lambda: f"the finished runs in {args.out or 'the comparison directory'} are kept (each "
+                       "run's last finished checkpoint too); continue with --resume once every process can start")
     summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
     print(summary["table"])
     print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
@@ -285,12 +304,20 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             _train(args) if args.command == "train" else _compare(args)
     except (ValueError, FileExistsError) as err:
-        print(f"qdata: error: {' '.join(str(err).splitlines())}", file=sys.stderr)
-        return 2
+        return _fail(' '.join(str(err).splitlines()))
     except OSError as err:  # a file or directory the run reads or writes
-        print(f"qdata: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"qdata: error: {message}", file=sys.stderr, flush=True)
+    if peers.watching():
+        # A process that leaves a multi-process run alone: JAX's exit handler would wait at a shutdown
+        # barrier its peers never reach and abort with a C++ fatal log; the peers' watch reports this
+        # process gone instead.
+        os._exit(2)
+    return 2
 
 
 if __name__ == "__main__":

@@ -94,18 +94,20 @@ def node_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int,
-                           local_device_count: int | None = None) -> None:
+                           local_device_count: int | None = None, heartbeat_seconds: int = 100) -> None:
     """Join a multi-process run (one call per process, before any other JAX work).
 
     On CPU the cross-process collectives go over gloo. ``local_device_count`` forces that many
-    CPU devices in this process (it sets ``jax_num_cpu_devices``).
+    CPU devices in this process (it sets ``jax_num_cpu_devices``). ``heartbeat_seconds``: JAX's own
+    timeout for a silent peer, after which it aborts the process (:mod:`qdata.peers` words the
+    error before that).
     """
     # Must run before the backend starts; the setting only concerns CPU devices.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if local_device_count is not None:
         jax.config.update("jax_num_cpu_devices", local_device_count)
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_seconds)
 
 
 def put(mesh: Mesh, tree: PyTree, spec: P) -> PyTree:
