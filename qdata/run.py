@@ -1,7 +1,8 @@
 """One training run from a :class:`RunConfig` to a results file, with checkpoints and resume.
 
 The results file ``OUT/results.jsonl`` holds one JSON object per line: first
-``{"kind": "config", ...}`` (the config, the dataset, the model size, the method, the downlink cost),
+``{"kind": "config", ...}`` (the config, the dataset, the model size, the method, the downlink cost per node per round, in all
+and split into the model broadcast and the learner's replies),
 then one ``{"kind": "round", ...}`` per evaluation with the test accuracy, the training loss and the
 bit ledger: the uplink bits of the last round per node (part by part), the exact cumulative
 uplink and downlink bits so far (all nodes, and per node), and with ``target_accuracy`` set the
@@ -88,6 +89,9 @@ class Experiment:
             "model": {"name": self.config.model, "params": int(self.d)},
             "method": self.method.name,
             "downlink_bits_per_node_per_round": engine.downlink_bits_per_round(self.method, self.params),
+            # Split so a figure can tell the model broadcast from the learner's replies.
+            "downlink_parts_per_node_per_round": dict(zip(("model", "replies"),
+                                                          engine.downlink_parts(self.method, self.params))),
             "devices": int(self.config.num_devices),
             "processes": int(jax.process_count()),
         }
