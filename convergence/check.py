@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convergence import bounds as B
+from convergence import figures
 from convergence import objectives as O
 from qdata.codecs import compressors, quantizers
 from qdata.codecs.ledger import host_per_entry, host_total
@@ -610,7 +611,7 @@ def check_setting(
 
 
 # ----------------------------------------------------------------------------------------------
-# Default objectives, tables, figures.
+# Default objectives, tables.
 
 
 def default_objectives(num_samples: int = 512, n: int = 10, targets: str = "real") -> list[O.Objective]:
@@ -650,47 +651,6 @@ def format_table(results: Sequence[dict]) -> str:
             f"{r['predicted_order']:>6.2f} {'ok' if r['region_ok'] else 'LEFT':>6} "
             f"{'yes' if r['informative'] else 'no':>6} {'yes' if r['passed'] else 'NO':>5}")
     return "\n".join(lines)
-
-
-def plot_objective(objective: O.Objective, results: Sequence[dict], path: str) -> None:
-    """Empirical curve (mean and 95% band) against the bound, log-log, one panel per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(4, len(results))
-    rows = -(-len(results) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows + 1.0), squeeze=False)
-    for ax, r in zip(axes.flat, results):
-        T = np.asarray(r["T"])
-        m = np.asarray(r["empirical_mean"])
-        h = np.nan_to_num(np.asarray(r["empirical_halfwidth95"]))
-        ax.loglog(T, r["bound"], "-", color="C3", label="bound")
-        ax.loglog(T, m, "o-", color="C0", ms=3, label="empirical (mean)")
-        ax.fill_between(T, np.maximum(m - h, m * 1e-3), m + h, color="C0", alpha=0.25, label="95% band")
-        ax.axhline(r["start_value"], color="gray", ls="--", lw=0.8, label="value at w0 (bound vacuous above)")
-        slopes = ("n/a (bound informative at < 2 T)" if math.isnan(r["slope_bound"]) else
-                  f"{r['slope_empirical']:.2f} (bound {r['slope_bound']:.2f})")
-        ax.set_title(f"{r['setting']['name']}: {'PASS' if r['passed'] else 'FAIL'}"
-                     f"{'' if r['informative'] else ' (vacuous at T_max)'}\n"
-                     f"worst ratio {r['worst_ratio']:.2g}, slope {slopes}", fontsize=8)
-        ax.set_xlabel("T (rounds)", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(results):]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel(results[0]["quantity"], fontsize=8)
-    axes.flat[0].legend(fontsize=7)
-    T = results[0]["T"]
-    fig.suptitle(
-        f"Synthetic data. {objective.name}: {results[0]['quantity']} vs its bound ({results[0]['kind']}); "
-        f"N={objective.num_samples}, n={objective.n}, d={objective.d} ({objective.info.get('features', '')}); "
-        f"b={results[0]['batch']}, T={T[0]}..{T[-1]}, {results[0]['seeds']} seeds per T; settings: "
-        f"fp32 SGD and qdata (B bits, +corr = random-k correction, +gate = Bernoulli gate)",
-        fontsize=9, wrap=True)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -862,48 +822,6 @@ def format_communication(comm: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_communication(comm: dict, path: str) -> None:
-    """Bits per round against d (left) and rounds to the target accuracy against d (right), log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [k for k in comm["rows"][0] if isinstance(comm["rows"][0][k], dict)]
-    d = np.asarray([r["d"] for r in comm["rows"]])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for i, lab in enumerate(labels):
-        a1.loglog(d, [r[lab]["bits_per_round"] for r in comm["rows"]], "o-", color=f"C{i}", label=lab)
-    a1.set_xlabel("model dimension d (random features)")
-    a1.set_ylabel("uplink bits per node per round")
-    a1.legend(fontsize=7)
-    big = 2.0 * comm["max_rounds"]  # where "not reached" (inf) is drawn
-    # None (not run) is a gap; inf (run, target not reached; or no finite prediction) is drawn at ``big``.
-    clip = lambda v: float("nan") if v is None else (big if not math.isfinite(v) else v)
-    for i, lab in enumerate(labels):
-        if comm["rows"][0][lab]["rounds_at_fp32_step"] is None:
-            continue
-        a2.loglog(d, [clip(r[lab]["rounds_predicted"]) for r in comm["rows"]], "--", color=f"C{i}",
-                  label=f"{lab}: bound")
-        if any(r[lab]["rounds_measured"] is not None for r in comm["rows"]):
-            a2.loglog(d, [clip(r[lab]["rounds_measured"]) for r in comm["rows"]], "o-", color=f"C{i}",
-                      label=f"{lab}: measured, own step")
-        a2.loglog(d, [clip(r[lab]["rounds_at_fp32_step"]) for r in comm["rows"]], "s:", color=f"C{i}",
-                  label=f"{lab}: measured, fp32 step")
-    a2.axhline(big, color="gray", lw=0.5)
-    a2.text(d[0], big * 1.05, "not reached / inf", fontsize=7, color="gray")
-    a2.set_xlabel("model dimension d (random features)")
-    a2.set_ylabel(f"rounds to E||w-w*||^2 <= {comm['accuracy']} ||w0-w*||^2")
-    a2.legend(fontsize=6)
-    fig.suptitle(f"Synthetic data. Ridge on random features ({comm.get('targets', 'binary')} targets), fixed "
-                 f"n={comm['n']}, N={comm['N']}, b={comm['batch']}, "
-                 f"d={comm['dims'][0]}..{comm['dims'][-1]}, {comm['seeds']} seeds; qdata B={comm['bits']}, "
-                 f"correction random-k k={comm['k']}, QSGD s={comm['qsgd_levels']}", fontsize=9, wrap=True)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------
 # Entry point.
 
@@ -965,13 +883,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         control_obj = control_objective()
         controls = run_all([control_obj], negative_controls(control_obj), T_grid=T_grid, seeds=args.seeds,
                            batch=args.batch, checkpoints=32, slope_tol=args.slope_tol)
-    for obj in objectives:
-        plot_objective(obj, [r for r in results if r["objective"] == obj.name],
-                       os.path.join(args.out, f"{obj.name}.png"))
     comm = None
     if not args.no_comm:
         comm = communication_claim(args.comm_dims, batch=args.batch, targets=args.targets)
-        plot_communication(comm, os.path.join(args.out, "communication.png"))
     wall = time.time() - start
     report = {
         "config": vars(args) | {"T_grid": T_grid},
@@ -982,8 +896,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "communication": comm,
         "wall_seconds": wall,
     }
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    report_path = os.path.join(args.out, "report.json")
+    with open(report_path, "w") as f:
         json.dump(report, f, indent=1, default=float)
+    # The figures are drawn from the file just written, as they are redrawn later (python -m paper_figures).
+    drawn = figures.draw_report(report_path, args.out)
+    with open(os.path.join(args.out, "captions.txt"), "w") as f:
+        f.writelines(f"{os.path.basename(path)}: {caption}\n" for path, caption in drawn)
     print()
     print(format_table(results))
     if controls:
