@@ -1,0 +1,121 @@
+"""Runs into what a figure draws: methods' labels, groups of runs of one setting, curves averaged
+over seeds, and the downlink as ``qdata compare`` charges it.
+
+A *setting* is what every method of one comparison shares (DESIGN.md section 7): dataset, model,
+nodes, partition and batch. A *method* within it is a run's config up to its seed; runs of one
+method on several seeds are drawn as their mean, evaluation by evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Callable, NamedTuple
+
+from qdata.compare import relays
+from paper_figures.discover import Compare, Found, Run
+
+# Config fields that do not make a different method: the seed, and how a run is run or recorded.
+NOT_METHOD = ("name", "seed", "eval_every", "checkpoint_every", "target_accuracy", "num_devices", "data_dir")
+
+
+class Group(NamedTuple):
+    """Runs of one setting, by method label (one run per seed); from a compare or from loose runs."""
+
+    title: str  # e.g. "compare runs/cmp" or "runs in runs/ (digits, mlp, 8 nodes)"
+    source: str  # where the results are, for the caption
+    methods: dict[str, list[Run]]
+    compare: Compare | None
+
+
+def setting_key(header: dict) -> tuple:
+    cfg = header["config"]
+    return (header["dataset"]["name"], header["model"]["name"], cfg["num_nodes"], cfg["partition"],
+            cfg["batch_size"])
+
+
+def method_key(header: dict, drop: tuple[str, ...] = ()) -> tuple:
+    """The config up to the seed (and the fields in ``drop``), as a hashable key."""
+    cfg = header["config"]
+    return tuple(sorted((k, str(v)) for k, v in cfg.items() if k not in NOT_METHOD + drop))
+
+
+def describe_method(cfg: dict) -> str:
+    """A short label from the config alone (what a loose run's default name does not say)."""
+    if cfg["method"] == "sgd":
+        return "sgd-fp32"
+    if cfg["method"] == "gradient":
+        return f"{cfg['compressor']}{'-ef' if cfg['error_feedback'] else ''}"
+    if cfg["method"] == "dca":
+        return f"dca m={cfg['dca_dim']}"
+    label = f"qdata-{cfg['bits']}b"
+    label += "" if cfg["coder"] == "fixed" else f"-{cfg['coder']}"
+    label += "" if cfg["quantizer"] == "stochastic" else f"-{cfg['quantizer']}"
+    label += "" if cfg["gate"] == "off" else f"+gate({cfg['gate']} rho={cfg['rho']:g})"
+    label += "" if cfg["correction"] == "off" else f"+corr({cfg['correction']})"
+    return label + ("+cache" if cfg["cache"] else "")
+
+
+def _difference(cfg: dict, variants: list[dict]) -> str:
+    """What tells ``cfg`` apart from the other configs of the same label (``" lr=0.1"``), or ""."""
+    differ = [k for k in cfg if k not in NOT_METHOD and len({str(v.get(k)) for v in variants}) > 1]
+    return "".join(f" {k}={cfg[k]:g}" if isinstance(cfg[k], float) else f" {k}={cfg[k]}" for k in differ)
+
+
+def _loose_groups(runs: list[Run], root) -> list[Group]:
+    by_setting: dict[tuple, dict[tuple, list[Run]]] = {}
+    for run in runs:
+        by_setting.setdefault(setting_key(run.header), {}).setdefault(method_key(run.header), []).append(run)
+    groups = []
+    for (dataset, model, nodes, *_), methods in by_setting.items():
+        labels = {}
+        for key, members in methods.items():
+            cfg = members[0].header["config"]
+            label = cfg["name"] if cfg["name"] != "run" else describe_method(cfg)
+            labels.setdefault(label, []).append(members)
+        named = {}
+        for label, variants in labels.items():
+            for members in variants:  # one label, several configs (e.g. a learning-rate grid): say how they differ
+                named[label + _difference(members[0].header["config"], [v[0].header["config"] for v in variants])] = members
+        paths = [str(r.path) for ms in named.values() for r in ms]
+        source = f"qdata train results under {os.path.commonpath(paths)} ({len(paths)} runs)"
+        groups.append(Group(f"runs under {root}: {dataset}, {model}, {nodes} nodes", source, named, None))
+    return groups
+
+
+def groups(found: Found) -> list[Group]:
+    """Every compare as a group (its table's methods), then the loose runs grouped by setting."""
+    out = [Group(f"compare {c.path}", f"qdata compare results in {c.path}",
+                 {label: runs for label, runs in c.runs.items() if runs}, c) for c in found.compares]
+    return [g for g in out if g.methods] + _loose_groups(found.runs, found.root)
+
+
+def downlink_per_node(run: Run, record: dict) -> float:
+    """Cumulative downlink bits per node at ``record``, as ``qdata compare`` charges it: the model
+    broadcast and replies every round, or for a gradient compressor the relay of the other nodes'
+    messages where that is cheaper (:func:`qdata.compare.relays`)."""
+    header = run.header
+    if relays(header, run.rounds):
+        return (header["config"]["num_nodes"] - 1) * record["cumulative_uplink_bits_per_node"]
+    return header["downlink_bits_per_node_per_round"] * record["round"]
+
+
+def mean_curve(runs: list[Run], value: Callable[[Run, dict], float]) -> tuple[list[int], list[float]]:
+    """``(rounds, values)``: ``value(run, record)`` averaged over the runs (seeds) at each evaluated
+    round they all reached."""
+    common = set.intersection(*({r["round"] for r in run.rounds} for run in runs))
+    rounds = sorted(common)
+    at = [{r["round"]: r for r in run.rounds} for run in runs]
+    return rounds, [statistics.fmean(value(run, a[t]) for run, a in zip(runs, at)) for t in rounds]
+
+
+def seeds_of(runs: list[Run]) -> list[int]:
+    return sorted({r.header["config"]["seed"] for r in runs})
+
+
+def sgd_finals(group: Group) -> list[float] | None:
+    """SGD's final test accuracy per seed: the compare's, or a loose group's SGD runs' (None without)."""
+    if group.compare is not None:
+        return group.compare.summary["sgd_final_test_accuracy"]
+    sgd = [runs for runs in group.methods.values() if runs[0].header["config"]["method"] == "sgd"]
+    return [run.rounds[-1]["test_accuracy"] for run in sgd[0]] if len(sgd) == 1 else None

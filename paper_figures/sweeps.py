@@ -1,0 +1,113 @@
+"""One qdata knob swept, everything else fixed: accuracy against the data bits B and against the data
+codes' bits per sample (issue 10's bits-versus-accuracy curve, one line per coder and quantizer),
+and accuracy and bits against the gate's budget rho (the gate off is rho = 1).
+
+The points come from whatever qdata runs under RUNS_DIR differ in that knob alone (compares' runs at
+their chosen learning rates, and loose runs); a point run at several learning rates is drawn at the
+one with the best mean final validation accuracy (test accuracy where no validation was recorded),
+and several seeds as their mean with the min-max range as an error bar.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from paper_figures import canvas, captions, series
+from paper_figures.discover import Found, Run
+
+
+class Sweep(NamedTuple):
+    knob: str
+    lines: dict[str, dict[float, list[Run]]]  # line label -> knob value -> one run per seed
+
+
+def _choose_lr(runs: list[Run]) -> list[Run]:
+    by_lr: dict[float, list[Run]] = {}
+    for run in runs:
+        by_lr.setdefault(run.header["config"]["lr"], []).append(run)
+    measure = "val_accuracy" if all("val_accuracy" in r.rounds[-1] for r in runs) else "test_accuracy"
+    return max(by_lr.values(), key=lambda rs: statistics.fmean(r.rounds[-1][measure] for r in rs))
+
+
+def find_sweeps(runs: list[Run], knob: str, fields: tuple[str, ...], value: Callable[[dict], float],
+                line: Callable[[dict], str]) -> list[Sweep]:
+    """Groups of qdata runs equal up to ``fields`` (and seed, learning rate) with >= 2 values of ``value``."""
+    groups: dict[tuple, dict[str, dict[float, list[Run]]]] = {}
+    for run in runs:
+        cfg = run.header["config"]
+        if cfg["method"] != "qdata":
+            continue
+        key = (run.header["dataset"]["name"],) + series.method_key(run.header, drop=fields + ("lr",))
+        groups.setdefault(key, {}).setdefault(line(cfg), {}).setdefault(value(cfg), []).append(run)
+    sweeps = []
+    for lines in groups.values():
+        if len({x for points in lines.values() for x in points}) >= 2:
+            chosen = {label: {x: _choose_lr(rs) for x, rs in sorted(points.items())} for label, points in lines.items()}
+            sweeps.append(Sweep(knob, chosen))
+    return sweeps
+
+
+def final(runs: list[Run], measure: Callable[[Run], float]) -> tuple[float, float, float]:
+    """(mean, mean - min, max - mean) of ``measure`` over the seeds: a point and its error bar."""
+    values = [measure(r) for r in runs]
+    mean = statistics.fmean(values)
+    return mean, mean - min(values), max(values) - mean
+
+
+def accuracy(run: Run) -> float:
+    return run.rounds[-1]["test_accuracy"]
+
+
+def per_round(run: Run, total: bool = False) -> float:
+    last = run.rounds[-1]
+    down = series.downlink_per_node(run, last) if total else 0.0
+    return (last["cumulative_uplink_bits_per_node"] + down) / last["round"]
+
+
+def plot_line(ax, points: dict[float, list[Run]], measure, x=lambda v, runs: v, *, tag: str | None = None,
+              **style) -> list[float]:
+    """One line of a sweep: ``measure`` (mean and min-max over seeds) at ``x(value, runs)`` for each
+    knob value (a point whose x is None is left off); ``tag``: each point labelled ``tag=value``.
+    Returns the x positions drawn."""
+    kept = [(x(v, runs), v, final(runs, measure)) for v, runs in points.items()]
+    kept = [k for k in kept if k[0] is not None]
+    if kept:
+        ax.errorbar([k[0] for k in kept], [k[2][0] for k in kept], yerr=[[k[2][1] for k in kept],
+                    [k[2][2] for k in kept]], capsize=3, marker="o", markersize=4, **style)
+    for xv, v, (y, _, _) in kept if tag else []:
+        ax.annotate(f"{tag}={v:g}", (xv, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    return [k[0] for k in kept]
+
+
+def sweep_runs(sweep: Sweep) -> list[Run]:
+    return [r for points in sweep.lines.values() for runs in points.values() for r in runs]
+
+
+def source(runs: list[Run], found: Found) -> str:
+    paths = {r.path for r in runs}
+    compares = sorted({str(c.path) for c in found.compares for rs in c.runs.values() for r in rs if r.path in paths})
+    loose = [r for r in found.runs if r.path in paths]
+    parts = [f"qdata compare results in {', '.join(compares)}"] if compares else []
+    if loose:
+        parts.append(f"{len(loose)} qdata train runs under {found.root}")
+    return " and ".join(parts)
+
+
+def draw(found: Found, out: Path) -> list:
+    from paper_figures import sweep_bits, sweep_rho
+
+    runs = found.all_runs()
+    items = []
+    for module in (sweep_bits, sweep_rho):
+        sweeps = module.find(runs)
+        if not sweeps:
+            items.append(canvas.Skipped(module.FIGURE, module.NEEDS))
+        for i, sweep in enumerate(sweeps):
+            first = sweep_runs(sweep)[0].header
+            name = canvas.slug(f"{module.NAME}_{first['dataset']['name']}_{first['model']['name']}_{i + 1}")
+            figure_runs = sweep_runs(sweep)
+            items.append(module.draw_sweep(sweep, out / f"{name}.png",
+                                           lambda note: captions.caption(figure_runs, source(figure_runs, found), note)))
+    return items
