@@ -84,7 +84,7 @@ def plot_objective(report: dict, name: str, path: str | os.PathLike) -> None:
                      f"{'' if r['informative'] else ' (vacuous at T_max)'}\n"
                      f"worst ratio {r['worst_ratio']:.2g}, slope {slopes}", fontsize=8)
         ax.set_xlabel("T (rounds)", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)
     for ax in list(axes.flat)[len(results):]:
         ax.axis("off")
     axes.flat[0].set_ylabel(results[0]["quantity"], fontsize=8)
@@ -122,7 +122,7 @@ def _rounds_panel(ax, comm: dict, labels: list[str], d) -> None:
     ax.text(d[0], big * 1.05, "not reached / inf", fontsize=7, color="gray")
     ax.set_xlabel("model dimension d (random features)")
     ax.set_ylabel(f"rounds to E||w-w*||^2 <= {comm['accuracy']} ||w0-w*||^2")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
 
 
 def plot_communication(report: dict, path: str | os.PathLike) -> None:
@@ -131,12 +131,12 @@ def plot_communication(report: dict, path: str | os.PathLike) -> None:
     comm = report["communication"]
     labels = [k for k in comm["rows"][0] if isinstance(comm["rows"][0][k], dict)]
     d = np.asarray([r["d"] for r in comm["rows"]])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 6.5))
     for i, lab in enumerate(labels):
         a1.loglog(d, [r[lab]["bits_per_round"] for r in comm["rows"]], "o-", color=f"C{i}", label=lab)
     a1.set_xlabel("model dimension d (random features)")
     a1.set_ylabel("uplink bits per node per round")
-    a1.legend(fontsize=7)
+    a1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     _rounds_panel(a2, comm, labels, d)
     fig.suptitle(f"Bits per round and rounds to accuracy vs d at fixed n={comm['n']}; qdata B={comm['bits']}, "
                  f"correction random-k k={comm['k']}, QSGD s={comm['qsgd_levels']}", fontsize=9, wrap=True)

@@ -39,8 +39,9 @@ def draw_group(group: dict[str, dict[int, list[Run]]], path: Path, caption) -> c
         ax.plot(ds, ys, label=label, **{**canvas.method_style(i, qdata), "marker": "o", "markersize": 4})
     models = {r.header["model"]["params"]: r.header["model"]["name"] for by_d in group.values()
               for runs in by_d.values() for r in runs}
-    for d in dims:
-        ax.annotate(models[d], (d, 32 * d), textcoords="offset points", xytext=(-6, 6), fontsize=7, color="grey")
+    # Which model is at which d, beside the legend: close d's would make labels on the axes collide.
+    fig.text(0.73, 0.12, "models:\n" + "\n".join(f"d = {d:,}: {models[d]}" for d in dims), fontsize=7,
+             va="bottom", ha="left")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("model dimension d (parameters)")
