@@ -58,7 +58,8 @@ def draw_group(group: series.Group, path: Path) -> canvas.Figure:
     note = ("curves: mean over seeds at each evaluation (solid: qdata, dashed: the others); downlink as qdata "
             "compare charges it (model broadcast and replies, or for a gradient compressor the relay of the "
             "other nodes' messages where cheaper)")
-    note += ("; targets from SGD's final test accuracy (mean over seeds): 95% of it and it minus 1 point"
+    note += ("; targets from SGD's final test accuracy (mean over seeds; of several SGD learning rates, the best "
+             "on validation): 95% of it and it minus 1 point"
              if targets else "; no SGD run in this setting, so no targets are marked")
     if group.compare is not None:
         note += "; each method at the learning rate the compare chose on validation"

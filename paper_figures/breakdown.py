@@ -51,9 +51,10 @@ def _share_panel(ax, labels, ups, plt) -> None:
     """Left: each method's uplink as shares of its parts (100% stacked bars), its total written."""
     present = [k for k in {**PARTS, **{k: k for u in ups for k in u}} if any(u.get(k, 0) > 0 for u in ups)]
     left = [0.0] * len(labels)
-    for i, part in enumerate(present):
+    colours = {part: plt.cm.tab10(i % 10) for i, part in enumerate([*PARTS, *(p for p in present if p not in PARTS)])}  # a part's colour is fixed
+    for part in present:
         shares = [100 * u.get(part, 0) / (sum(u.values()) or 1) for u in ups]
-        ax.barh(labels, shares, left=left, color=plt.cm.tab10(i % 10), label=PARTS.get(part, part))
+        ax.barh(labels, shares, left=left, color=colours[part], label=PARTS.get(part, part))
         left = [a + b for a, b in zip(left, shares)]
     for y, u in enumerate(ups):
         ax.text(101, y, f"{sum(u.values()):,.0f}", va="center", fontsize=7)

@@ -87,7 +87,25 @@ def groups(found: Found) -> list[Group]:
     """Every compare as a group (its table's methods), then the loose runs grouped by setting."""
     out = [Group(f"compare {c.path}", f"qdata compare results in {c.path}",
                  {label: runs for label, runs in c.runs.items() if runs}, c) for c in found.compares]
-    return [g for g in out if g.methods] + _loose_groups(found.runs, found.root)
+    return [_say_unfinished(_say_seeds(g)) for g in out + _loose_groups(found.runs, found.root) if g.methods]
+
+
+def _say_seeds(group: Group) -> Group:
+    """Where methods ran on different numbers of seeds (an unfinished compare), each label says its count."""
+    counts = {label: len(runs) for label, runs in group.methods.items()}
+    if len(set(counts.values())) <= 1:
+        return group
+    return group._replace(methods={f"{label} ({counts[label]} seed{'s' if counts[label] > 1 else ''})": runs
+                                   for label, runs in group.methods.items()})
+
+
+def _say_unfinished(group: Group) -> Group:
+    """A method whose runs stopped short of their rounds (a run still going) says where they are."""
+    methods = {}
+    for label, runs in group.methods.items():
+        done, planned = min(r.rounds[-1]["round"] for r in runs), runs[0].header["config"]["rounds"]
+        methods[label if done >= planned else f"{label} (round {done} of {planned})"] = runs
+    return group._replace(methods=methods)
 
 
 def downlink_per_node(run: Run, record: dict) -> float:
@@ -118,4 +136,14 @@ def sgd_finals(group: Group) -> list[float] | None:
     if group.compare is not None:
         return group.compare.summary["sgd_final_test_accuracy"]
     sgd = [runs for runs in group.methods.values() if runs[0].header["config"]["method"] == "sgd"]
-    return [run.rounds[-1]["test_accuracy"] for run in sgd[0]] if len(sgd) == 1 else None
+    if not sgd:
+        return None
+    return [run.rounds[-1]["test_accuracy"] for run in best_on_validation(sgd)]
+
+
+def best_on_validation(variants: list[list[Run]]) -> list[Run]:
+    """Of several variants (e.g. learning rates), each a list of runs over seeds, the one with the best
+    mean final validation accuracy, as ``qdata compare`` chooses (test accuracy where none recorded)."""
+    runs = [r for v in variants for r in v]
+    measure = "val_accuracy" if all("val_accuracy" in r.rounds[-1] for r in runs) else "test_accuracy"
+    return max(variants, key=lambda v: statistics.fmean(r.rounds[-1][measure] for r in v))

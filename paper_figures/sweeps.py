@@ -27,8 +27,7 @@ def _choose_lr(runs: list[Run]) -> list[Run]:
     by_lr: dict[float, list[Run]] = {}
     for run in runs:
         by_lr.setdefault(run.header["config"]["lr"], []).append(run)
-    measure = "val_accuracy" if all("val_accuracy" in r.rounds[-1] for r in runs) else "test_accuracy"
-    return max(by_lr.values(), key=lambda rs: statistics.fmean(r.rounds[-1][measure] for r in rs))
+    return series.best_on_validation(list(by_lr.values()))
 
 
 def find_sweeps(runs: list[Run], knob: str, fields: tuple[str, ...], value: Callable[[dict], float],
