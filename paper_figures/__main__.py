@@ -12,7 +12,9 @@ nodes, rounds, seeds, source) printed in it and written to ``captions.txt`` besi
   runs that differ in that knob alone (:mod:`paper_figures.sweeps`);
 * bits per round vs the model dimension d at fixed n, from runs of several models
   (:mod:`paper_figures.dimension`);
-* the convergence checks' figures (:mod:`paper_figures.convergence`).
+* the convergence checks' figures (:mod:`paper_figures.convergence`);
+* the data codes' accuracy vs bits per sample of ``python -m experiments.data_codes``
+  (:mod:`paper_figures.data_codes`).
 
 A figure whose runs RUNS_DIR lacks is skipped with a one-line note; a RUNS_DIR that does not exist
 or holds no results at all is an error in one line (exit status 2).
@@ -24,9 +26,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from paper_figures import accuracy_bits, breakdown, canvas, convergence, dimension, discover, loss, sweeps
+from paper_figures import (accuracy_bits, breakdown, canvas, convergence, data_codes, dimension, discover, loss,
+                           sweeps)
 
-FIGURES = (accuracy_bits, loss, breakdown, sweeps, dimension, convergence)
+FIGURES = (accuracy_bits, loss, breakdown, sweeps, dimension, convergence, data_codes)
 
 
 def _fail(message: str) -> None:
@@ -38,8 +41,8 @@ def draw_all(runs_dir: Path, out: Path) -> tuple[list[canvas.Figure], list[str]]
     """Every figure of ``runs_dir`` into ``out``; returns the figures and the notes (skips, unread files)."""
     found = discover.find(runs_dir, skip=out)
     if found.empty():
-        raise ValueError(f"{runs_dir} holds no results (no results.jsonl, summary.json or convergence "
-                         "report.json under it)" + (f"; {found.notes[0]}" if found.notes else ""))
+        raise ValueError(f"{runs_dir} holds no results (no results.jsonl, summary.json, convergence "
+                         "report.json or data_codes.json under it)" + (f"; {found.notes[0]}" if found.notes else ""))
     figures, notes = [], list(found.notes)
     for module in FIGURES:
         for item in module.draw(found, out):

@@ -6,7 +6,9 @@
 * a compare: a directory with ``summary.json``; its runs are those of its table, each at the
   learning rate the compare chose, on every seed (``OUT/<label>/lr<LR>/seed<SEED>``); the rest
   under it (the tuning grid, the floors' central runs) is the compare's own business;
-* a convergence report: a ``report.json`` with the checks' ``results``.
+* a convergence report: a ``report.json`` with the checks' ``results``;
+* a data-codes result of ``python -m experiments.data_codes`` (``data_codes.json``, or any other
+  JSON file of that shape: a ``config``, a ``dataset`` and ``rows`` with ``bits_per_sample`` and ``family``).
 
 A file that cannot be read is passed over with a one-line note (``Found.notes``), never an error:
 a figure that needs it is then skipped.
@@ -44,6 +46,7 @@ class Found(NamedTuple):
     runs: list[Run]  # the runs outside any compare
     compares: list[Compare]
     reports: list[tuple[Path, dict]]  # convergence reports
+    data_codes: list[Path]  # experiments.data_codes results files
     notes: list[str]  # what could not be read, one line each
 
     def all_runs(self) -> list[Run]:
@@ -51,7 +54,7 @@ class Found(NamedTuple):
         return self.runs + [r for c in self.compares for runs in c.runs.values() for r in runs]
 
     def empty(self) -> bool:
-        return not (self.runs or self.compares or self.reports)
+        return not (self.runs or self.compares or self.reports or self.data_codes)
 
 
 def _load_run(path: Path, notes: list[str]) -> Run | None:
@@ -95,16 +98,28 @@ def _load_report(path: Path, notes: list[str]) -> dict | None:
     return report
 
 
+def _is_data_codes(path: Path) -> bool:
+    """Whether a JSON file is a result of ``python -m experiments.data_codes`` (small files only)."""
+    if path.stat().st_size > 5_000_000:
+        return False
+    try:
+        results = json.loads(path.read_text())
+        return {"config", "dataset", "rows"} <= set(results) and all("bits_per_sample" in r and "family" in r for r in results["rows"])
+    except (ValueError, OSError, TypeError, KeyError, IndexError, AttributeError):
+        return False
+
+
 def find(root: str | Path, skip: Path | None = None) -> Found:
     """Everything under ``root`` (module docstring); ``skip``: a directory not to look in (the
     figures' own output)."""
     root = Path(root)
-    found = Found(root, [], [], [], [])
+    found = Found(root, [], [], [], [], [])
     claimed: list[Path] = []  # compare and run directories: what is under them is theirs
     names = ("summary.json", "results.jsonl", "report.json")
     # Shallow first: a compare's summary (or a run's results) is met before what lies under it.
-    for path in sorted((p for p in root.rglob("*") if p.name in names), key=lambda p: (len(p.parts), str(p))):
-        if not path.is_file():
+    for path in sorted((p for p in root.rglob("*") if p.name in names or p.suffix == ".json"),
+                       key=lambda p: (len(p.parts), str(p))):
+        if not path.is_file() or "checkpoints" in path.relative_to(root).parts:
             continue
         directory = path.parent
         if skip is not None and directory.is_relative_to(skip):
@@ -121,6 +136,9 @@ def find(root: str | Path, skip: Path | None = None) -> Found:
             claimed.append(directory)
             if run is not None:
                 found.runs.append(run)
+        elif path.name != "report.json":
+            if _is_data_codes(path):
+                found.data_codes.append(path)
         else:
             report = _load_report(path, found.notes)
             if report is not None:

@@ -79,7 +79,8 @@ def test_a_missing_kind_is_skipped_with_a_note(runs_dir, tmp_path, capsys):
     figures = main([str(tmp_path / "runs"), "--out", str(tmp_path / "figures")])
     printed = capsys.readouterr().out
     assert {f.path.name.split("_runs")[0] for f in figures} == {"accuracy_vs_bits", "train_loss", "bits_breakdown"}
-    for kind in ("accuracy vs data bits B", "gate's budget rho", "model dimension d", "convergence checks"):
+    for kind in ("accuracy vs data bits B", "gate's budget rho", "model dimension d", "convergence checks",
+                 "data codes"):
         assert sum(line.startswith("note: skipped") and kind in line for line in printed.splitlines()) == 1, kind
     assert "no SGD run in this setting, so no targets are marked" in figures[0].caption
 
