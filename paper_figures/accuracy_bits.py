@@ -73,4 +73,4 @@ def draw(found: Found, out: Path) -> list:
     groups = series.groups(found)
     if not groups:
         return [canvas.Skipped("accuracy vs bits", "no training runs")]
-    return [draw_group(g, out / f"accuracy_vs_bits_{canvas.slug(str(g.title))}.png") for g in groups]
+    return [draw_group(g, out / f"accuracy_vs_bits_{g.name}.png") for g in groups]

@@ -101,4 +101,4 @@ def draw(found: Found, out: Path) -> list:
     groups = series.groups(found)
     if not groups:
         return [canvas.Skipped("bits breakdown", "no training runs")]
-    return [draw_group(g, out / f"bits_breakdown_{canvas.slug(g.title)}.png") for g in groups]
+    return [draw_group(g, out / f"bits_breakdown_{g.name}.png") for g in groups]

@@ -62,7 +62,7 @@ def draw(found: Found, out: Path) -> list:
     items = []
     for i, group in enumerate(groups):
         runs = [r for by_d in group.values() for rs in by_d.values() for r in rs]
-        name = canvas.slug(f"bits_vs_dimension_{runs[0].header['dataset']['name']}_{i + 1}")
+        name = canvas.slug(f"bits_vs_dimension_{series.short_name(runs[0].header['dataset']['name'])}_{i + 1}")
         items.append(draw_group(group, out / f"{name}.png",
                                 lambda note: captions.caption(runs, source(runs, found), note)))
     return items

@@ -47,5 +47,5 @@ def draw(found: Found, out: Path) -> list:
         if not methods:
             items.append(canvas.Skipped(f"training loss ({group.title})", "its results record no train_loss"))
             continue
-        items.append(draw_group(group, methods, out / f"train_loss_{canvas.slug(group.title)}.png"))
+        items.append(draw_group(group, methods, out / f"train_loss_{group.name}.png"))
     return items or [canvas.Skipped("training loss", "no training runs")]

@@ -13,6 +13,7 @@ import statistics
 from typing import Callable, NamedTuple
 
 from qdata.compare import relays
+from paper_figures import canvas
 from paper_figures.discover import Compare, Found, Run
 
 # Config fields that do not make a different method: the seed, and how a run is run or recorded.
@@ -22,10 +23,16 @@ NOT_METHOD = ("name", "seed", "eval_every", "checkpoint_every", "target_accuracy
 class Group(NamedTuple):
     """Runs of one setting, by method label (one run per seed); from a compare or from loose runs."""
 
-    title: str  # e.g. "compare runs/cmp" or "runs in runs/ (digits, mlp, 8 nodes)"
+    title: str  # e.g. "compare runs/cmp" or "runs under runs: digits, mlp, 8 nodes"
+    name: str  # a file-name part, e.g. "compare_cmp" or "digits_mlp_8nodes"
     source: str  # where the results are, for the caption
     methods: dict[str, list[Run]]
     compare: Compare | None
+
+
+def short_name(dataset: str) -> str:
+    """A dataset's name without its provenance ("fashion_mnist (IDX files from ...)" -> "fashion_mnist")."""
+    return dataset.split(" (")[0]
 
 
 def setting_key(header: dict) -> tuple:
@@ -79,15 +86,21 @@ def _loose_groups(runs: list[Run], root) -> list[Group]:
                 named[label + _difference(members[0].header["config"], [v[0].header["config"] for v in variants])] = members
         paths = [str(r.path) for ms in named.values() for r in ms]
         source = f"qdata train results under {os.path.commonpath(paths)} ({len(paths)} runs)"
-        groups.append(Group(f"runs under {root}: {dataset}, {model}, {nodes} nodes", source, named, None))
+        groups.append(Group(f"runs under {root}: {dataset}, {model}, {nodes} nodes",
+                            canvas.slug(f"{short_name(dataset)}_{model}_{nodes}nodes"), source, named, None))
     return groups
 
 
 def groups(found: Found) -> list[Group]:
     """Every compare as a group (its table's methods), then the loose runs grouped by setting."""
-    out = [Group(f"compare {c.path}", f"qdata compare results in {c.path}",
+    out = [Group(f"compare {c.path}", canvas.slug(f"compare_{c.path.name}"), f"qdata compare results in {c.path}",
                  {label: runs for label, runs in c.runs.items() if runs}, c) for c in found.compares]
-    return [_say_unfinished(_say_seeds(g)) for g in out + _loose_groups(found.runs, found.root) if g.methods]
+    named, seen = [], {}
+    for g in out + _loose_groups(found.runs, found.root):
+        if g.methods:
+            seen[g.name] = seen.get(g.name, 0) + 1  # two settings of one name (another batch): their own files
+            named.append(g if seen[g.name] == 1 else g._replace(name=f"{g.name}_{seen[g.name]}"))
+    return [_say_unfinished(_say_seeds(g)) for g in named]
 
 
 def _say_seeds(group: Group) -> Group:

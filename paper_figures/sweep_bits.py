@@ -15,7 +15,7 @@ from pathlib import Path
 
 from paper_figures import canvas
 from paper_figures.discover import Run
-from paper_figures.sweeps import Sweep, accuracy, find_sweeps, plot_line
+from paper_figures.sweeps import Sweep, accuracy, find_sweeps, readable_accuracy_axis, plot_line
 
 NAME, FIGURE = "accuracy_vs_data_bits", "accuracy vs data bits B"
 NEEDS = "no qdata runs that differ in the data bits B alone (same dataset, model, nodes, rounds, gate, ...)"
@@ -77,6 +77,7 @@ def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:
     a1.set_xticks(sorted({b for points in sweep.lines.values() for b in points}))
     a1.set_xlabel("data bits B per coordinate")
     a1.set_ylabel("final test accuracy")
+    readable_accuracy_axis(a1)
     a2.set_xscale("log")
     a2.margins(x=0.12)  # room for the last point's tag
     a2.xaxis.set_major_locator(FixedLocator(sorted(ticks)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from paper_figures import canvas
 from paper_figures.discover import Run
-from paper_figures.sweeps import Sweep, accuracy, find_sweeps, per_round, plot_line
+from paper_figures.sweeps import Sweep, accuracy, find_sweeps, readable_accuracy_axis, per_round, plot_line
 
 NAME, FIGURE = "accuracy_bits_vs_rho", "accuracy and bits vs the gate's budget rho"
 NEEDS = "no qdata runs that differ in the gate's budget rho alone (two values at least; the gate off counts as 1)"
@@ -34,6 +34,7 @@ def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     a1.set_ylabel("final test accuracy")
+    readable_accuracy_axis(a1)
     a2.set_yscale("log")
     a2.set_ylabel("bits per node per round (mean over the run)")
     note = ("mean over seeds (bars: min-max); a point at several learning rates: the one with the best mean "

@@ -80,6 +80,14 @@ def plot_line(ax, points: dict[float, list[Run]], measure, x=lambda v, runs: v, 
     return [k[0] for k in kept]
 
 
+def readable_accuracy_axis(ax, span: float = 0.02) -> None:
+    """At least ``span`` (2 points) of accuracy on the axis: a tighter one makes noise look like an effect."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        middle = (lo + hi) / 2
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+
+
 def sweep_runs(sweep: Sweep) -> list[Run]:
     return [r for points in sweep.lines.values() for runs in points.values() for r in runs]
 
@@ -97,15 +105,18 @@ def source(runs: list[Run], found: Found) -> str:
 def draw(found: Found, out: Path) -> list:
     from paper_figures import sweep_bits, sweep_rho
 
-    runs = found.all_runs()
-    items = []
+    finished = lambda run: run.rounds[-1]["round"] >= run.header["config"]["rounds"]
+    runs = [r for r in found.all_runs() if finished(r)]
+    unfinished = [r for r in found.all_runs() if not finished(r)]
+    items = [canvas.Skipped("the sweeps' unfinished runs", f"{len(unfinished)} run(s) short of their rounds, with no "
+                            f"final accuracy yet, left out (e.g. {unfinished[0].path})")] if unfinished else []
     for module in (sweep_bits, sweep_rho):
         sweeps = module.find(runs)
         if not sweeps:
             items.append(canvas.Skipped(module.FIGURE, module.NEEDS))
         for i, sweep in enumerate(sweeps):
             first = sweep_runs(sweep)[0].header
-            name = canvas.slug(f"{module.NAME}_{first['dataset']['name']}_{first['model']['name']}_{i + 1}")
+            name = canvas.slug(f"{module.NAME}_{series.short_name(first['dataset']['name'])}_{first['model']['name']}_{i + 1}")
             figure_runs = sweep_runs(sweep)
             items.append(module.draw_sweep(sweep, out / f"{name}.png",
                                            lambda note: captions.caption(figure_runs, source(figure_runs, found), note)))
