@@ -61,12 +61,12 @@ def _share_panel(ax, labels, ups, plt) -> None:
     ax.set_xlim(0, 125)
     ax.set_xticks(range(0, 101, 25))
     ax.set_xlabel("share of the uplink by ledger part (%); the number: uplink bits per node per round")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=3, frameon=False)
 
 
 def _bits_panel(ax, labels, ups, downs) -> None:
     """Right: uplink and each downlink part, bits per node per round, log x (side by side, not stacked)."""
-    kinds = sorted({k for d in downs for k in d})
+    kinds = sorted({k for d in downs for k, v in d.items() if v > 0})  # no legend entry for a bar drawn nowhere
     height = 0.8 / (1 + len(kinds))
     for j, kind in enumerate(["uplink"] + kinds):
         values = [sum(u.values()) if kind == "uplink" else d.get(kind, 0) for u, d in zip(ups, downs)]
@@ -76,7 +76,7 @@ def _bits_panel(ax, labels, ups, downs) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("bits per node per round (log; a missing bar: none)")
     ax.grid(True, axis="x", which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
 
 
 def draw_group(group: series.Group, path: Path) -> canvas.Figure:
