@@ -140,10 +140,6 @@ def mean_curve(runs: list[Run], value: Callable[[Run, dict], float]) -> tuple[li
     return rounds, [statistics.fmean(value(run, a[t]) for run, a in zip(runs, at)) for t in rounds]
 
 
-def seeds_of(runs: list[Run]) -> list[int]:
-    return sorted({r.header["config"]["seed"] for r in runs})
-
-
 def sgd_finals(group: Group) -> list[float] | None:
     """SGD's final test accuracy per seed: the compare's, or a loose group's SGD runs' (None without)."""
     if group.compare is not None:
