@@ -19,9 +19,13 @@ def _has_loss(runs) -> bool:
 def draw_group(group: series.Group, methods: dict, path: Path) -> canvas.Figure:
     plt = canvas.pyplot()
     fig, ax = plt.subplots(figsize=(11, max(4.8, 0.17 * len(methods) + 1.5)))
-    diverged = []
+    diverged, drawn, same = [], {}, []
     for i, (label, runs) in enumerate(methods.items()):
         rounds, ys = series.mean_curve(runs, lambda run, record: record["train_loss"])
+        twin = next((other for other, curve in drawn.items() if curve == (rounds, ys)), None)
+        if twin is not None:  # e.g. a lossless coder trains exactly as its fixed-length twin
+            same.append(f"{label} on {twin}")
+        drawn[label] = (rounds, ys)
         finite = [(t, y) for t, y in zip(rounds, ys) if math.isfinite(y)]
         if len(finite) < len(rounds):
             diverged.append(label)
@@ -33,6 +37,8 @@ def draw_group(group: series.Group, methods: dict, path: Path) -> canvas.Figure:
     ax.grid(True, which="both", alpha=0.3)
     canvas.side_legend(fig, ax, RIGHT)
     note = "training loss: mean cross-entropy on the first 2,048 training samples (all, if fewer), mean over seeds at each evaluation (solid: qdata, dashed: the others), log y"
+    if same:
+        note += f"; identical curves, the later drawn over the earlier: {', '.join(same)}"
     if diverged:
         note += f"; non-finite losses (diverged) not drawn: {', '.join(diverged)}"
     runs = [r for rs in methods.values() for r in rs]
