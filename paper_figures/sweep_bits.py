@@ -74,6 +74,9 @@ def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:
                 return None
             return sum(values) / len(values)
         ticks += plot_line(a2, points, accuracy, x, tag="B", color=f"C{i}", label=label)
+    if not ticks:  # an empty panel would read as a drawing fault
+        a2.text(0.5, 0.5, "no run here has a sample count\n(no fixed-length twin of its coder)", ha="center",
+                va="center", transform=a2.transAxes, fontsize=9, color="grey")
     a1.set_xticks(sorted({b for points in sweep.lines.values() for b in points}))
     a1.set_xlabel("data bits B per coordinate")
     a1.set_ylabel("final test accuracy")
