@@ -95,14 +95,19 @@ def test_compare_command_runs_a_lineup_resumes_and_redraws(tmp_path):
     assert redraw([str(out), "--out", str(tmp_path / "again.png")]).stat().st_size > 10_000
 
 
-def test_compare_refuses_flags_the_lineup_sets(tmp_path):
+def test_compare_refuses_flags_the_lineup_sets(tmp_path, capsys):
+    from qdata import cli
+
     (tmp_path / "tiny.toml").write_text(TINY)
     for flags, word in ((["--bits", "3"], "--bits"), (["--rounds", "9"], "--rounds"), (["--seed", "2"], "--seed"),
                         (["--lr", "0.3"], "--lr"), (["--compressor", "fp16"], "--compressor")):
-        proc = _compare(["--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "x"), *flags], timeout=120)
-        assert proc.returncode == 2 and word in proc.stderr, (flags, proc.stderr)
-    proc = _compare(["--config", str(tmp_path / "missing.toml")], timeout=120)
-    assert proc.returncode == 2 and "missing.toml" in proc.stderr
+        code = cli.main(["compare", "--config", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "x"), *flags,
+                         "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and word in err and err.startswith("qdata: error:"), (flags, err)
+    assert not (tmp_path / "x").exists()  # refused before any work
+    code = cli.main(["compare", "--config", str(tmp_path / "missing.toml")])
+    assert code == 2 and "missing.toml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change, message", [
