@@ -33,7 +33,10 @@ HELP = {
     "model": "logreg | mlp | mlp:128x64 | cnn | resnet20 | resnet18 (CIFAR stem: 3x3 conv) | resnet18_imagenet "
              "(ImageNet stem: 7x7 stride-2 conv and 3x3 stride-2 max-pool, for imagenet2012)",
     "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients) | "
-              "dca (one-shot data collaboration analysis: PCA-mapped data and anchors, trained centrally)",
+              "dca (one-shot data collaboration analysis: PCA-mapped data and anchors, trained centrally) | "
+              "split (split learning: lower layers at the nodes, activations up, their gradients down)",
+    "split_cut": "split: the number of layers at the node (the learner holds the rest)",
+    "split_bits": "split: bits per activation (per-sample-range stochastic rounding), 0 = fp32",
     "dca_dim": "dca: each node's PCA dimension m (and the collaboration representation's)",
     "dca_anchors": "dca: shared anchor points r (drawn from the data range with a shared seed; r >= m)",
     "dca_values": "dca: float32 | float16, how the mapped values travel",
@@ -118,7 +121,7 @@ def _config_from(args: argparse.Namespace):
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
 PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "compressor",
-              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "name")
+              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut", "split_bits", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

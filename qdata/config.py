@@ -47,7 +47,7 @@ from qdata.codecs import compressors
 from qdata.codecs.context_ans import CODERS
 from qdata.data import check_image_size
 
-METHODS = ("qdata", "sgd", "gradient", "dca")
+METHODS = ("qdata", "sgd", "gradient", "dca", "split")
 DCA_VALUES = ("float32", "float16")
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
 GATES = ("off", "bernoulli", "top")
@@ -84,6 +84,9 @@ class RunConfig:
     dca_dim: int = 16  # m: each node's PCA dimension, and the collaboration representation's
     dca_anchors: int = 128  # r: anchor points, drawn from the data range with a shared seed
     dca_values: str = "float32"  # how the mapped values travel
+    # split learning (method "split"; qdata.methods.split): layers at the node, activation bits (0: fp32)
+    split_cut: int = 1
+    split_bits: int = 0
     # the distributed setting
     num_nodes: int = 8
     partition: str = "iid"
@@ -221,6 +224,8 @@ FIELD_RULES: dict[str, Rule] = {
     "dca_dim": _ints(1),
     "dca_anchors": _ints(1),
     "dca_values": _one_of(DCA_VALUES),
+    "split_cut": _ints(1),
+    "split_bits": _ints(0, 16),
     "num_nodes": _ints(1),
     "partition": _spec("one of " + ", ".join(PARTITIONS) + " (ALPHA a number > 0)", lambda v: _check_partition(v)),
     "stream_start": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
@@ -328,8 +333,20 @@ def _check_combination(config: RunConfig) -> None:
         raise ValueError(f"method='dca' is one-shot: it needs every sample at the start (stream_start=1, got "
                          f"{config.stream_start}) and dca_anchors >= dca_dim (got {config.dca_anchors} < "
                          f"{config.dca_dim})")
+    if config.method == "split":
+        _check_split(config)
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
+
+
+def _check_split(config: RunConfig) -> None:
+    from qdata import models
+    from qdata.methods.split import check_cut
+
+    check_cut(models.make_model(config.model, 10), config.split_cut)  # the layer count does not depend on C
+    if config.faults != "none":
+        raise ValueError(f"method='split' with faults={config.faults!r} is not built: the learner's record of "
+                         "the averaged lower layers, which evaluation composes, assumes every node answers")
 
 
 # field -> (whether the config uses it, the condition in words)
@@ -337,6 +354,7 @@ _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
        for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder")},
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
+    **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),

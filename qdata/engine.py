@@ -163,9 +163,18 @@ def init_state(method: Method, optimizer: optax.GradientTransformation, params: 
     """The state before round 0 (host values; :func:`place_state` puts it on a mesh)."""
     node_state = method.init_node(params)
     node_states = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (num_nodes,) + jnp.shape(a)), node_state)
-    return TrainState(params=params, opt_state=optimizer.init(params), node_states=node_states,
+    held = params if method.learner_params is None else method.learner_params(params)  # the learner's part
+    return TrainState(params=held, opt_state=optimizer.init(held), node_states=node_states,
                       learner_state=method.init_learner(params, num_nodes), key=jax.random.PRNGKey(seed),
                       round=jnp.zeros((), jnp.int32))
+
+
+def model_params(method: Method, state: TrainState) -> PyTree:
+    """The model the run evaluates: the learner's parameters, or, for a method whose nodes hold part
+    of the model (split learning), the model it composes (``method.model_params``)."""
+    if method.model_params is None:
+        return state.params
+    return jax.jit(method.model_params)(state.params, state.learner_state)
 
 
 def state_specs(state: TrainState) -> TrainState:

@@ -266,7 +266,7 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
-        record = evaluate(engine.fetch(state.params), done, bits, cumulative, encoder_counts, records,
+        record = evaluate(engine.fetch(engine.model_params(exp.method, state)), done, bits, cumulative, encoder_counts, records,
                           totals.elapsed + time.perf_counter() - start)
         if since is not None:
             record.update(_answers_record(since, answers))
@@ -361,4 +361,4 @@ def final_params(out_dir: str | os.PathLike, config: RunConfig):
     with ocp.CheckpointManager(Path(out_dir, "checkpoints").absolute()) as manager:
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), ledger=ocp.args.JsonRestore()))
-    return engine.fetch(restored["state"].params)
+    return engine.fetch(engine.model_params(exp.method, restored["state"]))

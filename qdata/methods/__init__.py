@@ -1,5 +1,5 @@
 """Training methods behind one interface (:class:`Method`): qdata, SGD, gradient compression and
-PowerSGD as published (two reductions a round), Gaia's significance filter."""
+PowerSGD as published (two reductions a round), Gaia's significance filter, split learning."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from qdata.methods.gradient import gradient_compression, sgd
 from qdata.methods.powersgd import powersgd_allreduce
 from qdata.methods.qdata import qdata_method
 from qdata.methods.significance import significance_filter
+from qdata.methods.split import split_learning
 
 
 def build_method(config, model, dataset, d: int, *, node_size: int | None = None) -> Method:
@@ -27,6 +28,12 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
                          "centrally), not a per-round method: run it with qdata.run.train")
     if config.method == "sgd":
         return sgd(loss_fn)
+    if config.method == "split":
+        from qdata.run import make_optimizer  # each node runs the run's optimizer on its lower layers
+
+        return split_learning(model, config.split_cut, make_optimizer(config), num_classes=dataset.num_classes,
+                              sample_shape=dataset.sample_shape, batch_size=config.batch_size,
+                              bits=config.split_bits or None)
     if config.method == "gradient":
         wrapped = config.compressor.startswith("ef:")
         name, _, rank = config.compressor.removeprefix("ef:").partition(":")
@@ -63,4 +70,4 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
 
 
 __all__ = ["Exchange", "Method", "build_method", "gradient_compression", "powersgd_allreduce", "qdata_method", "sgd",
-           "significance_filter"]
+           "significance_filter", "split_learning"]

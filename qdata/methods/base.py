@@ -31,6 +31,11 @@ the latest message (Vogels et al.'s two all-reduces in PowerSGD; split learning'
 gradients). The round is then: messages, reply 1, answers 1, ..., reply k, answers k, and
 ``learner_gradient`` on the last answers. Uplink bits are summed over every message a node sends in
 the round; each reply is downlink, charged per node.
+
+A method whose nodes hold part of the model (split learning's lower layers) says which part the
+learner holds, ``learner_params(params) -> held`` (the tree its optimizer updates and
+``learner_gradient`` returns g for; default: all of it), and which model is evaluated,
+``model_params(held, learner_state) -> params`` (default: the learner's own parameters).
 """
 
 from __future__ import annotations
@@ -70,3 +75,5 @@ class Method(NamedTuple):
     uplink_bits: Callable[[PyTree], dict]
     needs_params: bool = True
     exchanges: tuple = ()  # Exchange, in order
+    learner_params: Callable[[PyTree], PyTree] | None = None  # None: the learner holds the whole model
+    model_params: Callable[[PyTree, PyTree], PyTree] | None = None  # None: evaluate the learner's params
