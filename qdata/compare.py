@@ -129,6 +129,9 @@ def _downlink_kind(header: dict, rounds: list[dict]) -> str:
     down, model = header["downlink_bits_per_node_per_round"], 32 * header["model"]["params"]
     if relays(header, rounds):
         return "relay"
+    parts = header.get("downlink_parts_per_node_per_round")  # absent from older results files
+    if parts is not None:  # read, not guessed from the sizes (split learning's replies may exceed 32 d)
+        return "+".join(k for k in ("model", "replies") if parts[k]) or "none"
     return "none" if down == 0 else "model" if down == model else "model+replies" if down > model else "replies"
 
 
@@ -326,7 +329,8 @@ def format_table(summary: dict) -> str:
               "bits: exact, read off the packed payloads. Uplink: what a node sends. Downlink (down): model = the "
               "broadcast of w, 32 d a round, to a node that needs it; relay = a gradient compressor's node keeps a "
               "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
-              "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves); "
+              "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves; split learning: "
+              "the activation gradients and the averaged lower layers); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
               f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "
