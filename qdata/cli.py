@@ -37,6 +37,7 @@ HELP = {
               "split (split learning: lower layers at the nodes, activations up, their gradients down)",
     "split_cut": "split: the number of layers at the node (the learner holds the rest)",
     "split_bits": "split: bits per activation (per-sample-range stochastic rounding), 0 = fp32",
+    "split_top": "split: 0, or U-shaped: the node also holds the last SPLIT_TOP layers and the labels",
     "dca_dim": "dca: each node's PCA dimension m (and the collaboration representation's)",
     "dca_anchors": "dca: shared anchor points r (drawn from the data range with a shared seed; r >= m)",
     "dca_values": "dca: float32 | float16, how the mapped values travel",
@@ -121,7 +122,7 @@ def _config_from(args: argparse.Namespace):
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
 PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "compressor",
-              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut", "split_bits", "name")
+              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut", "split_bits", "split_top", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

@@ -87,6 +87,7 @@ class RunConfig:
     # split learning (method "split"; qdata.methods.split): layers at the node, activation bits (0: fp32)
     split_cut: int = 1
     split_bits: int = 0
+    split_top: int = 0  # U-shaped when >= 1: the node also holds the last split_top layers and the labels
     # the distributed setting
     num_nodes: int = 8
     partition: str = "iid"
@@ -226,6 +227,7 @@ FIELD_RULES: dict[str, Rule] = {
     "dca_values": _one_of(DCA_VALUES),
     "split_cut": _ints(1),
     "split_bits": _ints(0, 16),
+    "split_top": _ints(0),
     "num_nodes": _ints(1),
     "partition": _spec("one of " + ", ".join(PARTITIONS) + " (ALPHA a number > 0)", lambda v: _check_partition(v)),
     "stream_start": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
@@ -343,7 +345,7 @@ def _check_split(config: RunConfig) -> None:
     from qdata import models
     from qdata.methods.split import check_cut
 
-    check_cut(models.make_model(config.model, 10), config.split_cut)  # the layer count does not depend on C
+    check_cut(models.make_model(config.model, 10), config.split_cut, config.split_top)  # layers do not depend on C
     if config.faults != "none":
         raise ValueError(f"method='split' with faults={config.faults!r} is not built: the learner's record of "
                          "the averaged lower layers, which evaluation composes, assumes every node answers")
@@ -354,7 +356,7 @@ _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
        for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder")},
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
-    **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits")},
+    **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits", "split_top")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),

@@ -17,17 +17,20 @@ from qdata.methods.split import cut_model
 from qdata.run import Experiment, train
 
 
-@pytest.mark.parametrize("name,shape,cuts", [("mlp:16x8", (8, 8), (1, 2)), ("cnn", (8, 8, 1), (1, 2, 3))])
+@pytest.mark.parametrize("name,shape,cuts", [("mlp:16x8", (8, 8), ((1, 0), (2, 0), (1, 1))),
+                                             ("cnn", (8, 8, 1), ((1, 0), (2, 0), (3, 0), (1, 1), (2, 1), (1, 2)))])
 def test_the_cut_model_composes_to_the_whole(name, shape, cuts):
     model = models.make_model(name, 10)
     params = models.init_params(model, jax.random.PRNGKey(0), shape)
     x = jax.random.uniform(jax.random.PRNGKey(1), (5,) + shape)
     whole = model.apply({"params": params}, x)
-    for cut in cuts:
-        split = cut_model(model, cut)
-        lower, upper = split.split(params)
-        assert set(lower) | set(upper) == set(params) and not set(lower) & set(upper)
-        np.testing.assert_allclose(split.upper(upper, split.lower(lower, x)), whole, rtol=1e-5, atol=1e-6)
+    for cut, top in cuts:
+        split = cut_model(model, cut, top)
+        node, learner = split.split(params)
+        assert set(node) | set(learner) == set(params) and not set(node) & set(learner)
+        assert len(node) == cut + top
+        logits = split.head(node, split.upper(learner, split.lower(node, x)))
+        np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-6)
 
 
 def _one_round(config: RunConfig, rounds: int = 1, devices: int = 1):
@@ -48,7 +51,7 @@ def test_bits_both_ways_by_hand():
     config = RunConfig(method="split", model="mlp:8", split_cut=1, num_nodes=2, batch_size=5, checkpoint_every=0)
     exp, _, bits = _one_round(config)
     lower = (64 * 8 + 8) * 32
-    expected = {"activations": 5 * 8 * 32, "labels": 24, "lower_layers": lower}
+    expected = {"activations": 5 * 8 * 32, "labels": 24, "node_layers": lower}
     for part, value in expected.items():
         assert ledger.host_per_entry(bits[part]).tolist() == [[value, value]], part
     assert ledger.host_per_entry(bits["total"]).tolist() == [[sum(expected.values())] * 2]
@@ -56,6 +59,23 @@ def test_bits_both_ways_by_hand():
     # At B = 3 bits: 8 ceil(8*3/8) bits of codes and an fp16 min and max per sample.
     _, _, bits = _one_round(config.replace(split_bits=3))
     assert ledger.host_per_entry(bits["activations"]).tolist() == [[5 * (24 + 32)] * 2]
+
+
+def test_u_shaped_bits_both_ways_by_hand():
+    """The MLP 64-8-6-10, the node holding its first and last layers: no labels cross; up the
+    activations (5*8*32), the top gradients (5*6*32) and both layers ((64*8+8 + 6*10+10)*32); down the
+    top activations, the activation gradients and the same layers."""
+    config = RunConfig(method="split", model="mlp:8x6", split_cut=1, split_top=1, num_nodes=2, batch_size=5,
+                       checkpoint_every=0)
+    exp, _, bits = _one_round(config)
+    layers = (64 * 8 + 8 + 6 * 10 + 10) * 32
+    expected = {"activations": 5 * 8 * 32, "top_gradients": 5 * 6 * 32, "node_layers": layers}
+    assert set(bits) == set(expected) | {"total"}
+    for part, value in expected.items():
+        assert ledger.host_per_entry(bits[part]).tolist() == [[value, value]], part
+    assert ledger.host_per_entry(bits["total"]).tolist() == [[sum(expected.values())] * 2]
+    assert engine.downlink_parts(exp.method, exp.params) == (0, 5 * 6 * 32 + 5 * 8 * 32 + layers)
+    assert exp.method.name == "split_u:1:1"
 
 
 def test_the_comparison_charges_the_replies_as_downlink(tmp_path):
@@ -73,14 +93,15 @@ def test_the_comparison_charges_the_replies_as_downlink(tmp_path):
     assert compare._downlink_kind(big, rounds) == "replies"
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
-def test_a_round_is_data_parallel_sgd_on_the_whole_model(nodes):
+@pytest.mark.parametrize("nodes,top", [(1, 0), (2, 0), (2, 1)])
+def test_a_round_is_data_parallel_sgd_on_the_whole_model(nodes, top):
     """fp32 activations: the chain rule splits the gradient, and the average of the nodes' momentum
-    steps is the momentum step on the averaged gradient; so 3 rounds equal 3 of SGD, to float rounding."""
-    config = RunConfig(method="split", split_cut=2, num_nodes=nodes, batch_size=16, lr=0.1, momentum=0.9,
-                       checkpoint_every=0)
+    steps is the momentum step on the averaged gradient; so 3 rounds equal 3 of SGD, to float rounding
+    (U-shaped too: the node's head and lower layers, the learner's middle one)."""
+    config = RunConfig(method="split", split_cut=2 - top, split_top=top, num_nodes=nodes, batch_size=16, lr=0.1,
+                       momentum=0.9, checkpoint_every=0)
     split_exp, split_state, _ = _one_round(config, rounds=3)
-    sgd_exp, sgd_state, _ = _one_round(config.replace(method="sgd", split_cut=1), rounds=3)
+    sgd_exp, sgd_state, _ = _one_round(config.replace(method="sgd", split_cut=1, split_top=0), rounds=3)
     split_params = engine.fetch(engine.model_params(split_exp.method, split_state))
     sgd_params = engine.fetch(sgd_state.params)
     assert jax.tree_util.tree_structure(split_params) == jax.tree_util.tree_structure(sgd_params)
@@ -88,10 +109,10 @@ def test_a_round_is_data_parallel_sgd_on_the_whole_model(nodes):
     for a, b, w0 in zip(jax.tree_util.tree_leaves(split_params), jax.tree_util.tree_leaves(sgd_params), start):
         assert not np.allclose(b, w0)  # the rounds moved every layer, the lower ones included
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # Every node holds the average; the learner holds the upper layer only.
-    lower = engine.fetch(split_state.node_states.lower)
-    np.testing.assert_allclose(lower["Dense_0"]["kernel"][-1], split_params["Dense_0"]["kernel"], rtol=1e-6)
-    assert set(engine.fetch(split_state.params)) == {"Dense_2"}
+    # Every node holds the average; the learner holds its own layer only.
+    node = engine.fetch(split_state.node_states.layers)
+    np.testing.assert_allclose(node["Dense_0"]["kernel"][-1], split_params["Dense_0"]["kernel"], rtol=1e-6)
+    assert set(engine.fetch(split_state.params)) == {"Dense_1" if top else "Dense_2"}
 
 
 def test_trains_on_digits(tmp_path):
@@ -101,7 +122,9 @@ def test_trains_on_digits(tmp_path):
                      checkpoint_every=0, lr=0.1)
     fp32 = train(base, tmp_path / "fp32")
     four = train(base.replace(split_bits=4), tmp_path / "four")
-    assert fp32["test_accuracy"] > 0.9 and four["test_accuracy"] > 0.9
+    u_shaped = train(base.replace(split_bits=4, split_top=1), tmp_path / "u")
+    assert min(fp32["test_accuracy"], four["test_accuracy"], u_shaped["test_accuracy"]) > 0.9
+    assert "labels" not in u_shaped["uplink_bits_last_round_per_node"]
     assert four["uplink_bits_last_round_per_node"]["activations"] < fp32["uplink_bits_last_round_per_node"]["activations"] / 4
 
 
@@ -112,10 +135,10 @@ import jax, numpy as np
 from qdata import engine
 from qdata.config import RunConfig
 from qdata.run import Experiment
-cfg = RunConfig(method="split", split_cut=1, split_bits=4, num_nodes=4, batch_size=8, lr=0.1)
-exp = Experiment(cfg)
 out = {}
-for devices in (1, 2):
+for top, devices in ((0, 1), (0, 2), (1, 1), (1, 2)):
+    exp = Experiment(RunConfig(method="split", split_cut=1, split_top=top, split_bits=4, num_nodes=4, batch_size=8,
+                               lr=0.1))
     mesh = engine.node_mesh(devices)
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
@@ -123,7 +146,7 @@ for devices in (1, 2):
                             to_float=exp.dataset.to_float)
     state, bits, _ = engine.run_rounds(one, state, shards, 3)
     params = engine.fetch(engine.model_params(exp.method, state))
-    out[devices] = {"params": [np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(params)],
+    out[f"{top}:{devices}"] = {"params": [np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(params)],
                     "bits": np.asarray(bits["total"]).tolist()}
 print(json.dumps(out))
 """
@@ -137,14 +160,19 @@ def test_two_devices_equal_one_device():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["1"]["bits"] == out["2"]["bits"]
-    for a, b in zip(out["1"]["params"], out["2"]["params"]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    for top in (0, 1):
+        one, two = out[f"{top}:1"], out[f"{top}:2"]
+        assert one["bits"] == two["bits"]
+        for a, b in zip(one["params"], two["params"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"split_cut": 3}, r"split_cut=3: the model MLP has 3 layer\(s\) \(Dense_0, Dense_1, Dense_2\).*1\.\.2"),
+    ({"split_cut": 3}, r"split_cut=3, split_top=0: the model MLP has 3 layer\(s\) \(Dense_0, Dense_1, Dense_2\)"
+                       r".*must be an integer in 1\.\.2"),
     ({"split_cut": 2, "model": "mlp:32"}, r"2 layer\(s\).*1\.\.1"),
+    ({"split_cut": 2, "split_top": 1}, r"in 1\.\.1"),
+    ({"split_top": 2, "model": "mlp:32"}, "nothing to split"),
     ({"model": "logreg"}, "nothing to split"),
     ({"model": "resnet20"}, "chain of layers"),
     ({"split_cut": 0}, "split_cut must be an integer in 1"),

@@ -33,7 +33,7 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
 
         return split_learning(model, config.split_cut, make_optimizer(config), num_classes=dataset.num_classes,
                               sample_shape=dataset.sample_shape, batch_size=config.batch_size,
-                              bits=config.split_bits or None)
+                              bits=config.split_bits or None, top=config.split_top)
     if config.method == "gradient":
         wrapped = config.compressor.startswith("ef:")
         name, _, rank = config.compressor.removeprefix("ef:").partition(":")

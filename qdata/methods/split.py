@@ -31,6 +31,18 @@ gradients, m values a sample at the cut) ``+ 32 d_low`` (the average). The model
 the nodes never need the learner's layers. The evaluated model is the composed one, the averaged
 lower layers and the learner's upper layers (``model_params``).
 
+**U-shaped** (Vepakomma et al. 2018, "U-shaped configurations for split learning without label
+sharing"; ``top`` = H >= 1): the node also holds the model's last H layers, ``head``, and the labels,
+which never leave it. Step 2 becomes: the learner replies the top activations ``z = up(w_up; a^)``;
+the node answers ``dF_i / dz`` (its loss on ``head(w_head; z)``, fp32) and keeps its head layers'
+gradient; the learner replies ``G_i = J_up(a^)^T dF_i/dz`` and keeps its own layers'. Step 3 steps the
+node's lower and head layers together; step 4 averages both. Uplink: the activations, ``32 b m_z``
+(the top gradients) and ``32 (d_low + d_head)``; downlink: ``32 b m_z`` (the top activations),
+``32 b m`` and ``32 (d_low + d_head)``.
+
+Not built: the *sequential* variant (nodes in turn, the lower layers handed from node to node), whose
+per-node bits would vary from round to round while a reply's bits are fixed in the interface.
+
 Models are cut between layers of a chain: the MLP (its dense layers) and the small CNN (its conv
 stages, then its dense layers); other models are refused with an error.
 """
@@ -90,18 +102,23 @@ def model_layers(model: nn.Module) -> tuple[tuple[str, Callable], ...]:
 
 
 class ModelCut(NamedTuple):
-    """A model cut after its first ``cut`` layers: ``lower(w_low, x) -> a``, ``upper(w_up, a) -> logits``."""
+    """A model cut in two or three: the node holds its first layers (``lower``) and, U-shaped, its last
+    ones (``head``); the learner the layers between (``upper``). ``lower(w_node, x) -> a`` at the cut,
+    ``upper(w_learner, a)``: the logits, or U-shaped the top activations z, ``head(w_node, z) -> logits``
+    (the identity without a head). ``w_node`` is the node's part, lower and head layers together."""
 
-    lower_names: tuple[str, ...]
-    upper_names: tuple[str, ...]
+    node_names: tuple[str, ...]
+    learner_names: tuple[str, ...]
     lower: Callable[[PyTree, jax.Array], jax.Array]
     upper: Callable[[PyTree, jax.Array], jax.Array]
+    head: Callable[[PyTree, jax.Array], jax.Array]
 
     def split(self, params: PyTree) -> tuple[dict, dict]:
-        return ({k: params[k] for k in self.lower_names}, {k: params[k] for k in self.upper_names})
+        """``(node part, learner part)`` of the whole model's params."""
+        return ({k: params[k] for k in self.node_names}, {k: params[k] for k in self.learner_names})
 
-    def join(self, lower: PyTree, upper: PyTree) -> dict:
-        return {**lower, **upper}
+    def join(self, node: PyTree, learner: PyTree) -> dict:
+        return {**node, **learner}
 
 
 def _chain(layers) -> Callable:
@@ -113,45 +130,55 @@ def _chain(layers) -> Callable:
     return apply
 
 
-def check_cut(model: nn.Module, cut) -> int:
-    """``cut`` checked against ``model``: the node holds layers 1..cut, the learner at least one."""
+def check_cut(model: nn.Module, cut, top=0) -> tuple[int, int]:
+    """``(cut, top)`` checked against ``model``: the node holds layers 1..cut (and U-shaped the last
+    ``top``), the learner at least one layer between them."""
     layers = model_layers(model)
     names = ", ".join(name for name, _ in layers)
-    if isinstance(cut, bool) or not isinstance(cut, int) or not 1 <= cut <= len(layers) - 1:
-        span = f"in 1..{len(layers) - 1}" if len(layers) > 1 else "impossible: there is nothing to split"
-        raise ValueError(f"split_cut={cut!r}: the model {type(model).__name__} has {len(layers)} layer(s) "
-                         f"({names}); the node holds the first split_cut of them and the learner the rest, so "
-                         f"split_cut must be an integer {span}")
-    return cut
+    bad = lambda v, lo: isinstance(v, bool) or not isinstance(v, int) or v < lo
+    if bad(top, 0) or bad(cut, 1) or cut + top > len(layers) - 1:
+        most = len(layers) - 1 - (top if not bad(top, 0) else 0)
+        span = f"in 1..{most}" if most >= 1 else "impossible: there is nothing to split"
+        raise ValueError(f"split_cut={cut!r}, split_top={top!r}: the model {type(model).__name__} has {len(layers)} "
+                         f"layer(s) ({names}); the node holds the first split_cut of them (and the last split_top, "
+                         f"an integer >= 0), the learner at least one between, so split_cut must be an integer {span}")
+    return cut, top
 
 
-def cut_model(model: nn.Module, cut: int) -> ModelCut:
-    """``model`` cut after layer ``cut`` (checked by :func:`check_cut`)."""
+def cut_model(model: nn.Module, cut: int, top: int = 0) -> ModelCut:
+    """``model`` cut after layer ``cut`` and, with ``top`` > 0, before its last ``top`` layers
+    (checked by :func:`check_cut`)."""
     layers = model_layers(model)
-    cut = check_cut(model, cut)
-    return ModelCut(tuple(n for n, _ in layers[:cut]), tuple(n for n, _ in layers[cut:]),
-                    _chain(layers[:cut]), _chain(layers[cut:]))
+    cut, top = check_cut(model, cut, top)
+    lower, middle, head = layers[:cut], layers[cut:len(layers) - top], layers[len(layers) - top:]
+    return ModelCut(tuple(n for n, _ in lower + head), tuple(n for n, _ in middle), _chain(lower), _chain(middle),
+                    _chain(head))
 
 
 # ----------------------------------------------------------------------------------------------
-# The method.
+# The method: what both variants share.
 
 
 class SplitNode(NamedTuple):
-    """A node's state: its lower layers, its optimizer's state for them, this round's inputs (kept
-    between its first message and the reply, for the backward pass)."""
+    """A node's state: its layers (lower, and U-shaped head), its optimizer's state for them, this
+    round's batch (kept between its messages, for the backward pass) and, U-shaped, the gradient of
+    its loss in its head layers, kept until the lower layers' gradient comes."""
 
-    lower: PyTree
+    layers: PyTree
     opt_state: PyTree
     x: jax.Array
+    y: jax.Array
+    head_grad: PyTree
 
 
 class SplitLearner(NamedTuple):
-    """The learner's share serving one node: that node's gradient of its loss in the upper layers
-    (this round), and the average of the lower layers it last replied (what evaluation composes)."""
+    """The learner's share serving one node: that node's gradient of its loss in the learner's layers
+    (this round), the average of the node layers it last replied (what evaluation composes) and,
+    U-shaped, the activations it received this round (for its backward pass)."""
 
     upper_grad: PyTree
-    lower: PyTree
+    node_layers: PyTree
+    a: jax.Array
 
 
 def _to_each(tree: PyTree, count: int) -> PyTree:
@@ -161,7 +188,7 @@ def _to_each(tree: PyTree, count: int) -> PyTree:
 def _one_part(name: str):
     def bits(message: Payload) -> dict:
         count = Bits.of(payload_bits(message))
-        return {name: count, "total": count}
+        return {name: count, "total": count} if name else {"total": count}
 
     return bits
 
@@ -175,110 +202,172 @@ def _activation_codec(bits: int | None):
     return quantizer.encode, quantizer.decode
 
 
-def _node_side(cut: ModelCut, optimizer, encode, labels, sample_shape, batch_size):
-    """Steps 1 and 3 of the module docstring (and the node's taking of the average)."""
+def _mean_loss(logits, y):
+    return jnp.mean(models.cross_entropy(logits, y))
+
+
+def _shared(cut: ModelCut, optimizer, encode, sample_shape, batch_size, u_shaped: bool):
+    """The node's first message, its lower layers' step, the learner's average, its g (module docstring)."""
 
     def init_node(params):
-        lower, _ = cut.split(params)
-        return SplitNode(lower, optimizer.init(lower), jnp.zeros((batch_size,) + tuple(sample_shape), jnp.float32))
+        node, _ = cut.split(params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, node)
+        return SplitNode(node, optimizer.init(node), jnp.zeros((batch_size,) + tuple(sample_shape), jnp.float32),
+                         jnp.zeros((batch_size,), jnp.int32), zeros)
 
     def node_message(key, params, batch, state):
-        del params  # the node computes with its own lower layers only
-        a = cut.lower(state.lower, batch["x"])
-        stream, _ = labels.encode(None, batch["y"], EmptyState(), jnp.ones(batch["y"].shape, jnp.int32))
-        return {"activations": encode(key, a), "labels": stream}, state._replace(x=batch["x"])
+        del params  # the node computes with its own layers only
+        return {"activations": encode(key, cut.lower(state.layers, batch["x"]))}, state._replace(x=batch["x"],
+                                                                                                  y=batch["y"])
 
     def step_lower(key, params, reply, state):
         del key, params
-        _, backward = jax.vjp(lambda w: cut.lower(w, state.x), state.lower)
+        _, backward = jax.vjp(lambda w: cut.lower(w, state.x), state.layers)
         (grads,) = backward(reply.arrays["activation_gradients"])
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.lower)
-        lower = optax.apply_updates(state.lower, updates)
-        return Payload(arrays={"lower_layers": lower}), state._replace(lower=lower, opt_state=opt_state)
+        if u_shaped:  # the two backward passes touch disjoint layers: their sum is the node's gradient
+            grads = jax.tree_util.tree_map(jnp.add, grads, state.head_grad)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.layers)
+        layers = optax.apply_updates(state.layers, updates)
+        return Payload(arrays={"node_layers": layers}), state._replace(layers=layers, opt_state=opt_state)
 
     def take_average(key, params, reply, state):
         del key, params
-        return Payload(arrays={}), state._replace(lower=reply.arrays["lower_layers"])
+        return Payload(arrays={}), state._replace(layers=reply.arrays["node_layers"])
 
-    return init_node, node_message, step_lower, take_average
+    def reply_average(params, messages, learner_state, total):
+        del params
+        count = jax.tree_util.tree_leaves(messages.arrays["node_layers"])[0].shape[0]
+        nodes = total(jnp.ones((count,), jnp.float32))
+        mean = jax.tree_util.tree_map(lambda s: s / nodes, total(messages.arrays["node_layers"]))
+        layers = _to_each(mean, count)
+        return Payload(arrays={"node_layers": layers}), learner_state._replace(node_layers=layers)
+
+    def learner_gradient(params, messages, learner_state):
+        del params, messages  # g was formed in a reply, from what the nodes sent
+        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), learner_state.upper_grad), learner_state
+
+    return init_node, node_message, step_lower, take_average, reply_average, learner_gradient
 
 
-def _learner_side(cut: ModelCut, decode, labels):
-    """Steps 2 and 4 of the module docstring."""
+# ----------------------------------------------------------------------------------------------
+# The two variants' own exchanges.
 
-    def upper_loss(upper, a, y):
-        return jnp.mean(models.cross_entropy(cut.upper(upper, a), y))
+
+def _label_exchange(cut: ModelCut, decode, labels, step_lower, gradient_bits):
+    """Labels at the learner: the reply is the loss's gradient in the received activations."""
 
     def reply_gradients(params, messages, learner_state, total):
         del total  # each node's reply is its own
         a = jax.vmap(decode)(messages["activations"])
         y = jax.vmap(lambda s: labels.decode(s, EmptyState(), jnp.ones(a.shape[1], jnp.int32)))(messages["labels"])
-        upper_grad, grad_a = jax.vmap(jax.grad(upper_loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
+        loss = lambda w, a, y: _mean_loss(cut.upper(w, a), y)
+        upper_grad, grad_a = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
         reply = Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)})
         return reply, learner_state._replace(upper_grad=upper_grad)
 
-    def reply_average(params, messages, learner_state, total):
-        del params
-        count = jax.tree_util.tree_leaves(learner_state.lower)[0].shape[0]
-        nodes = total(jnp.ones((count,), jnp.float32))
-        mean = jax.tree_util.tree_map(lambda s: s / nodes, total(messages.arrays["lower_layers"]))
-        lower = _to_each(mean, count)
-        return Payload(arrays={"lower_layers": lower}), learner_state._replace(lower=lower)
+    return (Exchange(reply_gradients, step_lower, _one_part("node_layers"), gradient_bits),)
 
-    def learner_gradient(params, messages, learner_state):
-        del params, messages  # g was formed in the first reply, from the activations
-        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), learner_state.upper_grad), learner_state
 
-    return reply_gradients, reply_average, learner_gradient
+def _u_exchanges(cut: ModelCut, decode, step_lower, top_bits, gradient_bits):
+    """Labels at the node (U-shaped): the learner replies the top activations z, the node answers
+    its loss's gradient in z, the learner replies the gradient in the activations it received."""
+
+    def reply_top(params, messages, learner_state, total):
+        del total
+        a = jax.vmap(decode)(messages["activations"])
+        z = jax.vmap(cut.upper, in_axes=(None, 0))(params, a)
+        return Payload(arrays={"top_activations": z.astype(jnp.float32)}), learner_state._replace(a=a)
+
+    def step_head(key, params, reply, state):
+        del key, params
+        loss = lambda w, z: _mean_loss(cut.head(w, z), state.y)
+        head_grad, grad_z = jax.grad(loss, argnums=(0, 1))(state.layers, reply.arrays["top_activations"])
+        return Payload(arrays={"top_gradients": grad_z}), state._replace(head_grad=head_grad)
+
+    def reply_gradients(params, messages, learner_state, total):
+        del total
+
+        def one(a, grad_z):
+            _, backward = jax.vjp(cut.upper, params, a)
+            return backward(grad_z)
+
+        upper_grad, grad_a = jax.vmap(one)(learner_state.a, messages.arrays["top_gradients"])
+        reply = Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)})
+        return reply, learner_state._replace(upper_grad=upper_grad)
+
+    return (Exchange(reply_top, step_head, _one_part("top_gradients"), top_bits),
+            Exchange(reply_gradients, step_lower, _one_part("node_layers"), gradient_bits))
 
 
 def split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransformation, *, num_classes: int,
-                   sample_shape, batch_size: int, bits: int | None = None) -> Method:
-    """Parallel split learning (module docstring) as a :class:`Method`.
+                   sample_shape, batch_size: int, bits: int | None = None, top: int = 0) -> Method:
+    """Parallel split learning (module docstring) as a :class:`Method`; U-shaped with ``top`` > 0.
 
     Args:
       model: a chain of layers (:func:`model_layers`), e.g. ``models.make_model("mlp", 10)``.
-      cut: K, the number of layers at the node (1..L-1; refused otherwise, before any work).
-      optimizer: the optimizer each node runs on its lower layers (the run's: the learner runs the
-        same on the upper layers).
+      cut: K, the number of layers at the node (checked with ``top`` before any work, :func:`check_cut`).
+      optimizer: the optimizer each node runs on its layers (the run's: the learner runs the same on its).
       num_classes: C, for the labels' width ``ceil(log2 C)``.
       sample_shape, batch_size: the shape of one sample and b, for the node state's room for a batch.
       bits: None sends the activations in fp32; B in 1..16 through the per-sample-range quantizer.
+      top: 0, the labels go to the learner; H >= 1, U-shaped: the node also holds the last H layers and
+        the labels, which never leave it.
 
     Returns:
-      A :class:`Method` named ``split:K`` (``split:K:B`` with quantized activations), with two
-      exchanges (activation gradients; the averaged lower layers) and ``needs_params=False``.
+      A :class:`Method` named ``split:K`` (``split_u:K:H`` U-shaped; ``:Bbit`` with quantized
+      activations) with ``needs_params=False``; its exchanges: the activation gradients (U-shaped:
+      the top activations, then the activation gradients) and the average of the node layers.
     """
-    cut_of = cut_model(model, cut)
+    cut_of = cut_model(model, cut, top)
     encode, decode = _activation_codec(bits)
     labels = label_codecs.class_labels(num_classes)
-    init_node, node_message, step_lower, take_average = _node_side(cut_of, optimizer, encode, labels,
-                                                                   sample_shape, batch_size)
-    reply_gradients, reply_average, learner_gradient = _learner_side(cut_of, decode, labels)
+    init_node, node_message, step_lower, take_average, reply_average, learner_gradient = _shared(
+        cut_of, optimizer, encode, sample_shape, batch_size, top > 0)
+    x = jax.ShapeDtypeStruct((batch_size,) + tuple(sample_shape), jnp.float32)
+    a_shape = lambda p: jax.eval_shape(cut_of.lower, cut_of.split(p)[0], x)
+    fp32_bits = lambda name, shape: payload_bits(Payload(arrays={name: jax.ShapeDtypeStruct(shape, jnp.float32)}))
+    gradient_bits = lambda p: fp32_bits("activation_gradients", a_shape(p).shape)
+
+    def average_bits(params):
+        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut_of.split(params)[0])
+        return payload_bits(Payload(arrays={"node_layers": node}))
 
     def init_learner(params, num_nodes):
-        lower, upper = cut_of.split(params)
-        return _to_each(SplitLearner(jax.tree_util.tree_map(jnp.zeros_like, upper), lower), num_nodes)
+        node, upper = cut_of.split(params)
+        a = jnp.zeros((batch_size,) + a_shape(params).shape[1:], jnp.float32) if top else jnp.zeros(())
+        return _to_each(SplitLearner(jax.tree_util.tree_map(jnp.zeros_like, upper), node, a), num_nodes)
 
-    def uplink_bits(message):
+    if top:
+        top_bits = lambda p: fp32_bits("top_activations",
+                                       jax.eval_shape(cut_of.upper, cut_of.split(p)[1], a_shape(p)).shape)
+        exchanges = _u_exchanges(cut_of, decode, step_lower, top_bits, gradient_bits)
+        first, uplink_bits = node_message, lambda m: _one_part("activations")(m["activations"])
+    else:
+        exchanges = _label_exchange(cut_of, decode, labels, step_lower, gradient_bits)
+        first, uplink_bits = _with_labels(node_message, labels), _label_bits(labels)
+    exchanges += (Exchange(reply_average, take_average, _one_part(None), average_bits),)
+    name = (f"split_u:{cut}:{top}" if top else f"split:{cut}") + (f":{bits}bit" if bits else "")
+    return Method(name, init_node, init_learner, first, learner_gradient, uplink_bits, needs_params=False,
+                  exchanges=exchanges, learner_params=lambda params: cut_of.split(params)[1],
+                  model_params=lambda upper, learner_state: cut_of.join(
+                      jax.tree_util.tree_map(lambda a: a[0], learner_state.node_layers), upper))
+
+
+def _with_labels(node_message, labels):
+    """The first message with the labels (``ceil(log2 C)`` bits each), for the learner's loss."""
+
+    def message(key, params, batch, state):
+        out, state = node_message(key, params, batch, state)
+        stream, _ = labels.encode(None, batch["y"], EmptyState(), jnp.ones(batch["y"].shape, jnp.int32))
+        return {**out, "labels": stream}, state
+
+    return message
+
+
+def _label_bits(labels):
+    def bits(message):
         parts = {"activations": Bits.of(payload_bits(message["activations"])),
                  "labels": labels.bits(message["labels"], None)["labels"]}
         return {**parts, "total": parts["activations"] + parts["labels"]}
 
-    def gradient_reply_bits(params):
-        a = jax.eval_shape(lambda p: cut_of.lower(cut_of.split(p)[0], jnp.zeros((batch_size,) + tuple(sample_shape))),
-                           params)
-        return payload_bits(Payload(arrays={"activation_gradients": jax.ShapeDtypeStruct(a.shape, jnp.float32)}))
-
-    def average_reply_bits(params):
-        lower = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut_of.split(params)[0])
-        return payload_bits(Payload(arrays={"lower_layers": lower}))
-
-    exchanges = (Exchange(reply_gradients, step_lower, _one_part("lower_layers"), gradient_reply_bits),
-                 Exchange(reply_average, take_average, lambda m: {"total": Bits.of(payload_bits(m))},
-                          average_reply_bits))
-    return Method(f"split:{cut}" + (f":{bits}" if bits else ""), init_node, init_learner, node_message,
-                  learner_gradient, uplink_bits, needs_params=False, exchanges=exchanges,
-                  learner_params=lambda params: cut_of.split(params)[1],
-                  model_params=lambda upper, learner_state: cut_of.join(
-                      jax.tree_util.tree_map(lambda a: a[0], learner_state.lower), upper))
+    return bits
