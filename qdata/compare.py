@@ -17,7 +17,8 @@ The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
    total bits. Downlink, at its cheapest for each method (:func:`relays`): the model broadcast
    (32 d a round) to a node that needs the model; for a gradient compressor, the relay of the
    other nodes' messages to a node that keeps a replica of the model, where that is smaller; a
-   method's own replies (PowerSGD as published); nothing for qdata without gate or correction.
+   method's own replies (PowerSGD as published; split learning's activation gradients and averaged
+   lower layers); nothing for qdata without gate or correction.
 
 Outputs in ``OUT/``: ``table.txt``, ``summary.json``, ``accuracy_vs_bits.png`` and each run's results
 file under ``OUT/<label>/lr<LR>/seed<SEED>/``.

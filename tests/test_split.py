@@ -188,3 +188,10 @@ def test_split_fields_need_method_split():
         RunConfig(method="sgd", split_bits=4)
     with pytest.raises(ValueError, match="chain of layers"):
         cut_model(models.make_model("resnet20", 10), 1)
+
+
+def test_the_every_method_lineup_holds_both_variants():
+    from qdata.lineup import load_lineup
+
+    runs = [r.config for r in load_lineup("all_digits.toml").runs if r.config.method == "split"]
+    assert {(c.split_top > 0, c.split_bits) for c in runs} == {(False, 0), (False, 4), (True, 4)}
