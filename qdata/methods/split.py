@@ -25,8 +25,9 @@ the nodes' steps is the step on the averaged gradient, momentum being linear); t
 The nodes average weights only, not their optimizer states (SplitFed's choice); for Adam the
 average of the nodes' steps is not the step on the averaged gradient.
 
-Bits per node and round, read off the payloads: uplink ``b * (activation bits) + b ceil(log2 C)``
-(labels, packed in bytes) ``+ 32 d_low`` (the lower layers); downlink ``32 b m`` (the activation
+Bits per node and round, read off the payloads: uplink ``b * (activation bits)`` (fp32: ``32 m``;
+B bits: ``8 ceil(m B / 8) + 32``) ``+ 8 ceil(b ceil(log2 C) / 8)`` (the labels, packed in bytes)
+``+ 32 d_low`` (the lower layers); downlink ``32 b m`` (the activation
 gradients, m values a sample at the cut) ``+ 32 d_low`` (the average). The model broadcast is not sent:
 the nodes never need the learner's layers. The evaluated model is the composed one, the averaged
 lower layers and the learner's upper layers (``model_params``).
@@ -40,7 +41,8 @@ node's lower and head layers together; step 4 averages both. Uplink: the activat
 (the top gradients) and ``32 (d_low + d_head)``; downlink: ``32 b m_z`` (the top activations),
 ``32 b m`` and ``32 (d_low + d_head)``.
 
-Not built: the *sequential* variant (nodes in turn, the lower layers handed from node to node), whose
+Faulty nodes (``faults``) are refused by the config: the learner's record of the average, which
+evaluation composes, assumes every node answers. Not built: the *sequential* variant (nodes in turn, the lower layers handed from node to node), whose
 per-node bits would vary from round to round while a reply's bits are fixed in the interface.
 
 Models are cut between layers of a chain: the MLP (its dense layers) and the small CNN (its conv
