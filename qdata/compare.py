@@ -330,8 +330,8 @@ def format_table(summary: dict) -> str:
               "bits: exact, read off the packed payloads. Uplink: what a node sends. Downlink (down): model = the "
               "broadcast of w, 32 d a round, to a node that needs it; relay = a gradient compressor's node keeps a "
               "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
-              "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves; split learning: "
-              "the activation gradients and the averaged lower layers); "
+              "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves; split "
+              "learning: the activation gradients and the averaged lower layers); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
               f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "

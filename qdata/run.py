@@ -266,7 +266,8 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
-        record = evaluate(engine.fetch(engine.model_params(exp.method, state)), done, bits, cumulative, encoder_counts, records,
+        params = engine.fetch(engine.model_params(exp.method, state))  # the whole model, however it is held
+        record = evaluate(params, done, bits, cumulative, encoder_counts, records,
                           totals.elapsed + time.perf_counter() - start)
         if since is not None:
             record.update(_answers_record(since, answers))
@@ -353,7 +354,8 @@ def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
 
 
 def final_params(out_dir: str | os.PathLike, config: RunConfig):
-    """The parameters of the newest checkpoint in ``out_dir`` (host arrays)."""
+    """The parameters of the newest checkpoint in ``out_dir`` (host arrays): the whole model, as
+    evaluated (:func:`qdata.engine.model_params`)."""
     exp = Experiment(config)
     mesh = engine.node_mesh(config.num_devices)
     template = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,

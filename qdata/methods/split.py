@@ -42,8 +42,9 @@ node's lower and head layers together; step 4 averages both. Uplink: the activat
 ``32 b m`` and ``32 (d_low + d_head)``.
 
 Faulty nodes (``faults``) are refused by the config: the learner's record of the average, which
-evaluation composes, assumes every node answers. Not built: the *sequential* variant (nodes in turn, the lower layers handed from node to node), whose
-per-node bits would vary from round to round while a reply's bits are fixed in the interface.
+evaluation composes, assumes every node answers. Not built: the *sequential* variant (nodes in turn,
+the lower layers handed from node to node), whose per-node bits would vary from round to round while
+a reply's bits are fixed in the interface, and whose nodes would need to know their index.
 
 Models are cut between layers of a chain: the MLP (its dense layers) and the small CNN (its conv
 stages, then its dense layers); other models are refused with an error.
@@ -331,7 +332,8 @@ def split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransfor
     gradient_bits = lambda p: fp32_bits("activation_gradients", a_shape(p).shape)
 
     def average_bits(params):
-        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut_of.split(params)[0])
+        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32),
+                                      cut_of.split(params)[0])
         return payload_bits(Payload(arrays={"node_layers": node}))
 
     def init_learner(params, num_nodes):
