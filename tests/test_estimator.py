@@ -573,12 +573,13 @@ def test_real_targets_through_the_one_pass_learner():
     ys = jax.random.normal(jax.random.key(41), (nodes, B))
     est = qdata_estimator(ls_loss, stochastic_rounding(4, 0.0, 1.0), num_classes=None, gate=bernoulli_gate(0.5),
                           correction=randk(4))
-    states = jax.vmap(lambda _: est.init(params))(jnp.arange(nodes))
+    states = jax.jit(jax.vmap(lambda _: est.init(params)))(jnp.arange(nodes))
     keys = jax.random.split(jax.random.key(42), nodes)
-    messages, _ = jax.vmap(est.node_message, in_axes=(0, None, 0, 0))(keys, params, {"x": xs, "y": ys}, states)
+    messages, _ = jax.jit(jax.vmap(est.node_message, in_axes=(0, None, 0, 0)))(keys, params, {"x": xs, "y": ys},
+                                                                          states)
     method = qdata_method(est)
     g, _ = jax.jit(method.learner_gradient)(params, messages, method.init_learner(params, nodes))
-    per_node = jax.vmap(functools.partial(node_gradient, est), in_axes=(None, 0))(params, messages)
+    per_node = jax.jit(jax.vmap(functools.partial(node_gradient, est), in_axes=(None, 0)))(params, messages)
     np.testing.assert_allclose(flat(g), flat(jax.tree_util.tree_map(lambda v: v.mean(0), per_node)),
                                rtol=1e-5, atol=1e-6)
 

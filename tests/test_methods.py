@@ -27,12 +27,12 @@ def test_one_backward_pass_equals_mean_of_node_estimates(cache):
     rng = np.random.default_rng(0)
     pos = jnp.asarray(rng.integers(0, SHARD, (NODES, B)), jnp.int32)
     batches = {"x": sx[pos], "y": sy[pos], "pos": pos, "id": pos}
-    node_states = jax.vmap(lambda _: est.init(params))(jnp.arange(NODES))
+    node_states = jax.jit(jax.vmap(lambda _: est.init(params)))(jnp.arange(NODES))
     keys = jax.random.split(jax.random.PRNGKey(4), NODES)
-    messages, _ = jax.vmap(est.node_message, in_axes=(0, None, 0, 0))(keys, params, batches, node_states)
+    messages, _ = jax.jit(jax.vmap(est.node_message, in_axes=(0, None, 0, 0)))(keys, params, batches, node_states)
     learner_state = method.init_learner(params, NODES)
     g, _ = jax.jit(method.learner_gradient)(params, messages, learner_state)
-    per_node, _ = jax.vmap(functools.partial(one_node_gradient, est), in_axes=(None, 0, 0))(
+    per_node, _ = jax.jit(jax.vmap(functools.partial(one_node_gradient, est), in_axes=(None, 0, 0)))(
         params, messages, learner_state)
     for u, v in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(per_node)):
         np.testing.assert_allclose(u, np.mean(v, axis=0), rtol=1e-5, atol=1e-6)
