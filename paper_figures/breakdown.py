@@ -15,7 +15,9 @@ from paper_figures.discover import Found, Run
 # The ledger's part names, in the order a message is read, and what a reader calls them.
 PARTS = {"data": "data codes", "metadata": "data metadata (ranges, coder model)", "labels": "labels",
          "weights": "gate weights", "mask": "gate mask", "positions": "cache positions",
-         "correction": "corrections", "gradient": "compressed gradient", "integrity": "integrity headers"}
+         "correction": "corrections", "gradient": "compressed gradient", "integrity": "integrity headers",
+         "activations": "cut-layer activations (split)", "node_layers": "node-held layers (split)",
+         "top_gradients": "top-layer gradients (U-shaped split)"}
 
 
 # Greys and black: the right panel's bars are directions, not the left panel's coloured parts.
@@ -51,7 +53,9 @@ def _share_panel(ax, labels, ups, plt) -> None:
     """Left: each method's uplink as shares of its parts (100% stacked bars), its total written."""
     present = [k for k in {**PARTS, **{k: k for u in ups for k in u}} if any(u.get(k, 0) > 0 for u in ups)]
     left = [0.0] * len(labels)
-    colours = {part: plt.cm.tab10(i % 10) for i, part in enumerate([*PARTS, *(p for p in present if p not in PARTS)])}  # a part's colour is fixed
+    # A part's colour is fixed: tab20's dark shades for the first ten, then its light ones.
+    colours = {part: plt.cm.tab20((2 * i) % 20 + (i // 10) % 2)
+               for i, part in enumerate([*PARTS, *(p for p in present if p not in PARTS)])}
     for part in present:
         shares = [100 * u.get(part, 0) / (sum(u.values()) or 1) for u in ups]
         ax.barh(labels, shares, left=left, color=colours[part], label=PARTS.get(part, part))

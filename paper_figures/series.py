@@ -55,6 +55,9 @@ def describe_method(cfg: dict) -> str:
         return f"{cfg['compressor']}{'-ef' if cfg['error_feedback'] else ''}"
     if cfg["method"] == "dca":
         return f"dca m={cfg['dca_dim']}"
+    if cfg["method"] == "split":
+        label = f"split{'-u' if cfg.get('split_top') else ''} cut={cfg['split_cut']}"
+        return label + (f" {cfg['split_bits']}b" if cfg.get("split_bits") else " fp32")
     label = f"qdata-{cfg['bits']}b"
     label += "" if cfg["coder"] == "fixed" else f"-{cfg['coder']}"
     label += "" if cfg["quantizer"] == "stochastic" else f"-{cfg['quantizer']}"
