@@ -68,6 +68,10 @@ def test_trains_on_digits_and_charges_the_one_shot_message(tmp_path):
     last = train(RunConfig(method="dca", dca_dim=16, dca_anchors=64, dca_values="float16", **common), tmp_path / "dca")
     header, rounds = qresults.load(tmp_path / "dca")
     assert header["method"] == "dca:16:64:float16" and header["downlink_bits_per_node_per_round"] == 0
+    assert header["downlink_parts_per_node_per_round"] == {"model": 0, "replies": 0}  # not the central run's
+    from qdata.compare import _downlink_kind
+
+    assert _downlink_kind(header, rounds) == "none"
     counts = [len(r) for r in np.array_split(np.zeros(header["dataset"]["num_train"]), 4)]
     parts = rounds[0]["cumulative_uplink_bits"]
     assert parts["data"] == 16 * 16 * header["dataset"]["num_train"] and parts["anchors"] == 4 * 64 * 16 * 16

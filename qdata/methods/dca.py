@@ -191,6 +191,7 @@ def train_dca(config, out_dir, *, resume: bool = False, progress: bool = False) 
     per_node = [dca_bits(m) for m in messages]
     totals = {k: sum(b[k] for b in per_node) for k in per_node[0]}
     header = {**header, "config": config.to_dict(), "downlink_bits_per_node_per_round": 0,
+              "downlink_parts_per_node_per_round": {"model": 0, "replies": 0},
               "method": f"dca:{config.dca_dim}:{config.dca_anchors}:{config.dca_values}",
               "one_shot": {"bits_per_node": [b["total"] for b in per_node], "parts": totals,
                            "central_run": "central"}}
