@@ -49,6 +49,9 @@ HELP = {
     "correction": "qdata: off, or the compressor of the gradient-difference correction (e.g. ef:topk:32, randk:64)",
     "cache": "qdata: the learner keeps received samples; a sample crosses the link once",
     "coder": "qdata: how the data codes cross the link: fixed (B bits each) or ans (adaptive context ANS, lossless)",
+    "transform": "qdata: none (per-pixel codes of --bits bits) | dct (2-D DCT) | pca (each node's PCA basis, sent "
+                 "once): codes in a transform basis, bits allocated by reverse water-filling",
+    "sample_bits": "qdata with --transform dct|pca: code bits per sample, a multiple of 8 (e.g. 400)",
     "compressor": "gradient: fp32 | fp16 | randk:K | randk_seed:K | topk:K | qsgd:S[:BUCKET] | terngrad | sign | "
                   "powersgd:R | powersgd_allreduce:R | significance:S (Gaia's filter, S e.g. 0.01) | ef:SPEC "
                   "(K an integer or a fraction of d)",
@@ -77,7 +80,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from qdata import config as qconfig
     from qdata.config import RunConfig
 
-    choices = {"method": qconfig.METHODS, "quantizer": qconfig.QUANTIZERS, "gate": qconfig.GATES,
+    choices = {"method": qconfig.METHODS, "quantizer": qconfig.QUANTIZERS, "transform": qconfig.TRANSFORMS, "gate": qconfig.GATES,
                "score": qconfig.SCORES, "optimizer": ("sgd", "adam")}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
@@ -121,8 +124,9 @@ def _config_from(args: argparse.Namespace):
 
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
-PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "compressor",
-              "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut", "split_bits", "split_top", "name")
+PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "transform",
+              "sample_bits", "compressor", "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut",
+              "split_bits", "split_top", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

@@ -50,6 +50,8 @@ from qdata.data import check_image_size
 METHODS = ("qdata", "sgd", "gradient", "dca", "split")
 DCA_VALUES = ("float32", "float16")
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
+TRANSFORMS = ("none", "dct", "pca")  # qdata's data codes: per pixel, or in a 2-D DCT / node PCA basis
+TRANSFORM_ROUNDINGS = ("stochastic", "dither")  # the quantizers a transform code rounds its coefficients with
 GATES = ("off", "bernoulli", "top")
 SCORES = ("loss", "grad_norm")
 OPTIMIZERS = ("sgd", "adam")
@@ -77,6 +79,10 @@ class RunConfig:
     correction: str = "off"
     cache: bool = False
     coder: str = "fixed"  # how the data codes cross the link: fixed length, or adaptive context ANS
+    # transform codes (qdata.codecs.transform_codec): each node fits a setup on its shard, sent once;
+    # sample_bits is then the code bits of one sample (a multiple of 8) instead of n * bits
+    transform: str = "none"
+    sample_bits: int | None = None
     # gradient compression
     compressor: str = "fp32"
     error_feedback: bool = False
@@ -220,6 +226,9 @@ FIELD_RULES: dict[str, Rule] = {
                         lambda v: v == "off" or parse_compressor_spec(v)),
     "cache": Rule(bool, "true or false"),
     "coder": _one_of(CODERS),
+    "transform": _one_of(TRANSFORMS),
+    "sample_bits": Rule(int, "a multiple of 8 in 8..2^20 (code bits per sample) or None",
+                        lambda v: 8 <= v <= 1 << 20 and v % 8 == 0, optional=True),
     "compressor": _spec("a compressor spec: " + ", ".join(COMPRESSOR_SPECS), lambda v: parse_compressor_spec(v)),
     "error_feedback": Rule(bool, "true or false"),
     "dca_dim": _ints(1),
@@ -337,6 +346,7 @@ def _check_combination(config: RunConfig) -> None:
                          f"{config.dca_dim})")
     if config.method == "split":
         _check_split(config)
+    _check_transform(config)
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 
@@ -351,10 +361,35 @@ def _check_split(config: RunConfig) -> None:
                          "the averaged lower layers, which evaluation composes, assumes every node answers")
 
 
+def _check_transform(config: RunConfig) -> None:
+    """A transform code needs its budget, rounds with stochastic rounding or dither, is sent at fixed
+    length, and fits its setup once on data present from the start, sent in round 0 (a lost or
+    refused first message would leave the learner without it)."""
+    if config.transform == "none" or config.method != "qdata":
+        return
+    if config.sample_bits is None:
+        raise ValueError(f"transform={config.transform!r} needs sample_bits, the code bits of one sample "
+                         "(a multiple of 8, e.g. 400)")
+    if config.quantizer not in TRANSFORM_ROUNDINGS:
+        raise ValueError(f"quantizer={config.quantizer!r} with transform={config.transform!r}: a transform code "
+                         f"rounds its coefficients with one of {TRANSFORM_ROUNDINGS}")
+    if config.coder != "fixed":
+        raise ValueError(f"coder={config.coder!r} with transform={config.transform!r}: the context ANS coder "
+                         "models fixed-width pixel codes by their spatial neighbours, not coefficients of "
+                         "varying widths; use coder='fixed'")
+    if config.stream_start < 1.0 or config.faults != "none" or config.integrity:
+        raise ValueError(f"transform={config.transform!r} fits each node's setup on its whole shard and sends it "
+                         "once, in round 0: it needs stream_start=1, faults='none' and integrity=false (got "
+                         f"{config.stream_start}, {config.faults!r}, {config.integrity})")
+
+
 # field -> (whether the config uses it, the condition in words)
 _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
-       for name in ("bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder")},
+       for name in ("quantizer", "gate", "rho", "score", "correction", "cache", "coder", "transform")},
+    "bits": (lambda c: c.method == "qdata" and c.transform == "none", "method='qdata' and transform='none'"),
+    "sample_bits": (lambda c: c.method == "qdata" and c.transform != "none",
+                    "method='qdata' and transform='dct' or 'pca'"),
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
     **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits", "split_top")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),

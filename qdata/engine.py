@@ -177,6 +177,25 @@ def model_params(method: Method, state: TrainState) -> PyTree:
     return jax.jit(method.model_params)(state.params, state.learner_state)
 
 
+def fit_nodes(method: Method, mesh: Mesh, state: TrainState, shards: NodeShards, *, to_float=None,
+              node_map: str = "auto") -> TrainState:
+    """``state`` with each node's state fitted on its own shard (``method.fit_node``, e.g. a transform
+    code's setup; unchanged when the method has none), inside ``shard_map`` as the round is: each
+    device fits its own nodes, ``vmap``-ed or unrolled (:func:`unrolls_nodes`)."""
+    if method.fit_node is None:
+        return state
+    to_float = to_float or (lambda x: x.astype(jnp.float32))
+    specs = state_specs(state).node_states
+
+    def fit(node_states, shards: NodeShards):
+        one = lambda x, y, n, s: method.fit_node(s, {"x": to_float(x), "y": y}, n)
+        args = (shards.x, shards.y, shards.count, node_states)
+        return _map_nodes(one, args, unrolls_nodes(node_map, shards.count.shape[0], state.params))
+
+    sharded = jax.shard_map(fit, mesh=mesh, in_specs=(specs, P(AXIS)), out_specs=specs)
+    return state._replace(node_states=jax.jit(sharded)(state.node_states, shards))
+
+
 def state_specs(state: TrainState) -> TrainState:
     """Partition specs: node states and the learner's per-node shares split over the mesh axis, the
     model, the optimizer state, the key and the round counter replicated."""

@@ -91,6 +91,9 @@ class Estimator(NamedTuple):
       uplink_bits: ``uplink_bits(message) -> dict`` of exact :class:`~qdata.codecs.ledger.Bits` by
         part (module docstring), with ``'total'``.
       learner_loss: ``(params, x_hat, y, a) -> (1/b) sum_j a_j f(w; x_hat_j, y_j)`` (b = len(y)).
+      fit: ``fit(state, shard, count) -> NodeState``, the node's state fitted on its own shard
+        ``{'x': (L, ...), 'y': (L,)}`` before round 0 (its sample codec's ``fit``); None when the
+        sample codec has none.
     """
 
     init: Callable[[PyTree], NodeState]
@@ -100,6 +103,7 @@ class Estimator(NamedTuple):
     decoded_correction: Callable[[NodeMessage], PyTree | None]
     uplink_bits: Callable[[NodeMessage], dict]
     learner_loss: Callable[..., Array]
+    fit: Callable[..., NodeState] | None = None
 
 
 def full_gradient(loss_fn: Callable[..., Array]) -> Callable[..., PyTree]:
@@ -181,6 +185,10 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         parts["correction"] = Bits.of(correction.bits(message.correction))
         return _ordered_parts(parts)
 
+    def fit(state, shard, count):
+        return state._replace(samples=samples.fit(state.samples, shard, count))
+
     return Estimator(init=init, init_learner=samples.init, node_message=node_message, received=received,
                      decoded_correction=lambda message: correction.decode(message.correction),
-                     uplink_bits=uplink_bits, learner_loss=weighted_mean_loss(loss_fn))
+                     uplink_bits=uplink_bits, learner_loss=weighted_mean_loss(loss_fn),
+                     fit=None if samples.fit is None else fit)

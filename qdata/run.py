@@ -194,6 +194,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
                                                         config.num_nodes, config.seed))
+    state = engine.fit_nodes(exp.method, mesh, state, shards, to_float=exp.dataset.to_float)
     manager = checkpoints.open_manager(out) if config.checkpoint_every else None
     totals, records = _Totals({}, {}, 0.0, qanswers.Answers.empty(config.num_nodes)), [header]
     restored = None
@@ -349,6 +350,7 @@ def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
     state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params,
                                                         config.num_nodes, config.seed))
+    state = engine.fit_nodes(exp.method, mesh, state, shards, to_float=exp.dataset.to_float)
     return engine.time_phases(exp.method, exp.optimizer, mesh, state, shards, batch_size=config.batch_size,
                               repeats=repeats, to_float=exp.dataset.to_float)
 

@@ -44,7 +44,7 @@ def test_adapter_zeroes_unsent_rows_and_charges_only_sent_ones():
     assert np.all(np.abs(x_hat - np.asarray(_x()))[np.asarray(SENT) > 0] <= 1 / 15 + 1e-6)
     bits = codec.bits(payload, SENT)
     assert int(bits["data"]) == 4 * 8 * (N * 4 // 8) and int(bits["metadata"]) == 0
-    np.testing.assert_array_equal(codec.decode_rows(payload, codec.rows(payload, SENT), SENT), x_hat)
+    np.testing.assert_array_equal(codec.decode_rows(payload, codec.rows(payload, SENT), state, SENT), x_hat)
 
 
 def test_a_stateless_quantizer_plugs_into_the_cache():

@@ -117,11 +117,14 @@ def learner_cache(inner: DataCodec, size: int, example: PyTree) -> DataCodec:
         inner_state = inner.receive(payload.inner, state.inner, fresh)
         return _store(state, inner.rows(payload.inner, fresh), pos, fresh, inner_state)
 
-    def decode_rows(payload, rows, sent):
-        return inner.decode_rows(payload.inner, rows, sent)
+    def decode_rows(payload, rows, state, sent):
+        return inner.decode_rows(payload.inner, rows, state.inner, sent)
 
     def decode(payload, state, sent):
-        return decode_rows(payload, _gather(state.rows, read_stream(payload.positions, sent)), sent)
+        return decode_rows(payload, _gather(state.rows, read_stream(payload.positions, sent)), state, sent)
+
+    def fit(state, x, count):
+        return state._replace(inner=inner.fit(state.inner, x, count))
 
     def bits(payload, sent):
         parts = inner.bits(payload.inner, fresh_of(payload, sent))
@@ -131,7 +134,7 @@ def learner_cache(inner: DataCodec, size: int, example: PyTree) -> DataCodec:
         raise ValueError("a cached codec cannot be cached again")
 
     return DataCodec(init=init, encode=encode, receive=receive, decode=decode, bits=bits, rows=rows,
-                     decode_rows=decode_rows, unbiased=inner.unbiased)
+                     decode_rows=decode_rows, unbiased=inner.unbiased, fit=None if inner.fit is None else fit)
 
 
 def _row_template(inner: DataCodec, example: PyTree):

@@ -169,5 +169,5 @@ def context_ans(inner: DataCodec, bits: int, sample_shape) -> DataCodec:
     return DataCodec(init=init, encode=encode, receive=receive,
                      decode=lambda payload, state, sent: inner.decode(payload.inner, state["inner"], sent),
                      bits=bits_of, rows=lambda payload, sent: inner.rows(payload.inner, sent),
-                     decode_rows=lambda payload, rows, sent: inner.decode_rows(payload.inner, rows, sent),
+                     decode_rows=lambda payload, rows, state, sent: inner.decode_rows(payload.inner, rows, state["inner"], sent),
                      unbiased=inner.unbiased)

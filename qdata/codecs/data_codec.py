@@ -16,9 +16,16 @@ is passed in and out:
   the message (what ``encode`` or ``receive`` returned), so node and learner decode alike;
 * ``bits(payload, sent) -> dict[str, Bits]``: the exact bits of the payload by part, read off its
   packed arrays (parts: ``'data'`` and ``'metadata'`` for samples, ``'labels'``, ``'positions'``);
-* ``rows(payload, sent)`` and ``decode_rows(payload, rows, sent)``: the per-item form of a payload
-  (leading axis b) and the decoding from it, ``decode = decode_rows(payload, rows(payload, sent), sent)``
-  for a stateless codec; what a cache (:func:`qdata.codecs.cache.learner_cache`) stores and reads.
+* ``rows(payload, sent)`` and ``decode_rows(payload, rows, state, sent)``: the per-item form of a
+  payload (leading axis b) and the decoding from it under ``state`` (as for ``decode``),
+  ``decode = decode_rows(payload, rows(payload, sent), state, sent)``; what a cache
+  (:func:`qdata.codecs.cache.learner_cache`) stores and reads;
+* ``fit`` (optional, None for most codecs): ``fit(state, x_shard, count) -> state``, the node's
+  state fitted on its own shard before round 0 (``x_shard`` (L, ...) of which the first ``count``
+  rows are the node's), for a codec whose encoder depends on the node's data (a transform code's
+  setup, :mod:`qdata.codecs.transform_codec`); the engine runs it per node
+  (:func:`qdata.engine.fit_nodes`). The learner's state starts at ``init()`` and learns the
+  setup from the messages, through ``receive``.
 
 :func:`from_quantizer` makes one of any stateless :class:`~qdata.codecs.payloads.Quantizer`
 (``encode(key, x) -> Payload``, ``decode(payload)``, ``bits(payload, mask)``); :func:`joint` codes
@@ -48,8 +55,9 @@ class DataCodec(NamedTuple):
     decode: Callable[[Any, PyTree, Array], PyTree]
     bits: Callable[[Any, Array], dict]
     rows: Callable[[Any, Array], PyTree]
-    decode_rows: Callable[[Any, PyTree, Array], PyTree]
+    decode_rows: Callable[[Any, PyTree, PyTree, Array], PyTree]
     unbiased: bool = False
+    fit: Callable[[PyTree, PyTree, Array], PyTree] | None = None
 
 
 def keep_rows(payload: Payload, sent: Array) -> Payload:
@@ -118,7 +126,8 @@ def from_quantizer(quantizer: Quantizer) -> DataCodec:
                 "rounding or per-sample ranges) or cache_size=None")
         return payload.rows
 
-    def decode_rows(payload, rows, sent):
+    def decode_rows(payload, rows, state, sent):
+        del state
         return mask_items(quantizer.decode(payload.replace(rows=rows)), sent)
 
     return DataCodec(init=EmptyState, encode=encode, receive=stateless_receive, decode=decode, bits=bits,
@@ -164,8 +173,14 @@ def joint(**codecs: DataCodec) -> DataCodec:
     def rows(payload, sent):
         return {n: codecs[n].rows(payload[n], sent) for n in names}
 
-    def decode_rows(payload, rows, sent):
-        return {n: codecs[n].decode_rows(payload[n], rows[n], sent) for n in names}
+    def decode_rows(payload, rows, state, sent):
+        return {n: codecs[n].decode_rows(payload[n], rows[n], state[n], sent) for n in names}
 
+    def fit(state, x, count):
+        # The components with a fit each fit on their own input (samples on ``x['x']``).
+        return {n: state[n] if codecs[n].fit is None else codecs[n].fit(state[n], x[n], count) for n in names}
+
+    fits = any(c.fit is not None for c in codecs.values())
     return DataCodec(init=init, encode=encode, receive=each("receive"), decode=each("decode"), bits=bits,
-                     rows=rows, decode_rows=decode_rows, unbiased=all(c.unbiased for c in codecs.values()))
+                     rows=rows, decode_rows=decode_rows, unbiased=all(c.unbiased for c in codecs.values()),
+                     fit=fit if fits else None)

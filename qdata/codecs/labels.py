@@ -33,8 +33,8 @@ def _stream_codec(encode) -> DataCodec:
     def rows(stream, sent):
         return read_stream(stream, sent)
 
-    def decode_rows(stream, rows, sent):
-        del stream
+    def decode_rows(stream, rows, state, sent):
+        del stream, state
         return jnp.where(sent > 0, rows, 0)
 
     return DataCodec(init=EmptyState, encode=encode, receive=stateless_receive, decode=decode,

@@ -233,6 +233,45 @@ def fit_transform_code(x, bits_per_sample: int, *, basis: str = "pca", rounding:
     return Payload(arrays={k: jnp.asarray(v) for k, v in arrays.items()}, meta=meta)
 
 
+def node_setup(x, count, bits_per_sample: int, *, basis: str, rounding: str,
+               max_width: int = MAX_WIDTH, seed: int = 0) -> dict:
+    """A node's setup as fixed-shape arrays over all n basis columns, fitted on its first ``count``
+    samples (the training codec's form, :mod:`qdata.codecs.transform_codec`; host, numpy).
+
+    As :func:`fit_transform_code` (fp16 mean, reverse water-filling of the measured distortion to
+    ``bits_per_sample``), but every array keeps one entry per basis column k = 0..n-1, zero where
+    ``w_k = 0``, so that every node's setup has the same shapes (nodes are ``vmap``-ed and sharded):
+    ``mean`` (n,) fp16; ``widths`` (n,) int32; ``lo``, ``hi`` (n,) fp16, rounded outward; for PCA
+    ``basis`` (n, n) fp16, row k the k-th principal axis V_k (by decreasing variance). Both ends
+    use the fp16 axes as sent (no orthonormalization): the ranges are those of ``(x - mu) V`` with V
+    the sent axes, so nothing of the fitted data is clipped, and E[x_hat] = mu + V V^T (x - mu).
+
+    Raises:
+      ValueError: fewer than 2 samples, or no coefficient gains from bits at this budget.
+    """
+    flat = np.asarray(x, np.float32)[: int(count)]
+    flat = flat.reshape(flat.shape[0], -1)
+    if flat.shape[0] < 2:
+        raise ValueError(f"a node needs at least 2 samples to fit its transform code, got {flat.shape[0]}")
+    mean16 = flat.mean(axis=0, dtype=np.float64).astype(np.float16)
+    centred = flat - mean16.astype(np.float32)
+    axes = (dct_basis(np.asarray(x).shape[1:]) if basis == "dct" else _pca_axes(centred)).astype(np.float32)
+    widths = _allocate(centred @ axes, rounding, int(bits_per_sample), max_width, "waterfill", seed)
+    if not widths.any():
+        raise ValueError(f"no coefficient gains from bits at sample_bits={bits_per_sample} (one bit on a "
+                         "full range costs more error than sending nothing); raise sample_bits")
+    keep = widths > 0
+    out = {"mean": mean16, "widths": widths.astype(np.int32)}
+    if basis == "pca":
+        out["basis"] = np.where(keep[:, None], axes.T, 0.0).astype(np.float16)
+        axes = out["basis"].astype(np.float32).T
+    coeffs = centred @ axes[:, keep]
+    lo, hi = _outward(coeffs.min(axis=0).astype(np.float64), coeffs.max(axis=0).astype(np.float64), np.float16)
+    out["lo"], out["hi"] = np.zeros(widths.size, np.float16), np.zeros(widths.size, np.float16)
+    out["lo"][keep], out["hi"][keep] = lo, hi
+    return out
+
+
 def setup_bits(setup: Payload) -> int:
     """Exact bits of the setup, read off its arrays (sent once per node)."""
     return payload_bits(setup)

@@ -81,3 +81,30 @@ def unpack_widths(packed: Array, widths) -> Array:
     keep = (offset[None, :] < widths[:, None]).astype(np.uint32)
     weight = jnp.asarray(keep << offset[None, :].astype(np.uint32), jnp.uint32)
     return jnp.sum(bits[:, index] * weight, axis=-1, dtype=jnp.uint32)
+
+
+def pack_varying(codes: Array, widths: Array, num_bytes: int) -> Array:
+    """:func:`pack_widths` for widths known only at run time (a traced (K,) int array, as each
+    node's fitted widths are under ``vmap``): ``(b, K)`` codes into a fixed ``(b, num_bytes)``
+    uint8 row, the same bit layout, zero padding after ``sum_k w_k`` bits (which must be at
+    most ``8 num_bytes``: the caller's allocation guarantees it)."""
+    widths = jnp.asarray(widths, jnp.int32)
+    ends = jnp.cumsum(widths)
+    p = jnp.arange(8 * num_bytes, dtype=jnp.int32)
+    k = jnp.searchsorted(ends, p, side="right")  # the code holding stream bit p (K past the end)
+    kc = jnp.minimum(k, widths.shape[0] - 1)
+    shift = (p - (ends[kc] - widths[kc])).astype(jnp.uint32)
+    bits = (codes.astype(jnp.uint32)[:, kc] >> shift) & (k < widths.shape[0]).astype(jnp.uint32)
+    bits = bits.reshape(codes.shape[0], num_bytes, 8)
+    return jnp.sum(bits << jnp.arange(8, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32).astype(jnp.uint8)
+
+
+def unpack_varying(packed: Array, widths: Array, max_width: int) -> Array:
+    """Inverse of :func:`pack_varying`: ``(b, bytes)`` uint8 to ``(b, K)`` uint32 codes (0 where
+    ``w_k = 0``), each width at most ``max_width`` (static)."""
+    widths = jnp.asarray(widths, jnp.int32)
+    bits = ((packed.astype(jnp.uint32)[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1).reshape(packed.shape[0], -1)
+    offset = jnp.arange(max_width, dtype=jnp.int32)
+    index = jnp.minimum((jnp.cumsum(widths) - widths)[:, None] + offset, bits.shape[1] - 1)
+    weight = (offset[None, :] < widths[:, None]).astype(jnp.uint32) << offset[None, :].astype(jnp.uint32)
+    return jnp.sum(bits[:, index] * weight, axis=-1, dtype=jnp.uint32)

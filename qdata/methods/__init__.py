@@ -19,6 +19,7 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     from qdata import gate as gates
     from qdata import models
     from qdata.codecs import quantizers
+    from qdata.codecs.transform_codec import transform_codec
     from qdata.config import make_compressor
     from qdata.methods.qdata import qdata_estimator
 
@@ -46,12 +47,16 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
         return gradient_compression(loss_fn, make_compressor(config.compressor, d),
                                     error_feedback=config.error_feedback, name="gradient")
     lo, hi = dataset.value_range
-    quantizer = {
-        "stochastic": lambda: quantizers.stochastic_rounding(config.bits, lo, hi),
-        "nearest": lambda: quantizers.nearest_rounding(config.bits, lo, hi),
-        "dither": lambda: quantizers.subtractive_dither(config.bits, lo, hi),
-        "per_sample": lambda: quantizers.per_sample_range(config.bits),
-    }[config.quantizer]()
+    if config.transform != "none":  # codes in a transform basis, a setup fitted per node (its fit)
+        quantizer = transform_codec(dataset.sample_shape, config.sample_bits, basis=config.transform,
+                                    rounding=config.quantizer)
+    else:
+        quantizer = {
+            "stochastic": lambda: quantizers.stochastic_rounding(config.bits, lo, hi),
+            "nearest": lambda: quantizers.nearest_rounding(config.bits, lo, hi),
+            "dither": lambda: quantizers.subtractive_dither(config.bits, lo, hi),
+            "per_sample": lambda: quantizers.per_sample_range(config.bits),
+        }[config.quantizer]()
     gate = {"off": gates.no_gate, "bernoulli": lambda: gates.bernoulli_gate(config.rho),
             "top": lambda: gates.top_fraction_gate(config.rho)}[config.gate]()
     score_fn = None

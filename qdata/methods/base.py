@@ -18,6 +18,9 @@ estimate g and applies an optax update. A :class:`Method` says exactly those thr
   contain ``'total'``, the sum of the other parts.
 
 ``needs_params`` says whether nodes need the model each round (downlink bits are charged only then).
+``fit_node`` (None for most methods): ``fit_node(node_state, shard, count) -> node_state``, node i's
+state fitted on its own shard ``{'x': (L, ...), 'y': (L,)}`` (its first ``count`` rows) before round
+0, e.g. a transform code's setup; the engine runs it per node (:func:`qdata.engine.fit_nodes`).
 
 With faulty nodes or checked messages (:class:`qdata.engine.Link`) the engine takes
 ``learner_gradient`` node by node, on one-node slices of the messages and the learner state, and
@@ -77,3 +80,4 @@ class Method(NamedTuple):
     exchanges: tuple = ()  # Exchange, in order
     learner_params: Callable[[PyTree], PyTree] | None = None  # None: the learner holds the whole model
     model_params: Callable[[PyTree, PyTree], PyTree] | None = None  # None: evaluate the learner's params
+    fit_node: Callable[..., PyTree] | None = None

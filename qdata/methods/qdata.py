@@ -71,7 +71,7 @@ def qdata_method(estimator: Estimator, *, needs_params: bool = True, name: str =
         return g, learner_state
 
     return Method(name, estimator.init, init_learner, estimator.node_message, learner_gradient,
-                  estimator.uplink_bits, needs_params=needs_params)
+                  estimator.uplink_bits, needs_params=needs_params, fit_node=estimator.fit)
 
 
 def _code_width(quantizer: Quantizer, sample_shape) -> int:
@@ -87,15 +87,24 @@ def _code_width(quantizer: Quantizer, sample_shape) -> int:
     return width
 
 
-def sample_codec(quantizer: Quantizer, *, num_classes: int | None, target_dtype=None,
+def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, target_dtype=None,
                  cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None,
                  coder: str = "fixed") -> DataCodec:
     """The sample codec of :func:`qdata_estimator`: Q beside exact labels, Q's codes sent at fixed
-    length or as an adaptive context ANS stream, optionally cached."""
+    length or as an adaptive context ANS stream, optionally cached. ``quantizer`` may also be a
+    data codec of the samples itself (e.g. :func:`qdata.codecs.transform_codec.transform_codec`),
+    used as is (fixed-length codes only)."""
     if coder not in CODERS:
         raise ValueError(f"coder must be one of {CODERS}, got {coder!r}")
     labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
-    samples = from_quantizer(quantizer)
+    if isinstance(quantizer, DataCodec):
+        if coder != "fixed":
+            raise ValueError(f"coder={coder!r} codes the fixed-width codes of a pixel quantizer (contexts of "
+                             "spatial neighbours at B bits each); a data codec such as a transform code, whose "
+                             "coefficients have widths of their own, is sent with coder='fixed'")
+        samples = quantizer
+    else:
+        samples = from_quantizer(quantizer)
     if coder == "ans":
         samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
     codec = joint(x=samples, y=labels)
@@ -127,7 +136,9 @@ def qdata_estimator(
     Args:
       loss_fn: ``(params, x, y) -> (b,)`` per-sample losses f(w; x_j, y_j).
       quantizer: the data quantizer Q (:mod:`qdata.codecs.quantizers`, or any
-        :class:`~qdata.codecs.payloads.Quantizer`).
+        :class:`~qdata.codecs.payloads.Quantizer`), or a :class:`DataCodec` of the samples (a
+        transform code, :func:`qdata.codecs.transform_codec.transform_codec`, whose per-node setup
+        the estimator's ``fit`` computes from the node's shard).
       num_classes: C; labels are integers in 0..C-1 and travel at ceil(log2 C) bits. None for
         real-valued targets (regression): ``batch['y']`` is then a float (b,) array (integer arrays
         are taken as real values, cast), sent as ``target_dtype`` values, 8 * itemsize bits each.
