@@ -31,11 +31,10 @@ left to the correction term.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from qdata import checks
@@ -105,13 +104,52 @@ def _noise(seeds: Array, n: int) -> Array:
     return jax.vmap(lambda s: counter_bits(s, (n,)))(seeds) >> (32 - _FRAC)
 
 
+def _fit_setup(x, count, sample_bits: int, **fit) -> Payload:
+    """Node i's setup fitted on the host (:func:`transform_codes.node_setup`), one call per node
+    under ``vmap``, as the payload that crosses the link (widths packed at 4 bits)."""
+    n, pca = math.prod(x.shape[1:]), fit["basis"] == "pca"
+    names = ("mean", "widths", "lo", "hi") + (("basis",) if pca else ())
+    shapes = [jax.ShapeDtypeStruct((n,), t) for t in (jnp.float16, jnp.int32, jnp.float16, jnp.float16)]
+    shapes += [jax.ShapeDtypeStruct((n, n), jnp.float16)] if pca else []
+
+    def host(x, count):
+        arrays = transform_codes.node_setup(x, count, sample_bits, **fit)
+        return tuple(arrays[k] for k in names)
+
+    out = dict(zip(names, jax.pure_callback(host, tuple(shapes), x, count, vmap_method="sequential")))
+    widths = pack_codes(out.pop("widths").astype(jnp.uint32), 4)
+    return Payload(arrays={"mean": out.pop("mean"), "widths": widths}, rows=out)
+
+
+def _code_samples(d: _Decoding, x: Array, seed: Array, sent: Array, num_bytes: int) -> tuple[Array, Array]:
+    """The packed codes ``floor(u + U)`` of the sent samples, and how many coefficients lay outside
+    their ranges (clipped; counted, never sent)."""
+    n = d.mean.shape[0]
+    c = (x.reshape(x.shape[0], n).astype(jnp.float32) - d.mean) @ d.basis
+    inv = jnp.where(d.step > 0, 1.0 / jnp.where(d.step > 0, d.step, 1.0), 0.0)
+    u = jnp.clip((c - d.lo) * inv, 0.0, d.levels)
+    t = (u * float(1 << _FRAC)).astype(jnp.uint32)  # u < 2^8: exact in 32-bit fixed point
+    noise = _noise(counter_bits(seed, (x.shape[0],)), n)
+    codes = jnp.minimum((t + noise) >> _FRAC, d.levels.astype(jnp.uint32))
+    outside = (d.widths > 0) & ((c < d.lo) | (c > d.hi)) & (sent[:, None] > 0)
+    return mask_items(varpack.pack_varying(codes, d.widths, num_bytes), sent), jnp.sum(outside, dtype=jnp.int32)
+
+
+def _decode_samples(d: _Decoding, rows: dict, max_width: int) -> Array:
+    """``x_hat = mu + c_hat V^T`` (b, n) from the rows' codes (and, with dither, their seeds)."""
+    codes = varpack.unpack_varying(rows["codes"], d.widths, max_width).astype(jnp.float32)
+    if "seed" in rows:  # subtractive dither: the noise the node added is taken off
+        codes = codes - _noise(rows["seed"], codes.shape[1]).astype(jnp.float32) * (1.0 / (1 << _FRAC)) + 0.5
+    return d.mean + (d.lo + d.step * codes) @ d.basis.T
+
+
 def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", rounding: str = "stochastic",
                     max_width: int = transform_codes.MAX_WIDTH) -> DataCodec:
     """The transform data codec (module docstring) for samples of ``sample_shape``.
 
     Args:
       sample_shape: the shape of one sample, (n,), (H, W) or (H, W, C).
-      sample_bits: S, the code bits of one sample, a multiple of 8 in 8..8n: the budget the
+      sample_bits: S, the code bits of one sample, a multiple of 8 in 8..max_width n: the budget the
         allocation spends and exactly what one sent sample's codes cost.
       basis: ``"dct"`` (fixed, not sent) or ``"pca"`` (each node's principal axes, sent in its setup).
       rounding: ``"stochastic"`` (unbiased per coefficient) or ``"dither"`` (subtractive dither).
@@ -126,7 +164,7 @@ def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", round
     sample_shape = tuple(int(s) for s in sample_shape)
     n = math.prod(sample_shape)
     max_width = checks.check_int(max_width, "max_width", lo=1, hi=transform_codes.MAX_WIDTH)
-    sample_bits = checks.check_int(sample_bits, "sample_bits", lo=8, hi=8 * n)
+    sample_bits = checks.check_int(sample_bits, "sample_bits", lo=8, hi=max_width * n)
     if sample_bits % 8:
         raise ValueError(f"sample_bits must be a multiple of 8 (whole bytes a sample), got {sample_bits}")
     fixed = jnp.asarray(transform_codes.dct_basis(sample_shape), jnp.float32) if basis == "dct" else None
@@ -136,32 +174,16 @@ def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", round
     def init():
         return TransformState(setup=template, pending=jnp.zeros((), bool))
 
-    def host_fit(x, count):
-        arrays = transform_codes.node_setup(x, count, sample_bits, basis=basis, rounding=rounding,
-                                            max_width=max_width)
-        return tuple(arrays[k] for k in ("mean", "widths", "lo", "hi")) + ((arrays["basis"],) if fixed is None else ())
-
     def fit(state, x, count):
         """Node i's state fitted on its shard ``x`` (L, *sample_shape), of which ``count`` rows are its."""
-        shapes = [jax.ShapeDtypeStruct((n,), t) for t in (jnp.float16, jnp.int32, jnp.float16, jnp.float16)]
-        if fixed is None:
-            shapes.append(jax.ShapeDtypeStruct((n, n), jnp.float16))
-        out = jax.pure_callback(host_fit, tuple(shapes), x, count, vmap_method="sequential")
-        rows = {"lo": out[2], "hi": out[3], **({"basis": out[4]} if fixed is None else {})}
-        widths = pack_codes(out[1].astype(jnp.uint32), 4)
-        return TransformState(Payload(arrays={"mean": out[0], "widths": widths}, rows=rows), jnp.ones((), bool))
+        del state
+        setup = _fit_setup(x, count, sample_bits, basis=basis, rounding=rounding, max_width=max_width)
+        return TransformState(setup, jnp.ones((), bool))
 
     def encode(key, x, state, sent, pos=None):
         del pos
-        d = _decoding(state.setup, fixed)
-        c = (x.reshape(x.shape[0], n).astype(jnp.float32) - d.mean) @ d.basis
         seed = jax.random.bits(key, (), jnp.uint32)
-        u = jnp.clip((c - d.lo) * jnp.where(d.step > 0, 1.0 / jnp.where(d.step > 0, d.step, 1.0), 0.0), 0.0, d.levels)
-        t = (u * float(1 << _FRAC)).astype(jnp.uint32)  # u < 2^8: exact in 32-bit fixed point
-        codes = jnp.minimum((t + _noise(counter_bits(seed, (x.shape[0],)), n)) >> _FRAC, d.levels.astype(jnp.uint32))
-        codes = mask_items(varpack.pack_varying(codes, d.widths, sample_bits // 8), sent)
-        outside = (d.widths > 0) & ((c < d.lo) | (c > d.hi))
-        clipped = jnp.sum(outside & (sent[:, None] > 0), dtype=jnp.int32)
+        codes, clipped = _code_samples(_decoding(state.setup, fixed), x, seed, sent, sample_bits // 8)
         count = state.pending.astype(jnp.int32)
         setup = jax.tree_util.tree_map(lambda a: jnp.where(count > 0, a, jnp.zeros_like(a)), state.setup)
         payload = Payload(arrays={"seed": seed} if dither else {}, rows={"codes": codes}, info={"clipped": clipped})
@@ -181,12 +203,8 @@ def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", round
 
     def decode_rows(payload, rows, state, sent):
         del payload
-        d = _decoding(state.setup, fixed)
-        codes = varpack.unpack_varying(rows["codes"], d.widths, max_width).astype(jnp.float32)
-        if dither:
-            codes = codes - _noise(rows["seed"], n).astype(jnp.float32) * (1.0 / (1 << _FRAC)) + 0.5
-        x_hat = d.mean + (d.lo + d.step * codes) @ d.basis.T
-        return mask_items(x_hat.reshape((codes.shape[0],) + sample_shape), sent)
+        x_hat = _decode_samples(_decoding(state.setup, fixed), rows, max_width)
+        return mask_items(x_hat.reshape((x_hat.shape[0],) + sample_shape), sent)
 
     def decode(payload, state, sent):
         return decode_rows(payload, rows(payload, sent), state, sent)
