@@ -24,7 +24,8 @@ L_x * E||x - Q(x)||, L_x the Lipschitz constant of x -> grad_w f(w; x, y).
 What crosses the link is a :class:`NodeMessage`; ``uplink_bits`` reads every bit off its payloads:
 ``'data'`` and ``'metadata'`` (the codes and what else Q sends, of the sent or, with a cache, fresh
 rows), ``'labels'`` and ``'positions'`` (streams carrying their own counts, and the cache's bitmap
-of fresh samples), ``'weights'`` and ``'mask'`` (the gate's), ``'correction'``, and ``'total'``.
+of fresh samples), ``'weights'`` and ``'mask'`` (the gate's), ``'correction'``, ``'setup'`` (a
+transform code's per-node setup, in the node's first message only), and ``'total'``.
 """
 
 from __future__ import annotations

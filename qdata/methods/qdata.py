@@ -1,8 +1,9 @@
 """qdata as a training method: nodes send quantized samples (and optional corrections), not gradients.
 
 The node side is a one-node :class:`~qdata.estimator.Estimator`, which :func:`qdata_estimator` composes
-of a gate, a sample codec (the data quantizer beside the exact labels, optionally wrapped in the
-learner cache) and the correction; :func:`qdata_method` is the learner, which reads the N messages
+of a gate, a sample codec (the data quantizer, or a transform code whose per-node setup each node
+fits on its shard, :mod:`qdata.codecs.transform_codec`, beside the exact labels, optionally wrapped
+in the learner cache) and the correction; :func:`qdata_method` is the learner, which reads the N messages
 and computes, in one path whatever the codec,
 g = (1/N) sum_i [(1/b) sum_j a_j grad f(w; Q(x_j), y_j) + C(delta_i)] (DESIGN.md section 2, step 4).
 The learner's state is, per node, its sample codec's state: with the cache, the samples it holds.
