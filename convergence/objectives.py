@@ -386,6 +386,179 @@ def _newton(loss_grad_hess, w0: np.ndarray, tol: float = 1e-12, max_iter: int = 
     return w, max_iter
 
 
+def _glm_full_loss_grad(link: Link, phi: np.ndarray, t: np.ndarray, lam: float):
+    """F(w) = (1/N) sum_i l(w^T phi_i, t_i) + (lam/2) ||w||^2 and its gradient, numpy float64.
+
+    Returns:
+      ``(full_loss, full_grad)``: w -> F(w) (a float) and w -> grad F(w) = (1/N) Phi^T l'(Phi w) + lam w.
+    """
+    nsamp = phi.shape[0]
+
+    def full_loss(w):
+        w = np.asarray(w, np.float64)
+        return float(np.mean(link.loss64(phi @ w, t)) + 0.5 * lam * w @ w)
+
+    def full_grad(w):
+        w = np.asarray(w, np.float64)
+        return phi.T @ link.d1_64(phi @ w, t) / nsamp + lam * w
+
+    return full_loss, full_grad
+
+
+def _glm_curvature(kind: str, link: Link, lmax: float, lmin: float, lam: float) -> tuple[float, float, dict]:
+    """L = sup|l''| lambda_max + lam and mu (lambda_min + lam for least squares, lam for the logistic
+    loss, 0 non-convex), lambda_max, lambda_min those of Phi^T Phi / N.
+
+    Returns:
+      ``(L, mu, methods)``, methods the ``"L"`` and ``"mu"`` entries of ``info['methods']``.
+    """
+    L = link.d2_sup * lmax + lam
+    methods = {"L": f"sup|l''| * lambda_max(Phi^T Phi / N) + lam = {link.d2_sup:.6g} * {lmax:.6g} + {lam:g} "
+                    "(eigenvalues of the feature covariance, float64)"}
+    if kind == "nonconvex":
+        mu = 0.0
+        methods["mu"] = "non-convex: none"
+    elif link is SQUARE:
+        mu = lmin + lam
+        methods["mu"] = f"lambda_min(Phi^T Phi / N) + lam = {lmin:.6g} + {lam:g}"
+    else:
+        mu = lam
+        methods["mu"] = "lam (the logistic loss alone is not strongly convex globally)"
+    return L, mu, methods
+
+
+def _glm_minimizer(link: Link, phi: np.ndarray, t: np.ndarray, lam: float) -> tuple[np.ndarray, str]:
+    """w* = argmin F, float64: the normal equations (least squares, in the smaller of the primal and
+    dual forms when lam > 0) or damped Newton (:func:`_newton`, logistic regression).
+
+    Returns:
+      ``(w_star, method)``, method the ``"w_star"`` entry of ``info['methods']``.
+    """
+    nsamp, d = phi.shape
+    if link is SQUARE:
+        if lam > 0 and d > nsamp:
+            alpha = np.linalg.solve(phi @ phi.T / nsamp + lam * np.eye(nsamp), t / nsamp)
+            w_star = phi.T @ alpha
+        elif lam > 0:
+            w_star = np.linalg.solve(phi.T @ phi / nsamp + lam * np.eye(d), phi.T @ t / nsamp)
+        else:
+            w_star = np.linalg.lstsq(phi, t, rcond=None)[0]
+        return w_star, "direct solve of the normal equations (float64)"
+    if d > 2000:
+        raise ValueError(f"logistic regression solves for w* by Newton's method; d={d} > 2000 is too large")
+
+    def lgh(w, value_only=False):
+        p = phi @ w
+        f = float(np.mean(link.loss64(p, t)) + 0.5 * lam * w @ w)
+        if value_only:
+            return f
+        g = phi.T @ link.d1_64(p, t) / nsamp + lam * w
+        h = (phi * link.d2_64(p, t)[:, None]).T @ phi / nsamp + lam * np.eye(d)
+        return f, g, h
+
+    w_star, iters = _newton(lgh, np.zeros(d))
+    return w_star, f"damped Newton in float64, ||grad F(w*)|| <= 1e-12 after {iters} steps"
+
+
+def _glm_region(w0: np.ndarray, w_star: np.ndarray | None, radius: float | None,
+                region_factor: float) -> tuple[np.ndarray, float, str]:
+    """The region W = B(center, radius): around w* (convex; radius region_factor ||w0 - w*|| unless
+    given), or around w0 with the given radius (non-convex, ``w_star`` None).
+
+    Returns:
+      ``(center, radius, method)``, method the ``"region"`` entry of ``info['methods']``.
+    """
+    if w_star is not None:
+        center = w_star
+        if radius is None:
+            radius = region_factor * float(np.linalg.norm(w0 - w_star))
+            method = f"ball around w* of radius {region_factor:g} ||w0 - w*|| = {radius:.4g}"
+        else:
+            radius = float(radius)
+            method = f"ball around w* of radius {radius:g} (given)"
+    else:
+        center = w0.astype(np.float64)
+        if radius is None:
+            raise ValueError("a non-convex objective needs an explicit region radius")
+        method = f"ball around w0 of radius {radius:g} (given)"
+    if not radius > 0:
+        raise ValueError(f"the region radius must be positive, got {radius}")
+    return center, radius, method
+
+
+def _glm_data_lipschitz(link: Link, features: FeatureMap, t: np.ndarray, center: np.ndarray,
+                        radius: float) -> tuple[float, float | None, dict]:
+    """The certified data constants L_x >= sup ||d grad_w f / dx||_op and L_xx over W and the box.
+
+    d grad_w f / dx = l''(p) phi (J^T w)^T + l'(p) J (the ridge term does not depend on x), with
+    ||w|| <= R_w = ||center|| + radius and |p| <= phi_max R_w. L_xx needs |t| <= 1 or the square loss.
+
+    Returns:
+      ``(L_x, L_xx, methods)``, L_xx None where not available, methods their ``info['methods']`` entries.
+    """
+    r_w = float(np.linalg.norm(center)) + radius
+    t_max = float(np.max(np.abs(t)))
+    p_max = features.phi_max * r_w
+    d1 = link.d1_sup(p_max, t_max)
+    L_x = link.d2_sup * features.phi_max * features.jac_max * r_w + d1 * features.jac_max
+    methods = {"L_x": (f"certified: sup|l''| phi_max jac_max R_w + sup|l'| jac_max with R_w = ||center|| + radius "
+                       f"= {r_w:.4g}, phi_max = {features.phi_max:.4g}, jac_max = {features.jac_max:.4g}, "
+                       f"sup|l'| = {d1:.4g} over |p| <= phi_max R_w")}
+
+    # L_xx: d^2 [l'(p) phi][u, u] = l''' (Dp u)^2 phi + l'' (D^2 p[u, u]) phi + 2 l'' (Dp u) (Dphi u)
+    # + l'(p) D^2 phi[u, u], with |Dp u| <= R_w jac_max and |D^2 p[u, u]| <= R_w hess_max.
+    if t_max <= 1.0 or link is SQUARE:
+        jm, hm, pm = features.jac_max, features.hess_max, features.phi_max
+        L_xx = (link.d3_sup * (r_w * jm) ** 2 * pm + link.d2_sup * r_w * hm * pm + 2 * link.d2_sup * r_w * jm**2
+                + d1 * hm)
+        methods["L_xx"] = ("certified: sup|l'''| (R_w jac_max)^2 phi_max + sup|l''| R_w hess_max phi_max "
+                           f"+ 2 sup|l''| R_w jac_max^2 + sup|l'| hess_max = {L_xx:.4g}")
+    else:
+        L_xx = None
+        methods["L_xx"] = "not available (targets beyond [-1, 1])"
+    return L_x, L_xx, methods
+
+
+def _glm_variance_sup(link: Link, phi: np.ndarray, t: np.ndarray, center: np.ndarray,
+                      radius: float) -> tuple[float, float, str]:
+    """A certified sup over W of the sampling variance V(w) = (1/N) sum_i ||h_i(w) - mean h||^2 of the
+    data-part gradients h_i(w) = l'(w^T phi_i) phi_i.
+
+    sqrt V(w) <= sqrt V(c) + L_var ||w - c|| with L_var^2 = sup|l''|^2 lambda_max((1/N) sum ||phi_i||^2
+    phi_i phi_i^T), since ||h_i(w) - h_i(c)|| <= sup|l''| |phi_i^T (w - c)| ||phi_i|| and subtracting the
+    mean only lowers the second moment; also V <= sup|l'|^2 mean ||phi||^2.
+
+    Returns:
+      ``(variance_sup, V(center), method)``, method the ``"variance_sup"`` entry of ``info['methods']``.
+    """
+    h_c = link.d1_64(phi @ center, t)[:, None] * phi
+    v_center = float(np.mean(np.sum((h_c - h_c.mean(0)) ** 2, axis=1)))
+    sq_norms = np.sum(phi**2, axis=1)
+    l_var = link.d2_sup * math.sqrt(_gram_eigs(phi, sq_norms)[0])
+    v_growth = (math.sqrt(v_center) + l_var * radius) ** 2
+    v_global = link.d1_global**2 * float(np.mean(sq_norms))
+    method = (f"certified: min[(sqrt V(center) + L_var R)^2, sup|l'|^2 mean||phi||^2] = "
+              f"min({v_growth:.4g}, {v_global:.4g}); V(center) = {v_center:.4g} measured exactly, "
+              f"L_var = {l_var:.4g}")
+    return min(v_growth, v_global), v_center, method
+
+
+def _glm_grad_sup(kind: str, link: Link, phi: np.ndarray, L: float, lam: float, center: np.ndarray,
+                  radius: float) -> tuple[float, str]:
+    """sup_{w in W} ||grad F(w)||: L radius (convex, grad F(w*) = 0), else sup|l'| sqrt(mean ||phi||^2)
+    + lam R_w with R_w = ||center|| + radius.
+
+    Returns:
+      ``(grad_sup, method)``, method the ``"grad_sup"`` entry of ``info['methods']``.
+    """
+    if kind != "nonconvex":
+        return L * radius, "L * radius (grad F(w*) = 0)"
+    r_w = float(np.linalg.norm(center)) + radius
+    sq_norms = np.sum(phi**2, axis=1)
+    return (link.d1_global * math.sqrt(float(np.mean(sq_norms))) + lam * r_w,
+            "sup|l'| sqrt(mean ||phi||^2) + lam R_w")
+
+
 def _glm(
     name: str,
     kind: str,
@@ -403,126 +576,25 @@ def _glm(
     radius: float | None,
     extra_info: dict,
 ) -> Objective:
-    """Assemble a GLM objective and compute all its constants in float64 (see module docstring)."""
+    """Assemble a GLM objective f(w; x, y) = l(w^T phi(x), t) + (lam/2) ||w||^2 and compute all its
+    constants in float64 (see module docstring), each with how it was obtained in ``info['methods']``."""
     phi = features.apply64(x.astype(np.float64))
-    nsamp, d = phi.shape
+    d = phi.shape[1]
     t = _targets(y, targets)
-    methods = {}
-
-    def full_loss(w):
-        w = np.asarray(w, np.float64)
-        return float(np.mean(link.loss64(phi @ w, t)) + 0.5 * lam * w @ w)
-
-    def full_grad(w):
-        w = np.asarray(w, np.float64)
-        return phi.T @ link.d1_64(phi @ w, t) / nsamp + lam * w
-
-    def data_grads(w):
-        """Per-sample data-part gradients h_i(w) = l'(p_i) phi_i (N, d)."""
-        return link.d1_64(phi @ w, t)[:, None] * phi
-
+    full_loss, full_grad = _glm_full_loss_grad(link, phi, t, lam)
     lmax, lmin = _gram_eigs(phi)
-    L = link.d2_sup * lmax + lam
-    methods["L"] = (f"sup|l''| * lambda_max(Phi^T Phi / N) + lam = {link.d2_sup:.6g} * {lmax:.6g} + {lam:g} "
-                    "(eigenvalues of the feature covariance, float64)")
-    if kind == "nonconvex":
-        mu = 0.0
-        methods["mu"] = "non-convex: none"
-    elif link is SQUARE:
-        mu = lmin + lam
-        methods["mu"] = f"lambda_min(Phi^T Phi / N) + lam = {lmin:.6g} + {lam:g}"
-    else:
-        mu = lam
-        methods["mu"] = "lam (the logistic loss alone is not strongly convex globally)"
-
-    w_star = None
-    F_star = None
+    L, mu, methods = _glm_curvature(kind, link, lmax, lmin, lam)
+    w_star = F_star = None
     if kind != "nonconvex":
-        if link is SQUARE:
-            if lam > 0 and d > nsamp:
-                alpha = np.linalg.solve(phi @ phi.T / nsamp + lam * np.eye(nsamp), t / nsamp)
-                w_star = phi.T @ alpha
-            elif lam > 0:
-                w_star = np.linalg.solve(phi.T @ phi / nsamp + lam * np.eye(d), phi.T @ t / nsamp)
-            else:
-                w_star = np.linalg.lstsq(phi, t, rcond=None)[0]
-            methods["w_star"] = "direct solve of the normal equations (float64)"
-        else:
-            if d > 2000:
-                raise ValueError(f"logistic regression solves for w* by Newton's method; d={d} > 2000 is too large")
-
-            def lgh(w, value_only=False):
-                p = phi @ w
-                f = float(np.mean(link.loss64(p, t)) + 0.5 * lam * w @ w)
-                if value_only:
-                    return f
-                g = phi.T @ link.d1_64(p, t) / nsamp + lam * w
-                h = (phi * link.d2_64(p, t)[:, None]).T @ phi / nsamp + lam * np.eye(d)
-                return f, g, h
-
-            w_star, iters = _newton(lgh, np.zeros(d))
-            methods["w_star"] = f"damped Newton in float64, ||grad F(w*)|| <= 1e-12 after {iters} steps"
+        w_star, methods["w_star"] = _glm_minimizer(link, phi, t, lam)
         F_star = full_loss(w_star)
         methods["F_star"] = "F(w*) in float64"
-        grad_norm_star = float(np.linalg.norm(full_grad(w_star)))
-        extra_info = dict(extra_info, grad_norm_at_w_star=grad_norm_star)
-        center = w_star
-        if radius is None:
-            radius = region_factor * float(np.linalg.norm(w0 - w_star))
-            methods["region"] = f"ball around w* of radius {region_factor:g} ||w0 - w*|| = {radius:.4g}"
-        else:
-            radius = float(radius)
-            methods["region"] = f"ball around w* of radius {radius:g} (given)"
-    else:
-        center = w0.astype(np.float64)
-        if radius is None:
-            raise ValueError("a non-convex objective needs an explicit region radius")
-        methods["region"] = f"ball around w0 of radius {radius:g} (given)"
-    if not radius > 0:
-        raise ValueError(f"the region radius must be positive, got {radius}")
-
-    # L_x: d grad_w f / dx = l''(p) phi (J^T w)^T + l'(p) J (the ridge term does not depend on x).
-    r_w = float(np.linalg.norm(center)) + radius
-    t_max = float(np.max(np.abs(t)))
-    p_max = features.phi_max * r_w
-    d1 = link.d1_sup(p_max, t_max)
-    L_x = link.d2_sup * features.phi_max * features.jac_max * r_w + d1 * features.jac_max
-    methods["L_x"] = (f"certified: sup|l''| phi_max jac_max R_w + sup|l'| jac_max with R_w = ||center|| + radius "
-                      f"= {r_w:.4g}, phi_max = {features.phi_max:.4g}, jac_max = {features.jac_max:.4g}, "
-                      f"sup|l'| = {d1:.4g} over |p| <= phi_max R_w")
-
-    # L_xx: d^2 [l'(p) phi][u, u] = l''' (Dp u)^2 phi + l'' (D^2 p[u, u]) phi + 2 l'' (Dp u) (Dphi u)
-    # + l'(p) D^2 phi[u, u], with |Dp u| <= R_w jac_max and |D^2 p[u, u]| <= R_w hess_max.
-    if t_max <= 1.0 or link is SQUARE:
-        jm, hm, pm = features.jac_max, features.hess_max, features.phi_max
-        L_xx = (link.d3_sup * (r_w * jm) ** 2 * pm + link.d2_sup * r_w * hm * pm + 2 * link.d2_sup * r_w * jm**2
-                + d1 * hm)
-        methods["L_xx"] = ("certified: sup|l'''| (R_w jac_max)^2 phi_max + sup|l''| R_w hess_max phi_max "
-                           f"+ 2 sup|l''| R_w jac_max^2 + sup|l'| hess_max = {L_xx:.4g}")
-    else:
-        L_xx = None
-        methods["L_xx"] = "not available (targets beyond [-1, 1])"
-
-    # Sampling variance over the region: sqrt V(w) <= sqrt V(c) + L_var ||w - c|| with
-    # L_var^2 = sup|l''|^2 lambda_max((1/N) sum ||phi_i||^2 phi_i phi_i^T), since ||h_i(w) - h_i(c)||
-    # <= sup|l''| |phi_i^T (w - c)| ||phi_i|| and subtracting the mean only lowers the second moment.
-    h_c = data_grads(center)
-    v_center = float(np.mean(np.sum((h_c - h_c.mean(0)) ** 2, axis=1)))
-    sq_norms = np.sum(phi**2, axis=1)
-    l_var = link.d2_sup * math.sqrt(_gram_eigs(phi, sq_norms)[0])
-    v_growth = (math.sqrt(v_center) + l_var * radius) ** 2
-    v_global = link.d1_global**2 * float(np.mean(sq_norms))
-    variance_sup = min(v_growth, v_global)
-    methods["variance_sup"] = (f"certified: min[(sqrt V(center) + L_var R)^2, sup|l'|^2 mean||phi||^2] = "
-                               f"min({v_growth:.4g}, {v_global:.4g}); V(center) = {v_center:.4g} measured exactly, "
-                               f"L_var = {l_var:.4g}")
-    if kind != "nonconvex":
-        grad_sup = L * radius
-        methods["grad_sup"] = "L * radius (grad F(w*) = 0)"
-    else:
-        grad_sup = link.d1_global * math.sqrt(float(np.mean(sq_norms))) + lam * r_w
-        methods["grad_sup"] = "sup|l'| sqrt(mean ||phi||^2) + lam R_w"
-
+        extra_info = dict(extra_info, grad_norm_at_w_star=float(np.linalg.norm(full_grad(w_star))))
+    center, radius, methods["region"] = _glm_region(w0, w_star, radius, region_factor)
+    L_x, L_xx, data_methods = _glm_data_lipschitz(link, features, t, center, radius)
+    methods.update(data_methods)
+    variance_sup, v_center, methods["variance_sup"] = _glm_variance_sup(link, phi, t, center, radius)
+    grad_sup, methods["grad_sup"] = _glm_grad_sup(kind, link, phi, L, lam, center, radius)
     info = dict(extra_info, methods=methods, link=link.name, lam=lam, targets=targets,
                 features=f"{features.name} features d={d}", feature_info=features.info,
                 V_center=v_center, lambda_max=lmax, lambda_min=lmin)
