@@ -810,6 +810,170 @@ def _tanh_unpack(w, shapes: TanhShapes, xp=jnp):
     return a, c, v, e
 
 
+def _tanh_out64(w, xs: np.ndarray, shapes: TanhShapes) -> np.ndarray:
+    """The network's output v^T tanh(A x + c) + e for each row of ``xs``, numpy float64."""
+    a, c, v, e = _tanh_unpack(np.asarray(w, np.float64), shapes)
+    return np.tanh(xs @ a.T + c) @ v + e
+
+
+def _tanh_loss_fn(shapes: TanhShapes):
+    """jax ``(w, x, y) -> (b,)``: f(w; x_j, y_j) = log(1 + exp(-t_j (v^T tanh(A x_j + c) + e))), t = 2 y - 1."""
+    def loss_fn(w, xb, yb):
+        a, c, v, e = _tanh_unpack(w, shapes)
+        t = 2.0 * yb.astype(jnp.float32) - 1.0
+        out = jnp.tanh(xb.astype(jnp.float32) @ a.T + c) @ v + e
+        return jax.nn.softplus(-t * out)
+
+    return loss_fn
+
+
+def _tanh_data(shapes: TanhShapes, num_samples: int, flip: float, lo: float, hi: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic data and start of :func:`tanh_network`, all from one generator seeded ``seed``.
+
+    x ~ U[lo, hi]^n; labels y = 1[teacher(x) > 0] flipped with probability ``flip``, the teacher a
+    random network of the same shape; w0: A ~ N(0, 1/n), v ~ N(0, 9/h), c = e = 0.
+
+    Returns:
+      ``(x, y, w0)``: (N, n) float32, (N,) int32, (d,) float32.
+    """
+    n, hidden, d = shapes.n, shapes.hidden, shapes.d
+    rng = np.random.default_rng(seed)
+    x = _uniform_box(rng, num_samples, n, lo, hi)
+    teacher = rng.normal(size=d) * np.concatenate(
+        [np.full(hidden * n, 2.0 / math.sqrt(n)), np.full(hidden, 0.5), np.full(hidden, 2.0), [0.0]])
+    w0 = np.concatenate([rng.normal(size=hidden * n) / math.sqrt(n), np.zeros(hidden),
+                         3.0 * rng.normal(size=hidden) / math.sqrt(hidden), [0.0]]).astype(np.float32)
+    y = ((_tanh_out64(teacher, x.astype(np.float64), shapes) > 0)
+         ^ (rng.uniform(size=num_samples) < flip)).astype(np.int32)
+    return x, y, w0
+
+
+def _tanh_full_loss(loss_fn, shapes: TanhShapes, x: np.ndarray, y: np.ndarray):
+    """F(w) = (1/N) sum_i f(w; x_i, y_i) three ways: jax float32 (for Hessian-vector products), numpy
+    float64, and grad F by float32 autodiff returned in float64.
+
+    Returns:
+      ``(full_loss_jax, full_loss, full_grad)``.
+    """
+    x64, t64 = x.astype(np.float64), 2.0 * y - 1.0
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+    def full_loss_jax(w):
+        return jnp.mean(loss_fn(w, xj, yj))
+
+    def full_loss(w):
+        return float(np.mean(np.logaddexp(0.0, -t64 * _tanh_out64(w, x64, shapes))))
+
+    grad_jit = jax.jit(jax.grad(full_loss_jax))
+
+    def full_grad(w):
+        return np.asarray(grad_jit(jnp.asarray(w, jnp.float32)), np.float64)
+
+    return full_loss_jax, full_loss, full_grad
+
+
+def _tanh_gradient_spread(loss_fn, xj: Array, yj: Array, probes_w: np.ndarray,
+                          safety: float) -> tuple[float, float, list[float]]:
+    """Estimated sup over the region of V(w) and of ||grad F(w)||: ``safety`` times their maximum over
+    ``probes_w`` (V(w) = (1/N) sum_i ||grad f_i(w) - grad F(w)||^2 exact over the data at each point).
+
+    Returns:
+      ``(variance_sup, grad_sup, variances)``, the last V(w) at each probe point.
+    """
+    per_sample_grads = jax.jit(jax.vmap(jax.grad(lambda w, xi, yi: loss_fn(w, xi[None], yi[None])[0]),
+                                        in_axes=(None, 0, 0)))
+    variances, grads = [], []
+    for w in probes_w:
+        g = np.asarray(per_sample_grads(jnp.asarray(w, jnp.float32), xj, yj), np.float64)
+        mean = g.mean(0)
+        variances.append(float(np.mean(np.sum((g - mean) ** 2, axis=1))))
+        grads.append(float(np.linalg.norm(mean)))
+    return safety * max(variances), safety * max(grads), variances
+
+
+class _TanhNorms(NamedTuple):
+    """Bounds over the region: ||A||_F <= a_max, ||v|| <= v_max; over the box: ||x|| <= x_norm."""
+
+    a_max: float
+    v_max: float
+    x_norm: float
+
+
+def _tanh_lx_certified(shapes: TanhShapes, center: np.ndarray, radius: float, lo: float,
+                       hi: float) -> tuple[float, _TanhNorms]:
+    """The chain-rule bound on sup ||d grad_w f / dx||_op (see :func:`tanh_network`): per parameter
+    block (v, e, c, A) with |sigma'| <= 1/4, |tanh'| <= 1, |tanh''| <= 4/(3 sqrt 3), ||A||_op <= ||A||_F,
+    combined as the root sum of squares.
+
+    Returns:
+      ``(L_x certified, the norms it used)``.
+    """
+    a0, _, v0, _ = _tanh_unpack(center, shapes, np)
+    a_max = float(np.linalg.norm(a0)) + radius
+    v_max = float(np.linalg.norm(v0)) + radius
+    x_norm = math.sqrt(shapes.n) * max(abs(lo), abs(hi))
+    blocks = [
+        a_max * (math.sqrt(shapes.hidden) * v_max / 4.0 + 1.0),
+        a_max * v_max / 4.0,
+        a_max * v_max**2 / 4.0 + _TANH_D2 * v_max * a_max,
+        x_norm * (a_max * v_max**2 / 4.0 + _TANH_D2 * v_max * a_max) + v_max,
+    ]
+    return math.sqrt(sum(b * b for b in blocks)), _TanhNorms(a_max, v_max, x_norm)
+
+
+def _tanh_lx_sampled(loss_fn, shapes: TanhShapes, center: np.ndarray, radius: float, lo: float, hi: float,
+                     samples: int, seed: int) -> float:
+    """max of the exact ||d grad_w f(w; x, y) / dx||_op (autodiff Jacobian, SVD) over ``samples``
+    triples: w in the region, x in the box (half of them box corners), y in {0, 1}."""
+    jac_x = jax.jit(jax.vmap(jax.jacfwd(jax.grad(lambda w, xi, yi: loss_fn(w, xi[None], yi[None])[0]), argnums=1)))
+    lx_rng = np.random.default_rng(seed + 13)
+    ws = _probe_points(center, radius, samples, seed + 17)
+    xs = lx_rng.uniform(lo, hi, size=(samples, shapes.n))
+    xs[::2] = np.where(lx_rng.uniform(size=xs[::2].shape) < 0.5, lo, hi)
+    ys = lx_rng.integers(0, 2, samples).astype(np.int32)
+    jacs = np.asarray(jac_x(jnp.asarray(ws, jnp.float32), jnp.asarray(xs, jnp.float32), jnp.asarray(ys)), np.float64)
+    return float(np.max(np.linalg.norm(jacs, ord=2, axis=(1, 2))))
+
+
+def _tanh_data_lipschitz(loss_fn, shapes: TanhShapes, center: np.ndarray, radius: float, lo: float, hi: float, *,
+                         data_lipschitz: str, lx_samples: int, lx_safety: float,
+                         seed: int) -> tuple[float, float, float, str]:
+    """L_x of :func:`tanh_network`: the certified chain-rule bound, or ``lx_safety`` times the sampled sup.
+
+    Returns:
+      ``(L_x, certified bound, sampled max, method)``, method the ``"L_x"`` entry of ``info['methods']``.
+    """
+    lx_certified, norms = _tanh_lx_certified(shapes, center, radius, lo, hi)
+    lx_seen = _tanh_lx_sampled(loss_fn, shapes, center, radius, lo, hi, lx_samples, seed)
+    if data_lipschitz == "certified":
+        method = (f"certified: chain rule per parameter block with ||A||_F <= {norms.a_max:.4g}, ||v|| <= "
+                  f"{norms.v_max:.4g}, ||x|| <= {norms.x_norm:.4g} (see tanh_network docstring); the sampled sup is "
+                  f"{lx_seen:.4g}")
+        return lx_certified, lx_certified, lx_seen, method
+    method = (f"estimated: {lx_safety:g} x max of ||d grad_w f / dx||_op over {lx_samples} pairs (w in the "
+              f"region, x in the box, half at corners) = {lx_safety:g} x {lx_seen:.4g}; the certified "
+              f"chain-rule bound is {lx_certified:.4g}")
+    return lx_safety * lx_seen, lx_certified, lx_seen, method
+
+
+def _check_tanh_args(num_samples, n, hidden, lo, hi, flip, safety, radius, data_lipschitz):
+    """The validated (num_samples, n, hidden, lo, hi) of :func:`tanh_network`; raises on a bad argument."""
+    num_samples, _ = _check_common(num_samples, 0.0)
+    n = _check_dim(n, "n")
+    hidden = _check_dim(hidden, "hidden")
+    lo, hi = _check_box(lo, hi)
+    if not 0.0 <= flip < 0.5:
+        raise ValueError(f"flip must be in [0, 0.5), got {flip}")
+    if not safety >= 1.0:
+        raise ValueError(f"safety must be >= 1, got {safety}")
+    if not radius > 0:
+        raise ValueError(f"radius must be positive, got {radius}")
+    if data_lipschitz not in ("estimated", "certified"):
+        raise ValueError(f"data_lipschitz must be 'estimated' or 'certified', got {data_lipschitz!r}")
+    return num_samples, n, hidden, lo, hi
+
+
 def tanh_network(
     n: int = 10,
     hidden: int = 8,
@@ -850,107 +1014,31 @@ def tanh_network(
       variance_sup, grad_sup: estimated: max over the same probe points (exact over the data at each
         point), times ``safety``.
     """
-    num_samples, _ = _check_common(num_samples, 0.0)
-    n = _check_dim(n, "n")
-    hidden = _check_dim(hidden, "hidden")
-    lo, hi = _check_box(lo, hi)
-    if not 0.0 <= flip < 0.5:
-        raise ValueError(f"flip must be in [0, 0.5), got {flip}")
-    if not safety >= 1.0:
-        raise ValueError(f"safety must be >= 1, got {safety}")
-    if not radius > 0:
-        raise ValueError(f"radius must be positive, got {radius}")
-    if data_lipschitz not in ("estimated", "certified"):
-        raise ValueError(f"data_lipschitz must be 'estimated' or 'certified', got {data_lipschitz!r}")
+    num_samples, n, hidden, lo, hi = _check_tanh_args(num_samples, n, hidden, lo, hi, flip, safety, radius,
+                                                      data_lipschitz)
     shapes = TanhShapes(n, hidden)
-    d = shapes.d
-    rng = np.random.default_rng(seed)
-    x = _uniform_box(rng, num_samples, n, lo, hi)
-    teacher = rng.normal(size=d) * np.concatenate(
-        [np.full(hidden * n, 2.0 / math.sqrt(n)), np.full(hidden, 0.5), np.full(hidden, 2.0), [0.0]])
-    w0 = np.concatenate([rng.normal(size=hidden * n) / math.sqrt(n), np.zeros(hidden),
-                         3.0 * rng.normal(size=hidden) / math.sqrt(hidden), [0.0]]).astype(np.float32)
-
-    def out64(w, xs):
-        a, c, v, e = _tanh_unpack(np.asarray(w, np.float64), shapes)
-        return np.tanh(xs @ a.T + c) @ v + e
-
-    x64 = x.astype(np.float64)
-    y = ((out64(teacher, x64) > 0) ^ (rng.uniform(size=num_samples) < flip)).astype(np.int32)
-    t64 = 2.0 * y - 1.0
-
-    def loss_fn(w, xb, yb):
-        a, c, v, e = _tanh_unpack(w, shapes)
-        t = 2.0 * yb.astype(jnp.float32) - 1.0
-        out = jnp.tanh(xb.astype(jnp.float32) @ a.T + c) @ v + e
-        return jax.nn.softplus(-t * out)
-
+    x, y, w0 = _tanh_data(shapes, num_samples, flip, lo, hi, seed)
+    loss_fn = _tanh_loss_fn(shapes)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
-
-    def full_loss_jax(w):
-        return jnp.mean(loss_fn(w, xj, yj))
-
-    per_sample_grads = jax.jit(jax.vmap(jax.grad(lambda w, xi, yi: loss_fn(w, xi[None], yi[None])[0]),
-                                        in_axes=(None, 0, 0)))
-
-    def full_loss(w):
-        return float(np.mean(np.logaddexp(0.0, -t64 * out64(w, x64))))
-
-    grad_jit = jax.jit(jax.grad(full_loss_jax))
-
-    def full_grad(w):
-        return np.asarray(grad_jit(jnp.asarray(w, jnp.float32)), np.float64)
-
-    methods = {}
+    full_loss_jax, full_loss, full_grad = _tanh_full_loss(loss_fn, shapes, x, y)
     center = w0.astype(np.float64)
     probes_w = np.concatenate([center[None], _probe_points(center, radius, probes, seed + 7)])
     hess = power_iteration_smoothness(full_loss_jax, probes_w, seed=seed + 11)
     L = safety * float(np.max(hess))
-    methods["L"] = (f"estimated: {safety:g} x max ||Hessian F||_2 over w0 and {probes} points of the region "
-                    f"(power iteration, 60 HVPs each; max found {np.max(hess):.4g})")
-    variances, grads = [], []
-    for w in probes_w:
-        g = np.asarray(per_sample_grads(jnp.asarray(w, jnp.float32), xj, yj), np.float64)
-        mean = g.mean(0)
-        variances.append(float(np.mean(np.sum((g - mean) ** 2, axis=1))))
-        grads.append(float(np.linalg.norm(mean)))
-    variance_sup = safety * max(variances)
-    grad_sup = safety * max(grads)
-    methods["variance_sup"] = (f"estimated: {safety:g} x max of V(w) (exact over the data) over w0 and {probes} "
-                               f"points of the region (max found {max(variances):.4g}; V(w0) = {variances[0]:.4g})")
-    methods["grad_sup"] = f"estimated: {safety:g} x max ||grad F|| over the same points"
-
-    a0, _, v0, _ = _tanh_unpack(center, shapes, np)
-    a_max = float(np.linalg.norm(a0)) + radius
-    v_max = float(np.linalg.norm(v0)) + radius
-    x_norm = math.sqrt(n) * max(abs(lo), abs(hi))
-    blocks = [
-        a_max * (math.sqrt(hidden) * v_max / 4.0 + 1.0),
-        a_max * v_max / 4.0,
-        a_max * v_max**2 / 4.0 + _TANH_D2 * v_max * a_max,
-        x_norm * (a_max * v_max**2 / 4.0 + _TANH_D2 * v_max * a_max) + v_max,
-    ]
-    lx_certified = math.sqrt(sum(b * b for b in blocks))
-    jac_x = jax.jit(jax.vmap(jax.jacfwd(jax.grad(lambda w, xi, yi: loss_fn(w, xi[None], yi[None])[0]), argnums=1)))
-    lx_rng = np.random.default_rng(seed + 13)
-    ws = _probe_points(center, radius, lx_samples, seed + 17)
-    xs = lx_rng.uniform(lo, hi, size=(lx_samples, n))
-    xs[::2] = np.where(lx_rng.uniform(size=xs[::2].shape) < 0.5, lo, hi)
-    ys = lx_rng.integers(0, 2, lx_samples).astype(np.int32)
-    jacs = np.asarray(jac_x(jnp.asarray(ws, jnp.float32), jnp.asarray(xs, jnp.float32), jnp.asarray(ys)), np.float64)
-    lx_seen = float(np.max(np.linalg.norm(jacs, ord=2, axis=(1, 2))))
-    if data_lipschitz == "certified":
-        L_x = lx_certified
-        methods["L_x"] = (f"certified: chain rule per parameter block with ||A||_F <= {a_max:.4g}, ||v|| <= "
-                          f"{v_max:.4g}, ||x|| <= {x_norm:.4g} (see tanh_network docstring); the sampled sup is "
-                          f"{lx_seen:.4g}")
-    else:
-        L_x = lx_safety * lx_seen
-        methods["L_x"] = (f"estimated: {lx_safety:g} x max of ||d grad_w f / dx||_op over {lx_samples} pairs (w in the "
-                          f"region, x in the box, half at corners) = {lx_safety:g} x {lx_seen:.4g}; the certified "
-                          f"chain-rule bound is {lx_certified:.4g}")
-    methods["region"] = f"ball around w0 of radius {radius:g} (given)"
-    methods["L_xx"] = "not derived for the network: the quantization bias uses the first-order bound L_x E||Q(x) - x||"
+    variance_sup, grad_sup, variances = _tanh_gradient_spread(loss_fn, xj, yj, probes_w, safety)
+    L_x, lx_certified, lx_seen, lx_method = _tanh_data_lipschitz(
+        loss_fn, shapes, center, radius, lo, hi, data_lipschitz=data_lipschitz, lx_samples=lx_samples,
+        lx_safety=lx_safety, seed=seed)
+    methods = {
+        "L": (f"estimated: {safety:g} x max ||Hessian F||_2 over w0 and {probes} points of the region "
+              f"(power iteration, 60 HVPs each; max found {np.max(hess):.4g})"),
+        "variance_sup": (f"estimated: {safety:g} x max of V(w) (exact over the data) over w0 and {probes} "
+                         f"points of the region (max found {max(variances):.4g}; V(w0) = {variances[0]:.4g})"),
+        "grad_sup": f"estimated: {safety:g} x max ||grad F|| over the same points",
+        "L_x": lx_method,
+        "region": f"ball around w0 of radius {radius:g} (given)",
+        "L_xx": "not derived for the network: the quantization bias uses the first-order bound L_x E||Q(x) - x||",
+    }
     info = {"methods": methods, "features": f"tanh network n={n} hidden={hidden}", "hidden": hidden,
             "L_x_certified": lx_certified, "L_x_sampled_max": lx_seen,
             "flip": flip, "seed": seed, "hessian_norms": [float(h) for h in hess[:5]]}
