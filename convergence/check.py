@@ -478,6 +478,146 @@ def empirical(objective: O.Objective, kind: str, out: RunOutput) -> tuple[float,
 # One check.
 
 
+def _validated_horizons(objective: O.Objective, kind: str, T_grid: Sequence[int], seeds: int,
+                        checkpoints: int) -> np.ndarray:
+    """The sorted horizons T (int64) of :func:`check_setting`; raises where the check cannot run."""
+    if kind not in B.KINDS:
+        raise ValueError(f"kind must be one of {B.KINDS}, got {kind!r}")
+    if kind != "nonconvex" and objective.w_star is None:
+        raise ValueError(f"the {kind} bound needs w*; objective {objective.name} has none")
+    if kind == "strongly_convex" and not objective.mu > 0:
+        raise ValueError(f"the strongly convex bound needs mu > 0; objective {objective.name} has mu = {objective.mu}")
+    if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
+        raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
+    T = np.asarray(sorted(int(t) for t in T_grid), np.int64)
+    if len(T) < 2 or np.any(T % checkpoints):
+        raise ValueError(f"T_grid needs >= 2 horizons, each a multiple of checkpoints={checkpoints}, got {list(T)}")
+    if seeds < 2:
+        raise ValueError(f"seeds must be >= 2 for a confidence band, got {seeds}")
+    return T
+
+
+def _steps_and_bound(objective: O.Objective, setting: Setting, kind: str, T: np.ndarray,
+                     noise: B.NoiseModel) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The step eta_T at each horizon and the bound of ``kind`` there.
+
+    eta_T is the step the bound prescribes for T (:func:`convergence.bounds.prescribed_steps`), or
+    the fixed c / L of ``setting.step_over_L``, valid only if c <= 1/2 (eta <= 1/(2L)).
+
+    Returns:
+      ``(etas, bound, step_valid)``.
+    """
+    consts = dict(L=objective.L, noise=noise, D0=objective.D0 if kind != "nonconvex" else None,
+                  F_gap=objective.F0 - objective.F_inf, mu=objective.mu)
+    if setting.step_over_L is None:
+        etas = B.prescribed_steps(kind, T, **consts)
+        step_valid = True
+    else:
+        etas = np.full(T.shape, setting.step_over_L / objective.L)
+        step_valid = setting.step_over_L <= 0.5
+    return etas, B.bound_at(kind, T, etas, radius=objective.radius, **consts), step_valid
+
+
+class _Curves(NamedTuple):
+    """The empirical side of one check, one entry per horizon T (seed mean and 95% half width of the
+    bounded quantity, mean uplink bits per round), and over all horizons the largest distance of an
+    iterate to the region's centre, the first round's exact bits and the first call's seconds."""
+
+    means: np.ndarray
+    halves: np.ndarray
+    bits_mean: list
+    max_dist: float
+    bits_first: int | None
+    first_call: float | None
+
+
+def _run_horizons(objective: O.Objective, setting: Setting, kind: str, T: np.ndarray, etas: np.ndarray, *,
+                  seeds: int, batch: int, checkpoints: int, seed: int) -> _Curves:
+    """Run ``setting`` for T rounds at step eta_T from w0, for every horizon T and ``seeds`` seeds,
+    with one compiled program (:func:`make_runner`), and measure the quantity of ``kind``
+    (:func:`empirical`)."""
+    rnd = build_round(objective, setting)
+    runner = make_runner(objective, rnd, batch, checkpoints)
+    keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), seeds)
+    means, halves, max_dist, bits_first, bits_mean = [], [], 0.0, None, []
+    first_call = None
+    for t, eta in zip(T, etas):
+        t_call = time.time()
+        out = runner(keys, float(eta), int(t))
+        first_call = time.time() - t_call if first_call is None else first_call
+        mean, half, _ = empirical(objective, kind, out)
+        means.append(mean)
+        halves.append(half)
+        max_dist = max(max_dist, float(np.max(out.max_dist)) if np.all(np.isfinite(out.max_dist)) else math.inf)
+        bits_first = int(out.bits_first[0])
+        bits_mean.append(float(np.mean(out.bits_mean)))
+    return _Curves(np.asarray(means), np.asarray(halves), bits_mean, max_dist, bits_first, first_call)
+
+
+def _start_value(objective: O.Objective, kind: str) -> float:
+    """The bounded quantity at w0: F(w0) - F* (convex), ||w0 - w*||^2 (strongly convex) or
+    ||grad F(w0)||^2 (non-convex). A bound above it says nothing (vacuous)."""
+    if kind == "convex":
+        return objective.F0 - objective.F_star
+    if kind == "strongly_convex":
+        return objective.D0
+    return float(_grad_sq_norms(objective, objective.w0[None].astype(np.float32))[0])
+
+
+def _slope_test(T: np.ndarray, means: np.ndarray, bound: np.ndarray, useful: np.ndarray, finite: bool,
+                slope_tol: float) -> tuple[float, float, bool]:
+    """Fitted log-log slopes of the empirical curve and of the bound on the informative horizons
+    ``useful``, and whether slope_emp <= slope_bound + ``slope_tol``.
+
+    With fewer than two informative horizons the bound predicts no rate: the slopes are nan and the
+    test passes; a non-finite curve fails.
+
+    Returns:
+      ``(slope_emp, slope_bound, slope_ok)``.
+    """
+    if finite and np.sum(useful) >= 2:
+        slope_emp = B.loglog_slope(T[useful], means[useful])
+        slope_bound = B.loglog_slope(T[useful], bound[useful])
+        return slope_emp, slope_bound, bool(math.isfinite(slope_emp) and slope_emp <= slope_bound + slope_tol)
+    if finite:
+        return float("nan"), float("nan"), True  # a bound vacuous on (almost) the whole range predicts no rate
+    return float("nan"), float("nan"), False
+
+
+class _Verdict(NamedTuple):
+    """The tests of one check (module docstring): finite, bound holds (seed mean / bound = ``ratio``
+    <= 1 at every T), slope, region, and ``passed`` = all of them and a valid step; ``useful`` marks
+    the informative horizons (bound < ``start_value``, the quantity at w0)."""
+
+    finite: bool
+    ratio: np.ndarray
+    holds: bool
+    start_value: float
+    useful: np.ndarray
+    slope_emp: float
+    slope_bound: float
+    slope_ok: bool
+    region_ok: bool
+    passed: bool
+
+
+def _verdict(objective: O.Objective, kind: str, T: np.ndarray, bound: np.ndarray, curves: _Curves,
+             step_valid: bool, slope_tol: float) -> _Verdict:
+    """Judge the empirical curves against the bound (tests (a) to (e) of the module docstring)."""
+    means = curves.means
+    finite = bool(np.all(np.isfinite(means)))
+    ratio = means / bound
+    holds = bool(finite and np.all(ratio <= 1.0))
+    # Where the bound is above the quantity's value at w0 it says nothing (vacuous) and predicts no
+    # rate, so the slopes are fitted on the informative horizons only (>= 2 needed).
+    start_value = _start_value(objective, kind)
+    useful = bound < start_value
+    slope_emp, slope_bound, slope_ok = _slope_test(T, means, bound, useful, finite, slope_tol)
+    region_ok = bool(curves.max_dist <= objective.radius)
+    passed = bool(holds and slope_ok and region_ok and finite and step_valid)
+    return _Verdict(finite, ratio, holds, start_value, useful, slope_emp, slope_bound, slope_ok, region_ok, passed)
+
+
 def check_setting(
     objective: O.Objective,
     setting: Setting,
@@ -504,75 +644,16 @@ def check_setting(
       A JSON-ready dict: the curves, the bound, ratios, slopes, the noise terms and the verdict.
     """
     kind = kind or objective.kind
-    if kind not in B.KINDS:
-        raise ValueError(f"kind must be one of {B.KINDS}, got {kind!r}")
-    if kind != "nonconvex" and objective.w_star is None:
-        raise ValueError(f"the {kind} bound needs w*; objective {objective.name} has none")
-    if kind == "strongly_convex" and not objective.mu > 0:
-        raise ValueError(f"the strongly convex bound needs mu > 0; objective {objective.name} has mu = {objective.mu}")
-    if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
-        raise ValueError(f"checkpoints must be a positive integer, got {checkpoints!r}")
-    T = np.asarray(sorted(int(t) for t in T_grid), np.int64)
-    if len(T) < 2 or np.any(T % checkpoints):
-        raise ValueError(f"T_grid needs >= 2 horizons, each a multiple of checkpoints={checkpoints}, got {list(T)}")
-    if seeds < 2:
-        raise ValueError(f"seeds must be >= 2 for a confidence band, got {seeds}")
+    T = _validated_horizons(objective, kind, T_grid, seeds, checkpoints)
     start = time.time()
     noise, noise_info = noise_model(objective, setting, batch)
-    consts = dict(L=objective.L, noise=noise, D0=objective.D0 if kind != "nonconvex" else None,
-                  F_gap=objective.F0 - objective.F_inf, mu=objective.mu)
-    if setting.step_over_L is None:
-        etas = B.prescribed_steps(kind, T, **consts)
-        step_valid = True
-    else:
-        etas = np.full(T.shape, setting.step_over_L / objective.L)
-        step_valid = setting.step_over_L <= 0.5
-    bound = B.bound_at(kind, T, etas, radius=objective.radius, **consts)
-
-    rnd = build_round(objective, setting)
-    runner = make_runner(objective, rnd, batch, checkpoints)
-    keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), seeds)
-    means, halves, max_dist, bits_first, bits_mean = [], [], 0.0, None, []
-    first_call = None
-    for t, eta in zip(T, etas):
-        t_call = time.time()
-        out = runner(keys, float(eta), int(t))
-        first_call = time.time() - t_call if first_call is None else first_call
-        mean, half, _ = empirical(objective, kind, out)
-        means.append(mean)
-        halves.append(half)
-        max_dist = max(max_dist, float(np.max(out.max_dist)) if np.all(np.isfinite(out.max_dist)) else math.inf)
-        bits_first = int(out.bits_first[0])
-        bits_mean.append(float(np.mean(out.bits_mean)))
-    means, halves = np.asarray(means), np.asarray(halves)
-    finite = bool(np.all(np.isfinite(means)))
-    ratio = means / bound
-    holds = bool(finite and np.all(ratio <= 1.0))
-    # The value at w0 of the bounded quantity: where the bound is above it, it says nothing (vacuous)
-    # and predicts no rate, so the slopes are fitted on the informative horizons only (>= 2 needed).
-    if kind == "convex":
-        start_value = objective.F0 - objective.F_star
-    elif kind == "strongly_convex":
-        start_value = objective.D0
-    else:
-        start_value = float(_grad_sq_norms(objective, objective.w0[None].astype(np.float32))[0])
-    useful = bound < start_value
-    informative = bool(useful[-1])
-    if finite and np.sum(useful) >= 2:
-        slope_emp = B.loglog_slope(T[useful], means[useful])
-        slope_bound = B.loglog_slope(T[useful], bound[useful])
-        slope_ok = bool(math.isfinite(slope_emp) and slope_emp <= slope_bound + slope_tol)
-    elif finite:
-        slope_emp = slope_bound = float("nan")
-        slope_ok = True  # a bound vacuous on (almost) the whole range predicts no rate
-    else:
-        slope_emp, slope_bound, slope_ok = float("nan"), float("nan"), False
-    region_ok = bool(max_dist <= objective.radius)
-    passed = bool(holds and slope_ok and region_ok and finite and step_valid)
+    etas, bound, step_valid = _steps_and_bound(objective, setting, kind, T, noise)
+    curves = _run_horizons(objective, setting, kind, T, etas, seeds=seeds, batch=batch, checkpoints=checkpoints,
+                           seed=seed)
+    means, halves = curves.means, curves.halves
+    v = _verdict(objective, kind, T, bound, curves, step_valid, slope_tol)
     return {
-        "objective": objective.name,
-        "setting": setting.describe(),
-        "kind": kind,
+        "objective": objective.name, "setting": setting.describe(), "kind": kind,
         "quantity": {"convex": "E F(w_bar_T) - F*", "strongly_convex": "E ||w_T - w*||^2",
                      "nonconvex": "min_t E ||grad F(w_t)||^2"}[kind],
         "T": [int(t) for t in T],
@@ -580,33 +661,22 @@ def check_setting(
         "empirical_mean": [float(m) for m in means],
         "empirical_halfwidth95": [float(h) for h in halves],
         "bound": [float(b) for b in bound],
-        "ratio": [float(r) for r in ratio],
-        "worst_ratio": float(np.max(ratio)) if finite else math.inf,
-        "start_value": start_value,
-        "informative": informative,
-        "slope_horizons": [int(t) for t in T[useful]] if finite else [],
-        "upper_band_under_bound": bool(finite and np.all(means + np.nan_to_num(halves) <= bound)),
-        "slope_empirical": slope_emp,
-        "slope_bound": slope_bound,
-        "predicted_order": B.PREDICTED_ORDER[kind],
-        "slope_tol": slope_tol,
-        "noise": noise.as_dict(),
-        "noise_info": noise_info,
-        "max_dist_to_center": max_dist,
-        "region_radius": objective.radius,
-        "uplink_bits_first_round": bits_first,
-        "uplink_bits_mean": float(np.mean(bits_mean)),
-        "seeds": seeds,
-        "batch": batch,
-        "checkpoints": checkpoints,
-        "step_valid": step_valid,
-        "bound_holds": holds,
-        "slope_ok": slope_ok,
-        "region_ok": region_ok,
-        "finite": finite,
-        "passed": passed,
+        "ratio": [float(r) for r in v.ratio],
+        "worst_ratio": float(np.max(v.ratio)) if v.finite else math.inf,
+        "start_value": v.start_value,
+        "informative": bool(v.useful[-1]),
+        "slope_horizons": [int(t) for t in T[v.useful]] if v.finite else [],
+        "upper_band_under_bound": bool(v.finite and np.all(means + np.nan_to_num(halves) <= bound)),
+        "slope_empirical": v.slope_emp, "slope_bound": v.slope_bound,
+        "predicted_order": B.PREDICTED_ORDER[kind], "slope_tol": slope_tol,
+        "noise": noise.as_dict(), "noise_info": noise_info,
+        "max_dist_to_center": curves.max_dist, "region_radius": objective.radius,
+        "uplink_bits_first_round": curves.bits_first, "uplink_bits_mean": float(np.mean(curves.bits_mean)),
+        "seeds": seeds, "batch": batch, "checkpoints": checkpoints,
+        "step_valid": step_valid, "bound_holds": v.holds, "slope_ok": v.slope_ok, "region_ok": v.region_ok,
+        "finite": v.finite, "passed": v.passed,
         "seconds": time.time() - start,
-        "seconds_first_call": first_call,  # compilation + the shortest horizon
+        "seconds_first_call": curves.first_call,  # compilation + the shortest horizon
     }
 
 
