@@ -740,6 +740,103 @@ def uplink_bits_per_round(objective: O.Objective, setting: Setting, batch: int, 
     return host_total(jax.device_get(step(jax.random.key(seed, impl=PRNG_IMPL))))
 
 
+def _comm_settings(bits: int, k: int, qsgd_levels: int) -> dict[str, Setting]:
+    """The four estimators of :func:`communication_claim` by label: fp32 SGD, QSGD with s levels,
+    qdata with B bits, and qdata with the correction through random-k of fixed k."""
+    qsgd_label = f"QSGD s={qsgd_levels}"
+    plain_label, corr_label = f"qdata B={bits}", f"qdata B={bits} +corr(randk k={k})"
+    return {
+        "fp32 SGD": Setting("fp32 SGD", method="sgd"),
+        qsgd_label: Setting(qsgd_label, method="compressed", compressor=compressors.qsgd(qsgd_levels)),
+        plain_label: Setting(plain_label, bits=bits),
+        corr_label: Setting(corr_label, bits=bits, correction=True, k=k),
+    }
+
+
+def _predicted_rounds(obj: O.Objective, setting: Setting, batch: int, grid: np.ndarray, target: float,
+                      seed: int) -> dict:
+    """Exact bits per round, and the smallest T of ``grid`` at which the strongly convex bound with the
+    step it prescribes for T reaches E||w_T - w*||^2 <= ``target`` (inf if none; eta None then).
+
+    Returns:
+      The setting's entry of a :func:`communication_claim` row, its measured rounds still None.
+    """
+    noise, _ = noise_model(obj, setting, batch)
+    etas, vals = B.tuned_step_strongly_convex(grid, obj.D0, noise.sigma2, obj.mu, B.max_step(obj.L), noise.bias)
+    hit = np.nonzero(vals <= target)[0]
+    return {"bits_per_round": uplink_bits_per_round(obj, setting, batch, seed),
+            "rounds_predicted": float(grid[hit[0]]) if hit.size else math.inf,
+            "eta": float(etas[hit[0]]) if hit.size else None,
+            "sigma2": noise.sigma2, "bias": noise.bias,
+            "rounds_measured": None, "rounds_at_fp32_step": None}
+
+
+def _rounds_to_target(runner, keys, obj: O.Objective, eta: float, horizon: float, target: float, *,
+                      checkpoints: int, max_rounds: int) -> float:
+    """The first of K = ``checkpoints`` equally spaced rounds t (and the last, T) at which the seed
+    mean of ||w_t - w*||^2 is <= ``target``, running T = min(max_rounds, horizon) rounds (a multiple
+    of K, at least K) at step ``eta``; inf if not within the run."""
+    horizon = max(checkpoints, int(min(max_rounds, horizon)) // checkpoints * checkpoints)
+    out = runner(keys, eta, horizon)
+    dist = np.sum((out.checkpoints.astype(np.float64) - obj.w_star) ** 2, axis=2).mean(axis=0)
+    final = float(np.mean(np.sum((out.w_last.astype(np.float64) - obj.w_star) ** 2, axis=1)))
+    curve_t = np.append(np.arange(checkpoints) * (horizon // checkpoints), horizon)
+    hit_e = np.nonzero(np.append(dist, final) <= target)[0]
+    return float(curve_t[hit_e[0]]) if hit_e.size else math.inf
+
+
+def _measure_rounds(obj: O.Objective, entry: dict, settings: dict[str, Setting], labels: Sequence[str], *,
+                    batch: int, keys, target: float, checkpoints: int, max_rounds: int) -> dict:
+    """Rounds measured for each of ``labels`` (fp32 SGD first): (a) at the setting's own prescribed
+    step and predicted horizon (if it has one) and (b) at fp32 SGD's step and horizon (the largest
+    admitted step and ``max_rounds`` where fp32 has no prediction).
+
+    Returns:
+      label -> {"rounds_measured": ..., "rounds_at_fp32_step": ...} (None where not run).
+    """
+    fp32 = entry["fp32 SGD"]
+    common_eta = fp32["eta"] if fp32["eta"] is not None else B.max_step(obj.L)
+    common_horizon = fp32["rounds_predicted"] if math.isfinite(fp32["rounds_predicted"]) else max_rounds
+    measured = {}
+    for label in labels:
+        runner = make_runner(obj, build_round(obj, settings[label]), batch, checkpoints)
+        e = entry[label]
+        rounds = None
+        if e["eta"] is not None:
+            rounds = _rounds_to_target(runner, keys, obj, e["eta"], e["rounds_predicted"], target,
+                                       checkpoints=checkpoints, max_rounds=max_rounds)
+        at_fp32 = rounds if label == "fp32 SGD" else _rounds_to_target(
+            runner, keys, obj, common_eta, common_horizon, target, checkpoints=checkpoints, max_rounds=max_rounds)
+        measured[label] = {"rounds_measured": rounds, "rounds_at_fp32_step": at_fp32}
+    return measured
+
+
+def _communication_verdicts(rows: list[dict], settings: dict[str, Setting]) -> dict:
+    """Growth of the bits from d_min to d_max and the two claims of :func:`communication_claim`.
+
+    ``settings`` is :func:`_comm_settings`' dict (fp32 SGD, QSGD, qdata, qdata + correction, in that order).
+
+    Returns:
+      ``bits_growth``, ``bits_slope`` (log-log slope of bits against d), ``log_factor``,
+      ``linear_factor``, ``bits_claim_holds`` and ``rounds_claim_holds``.
+    """
+    _, qsgd_label, plain_label, corr_label = settings
+    labels = [lab for lab in rows[0] if isinstance(rows[0][lab], dict)]
+    d0, d1 = rows[0], rows[-1]
+    growth = {lab: d1[lab]["bits_per_round"] / d0[lab]["bits_per_round"] for lab in labels}
+    log_factor = d1["index_width"] / d0["index_width"]
+    lin_factor = d1["d"] / d0["d"]
+    # Log-log slope of bits against d: 1 for bits proportional to d (QSGD's fixed 32-bit norm lowers
+    # it a little at small d), 0 for bits independent of d.
+    slope = {lab: math.log(growth[lab]) / math.log(lin_factor) for lab in labels}
+    bits_ok = (all(growth[lab] <= log_factor for lab in (plain_label, corr_label))
+               and all(slope[lab] >= 0.9 for lab in ("fp32 SGD", qsgd_label)))
+    rounds_ok = all(r[lab]["rounds_measured"] is None or r[lab]["rounds_measured"] <= r[lab]["rounds_predicted"]
+                    for r in rows for lab in labels)
+    return {"bits_growth": growth, "bits_slope": slope, "log_factor": log_factor, "linear_factor": lin_factor,
+            "bits_claim_holds": bool(bits_ok), "rounds_claim_holds": bool(rounds_ok)}
+
+
 def communication_claim(
     dims: Sequence[int] = (100, 1000, 10000),
     *,
@@ -793,74 +890,28 @@ def communication_claim(
         raise ValueError(f"accuracy must be in (0, 1), a fraction of ||w0 - w*||^2, got {accuracy}")
     if targets not in O.TARGETS:
         raise ValueError(f"targets must be one of {O.TARGETS}, got {targets!r}")
+    grid = np.unique(np.round(2 ** np.arange(4, np.log2(max_prediction) + 0.01, 0.25)).astype(np.int64))
     rows = []
-    qsgd_label = f"QSGD s={qsgd_levels}"
-    plain_label, corr_label = f"qdata B={bits}", f"qdata B={bits} +corr(randk k={k})"
     for d in dims:
         obj = O.ridge(n, int(d), num_samples=num_samples, features="random", lam=lam, teacher="data",
                       targets=targets, seed=seed, name=f"ridge_rf_d{d}")
         entry = {"d": int(d), "index_width": int(math.ceil(math.log2(d))), "L": obj.L, "mu": obj.mu,
                  "L_x": obj.L_x, "D0": obj.D0}
-        methods = {
-            "fp32 SGD": Setting("fp32 SGD", method="sgd"),
-            qsgd_label: Setting(qsgd_label, method="compressed", compressor=compressors.qsgd(qsgd_levels)),
-            plain_label: Setting(plain_label, bits=bits),
-            corr_label: Setting(corr_label, bits=bits, correction=True, k=k),
-        }
+        settings = _comm_settings(bits, k, qsgd_levels)
         target = accuracy * obj.D0
         keys = jax.random.split(jax.random.key(seed, impl=PRNG_IMPL), seeds)
-        grid = np.unique(np.round(2 ** np.arange(4, np.log2(max_prediction) + 0.01, 0.25)).astype(np.int64))
-        for label, setting in methods.items():
-            noise, _ = noise_model(obj, setting, batch)
-            etas, vals = B.tuned_step_strongly_convex(grid, obj.D0, noise.sigma2, obj.mu, B.max_step(obj.L),
-                                                      noise.bias)
-            hit = np.nonzero(vals <= target)[0]
-            entry[label] = {"bits_per_round": uplink_bits_per_round(obj, setting, batch, seed),
-                            "rounds_predicted": float(grid[hit[0]]) if hit.size else math.inf,
-                            "eta": float(etas[hit[0]]) if hit.size else None,
-                            "sigma2": noise.sigma2, "bias": noise.bias,
-                            "rounds_measured": None, "rounds_at_fp32_step": None}
-
+        for label, setting in settings.items():
+            entry[label] = _predicted_rounds(obj, setting, batch, grid, target, seed)
         if measure_rounds:
-            def rounds(runner, eta, horizon):
-                horizon = max(checkpoints, int(min(max_rounds, horizon)) // checkpoints * checkpoints)
-                out = runner(keys, eta, horizon)
-                dist = np.sum((out.checkpoints.astype(np.float64) - obj.w_star) ** 2, axis=2).mean(axis=0)
-                final = float(np.mean(np.sum((out.w_last.astype(np.float64) - obj.w_star) ** 2, axis=1)))
-                curve_t = np.append(np.arange(checkpoints) * (horizon // checkpoints), horizon)
-                hit_e = np.nonzero(np.append(dist, final) <= target)[0]
-                return float(curve_t[hit_e[0]]) if hit_e.size else math.inf
-
-            fp32 = entry["fp32 SGD"]
-            common_eta = fp32["eta"] if fp32["eta"] is not None else B.max_step(obj.L)
-            common_horizon = fp32["rounds_predicted"] if math.isfinite(fp32["rounds_predicted"]) else max_rounds
-            for label in ("fp32 SGD", plain_label, corr_label):
-                runner = make_runner(obj, build_round(obj, methods[label]), batch, checkpoints)
-                e = entry[label]
-                if e["eta"] is not None:
-                    e["rounds_measured"] = rounds(runner, e["eta"], e["rounds_predicted"])
-                if label == "fp32 SGD":
-                    e["rounds_at_fp32_step"] = e["rounds_measured"]
-                else:
-                    e["rounds_at_fp32_step"] = rounds(runner, common_eta, common_horizon)
+            _, _, plain_label, corr_label = settings
+            measured = _measure_rounds(obj, entry, settings, ("fp32 SGD", plain_label, corr_label), batch=batch,
+                                       keys=keys, target=target, checkpoints=checkpoints, max_rounds=max_rounds)
+            for label, rounds in measured.items():
+                entry[label].update(rounds)
         rows.append(entry)
-    labels = [lab for lab in rows[0] if isinstance(rows[0][lab], dict)]
-    d0, d1 = rows[0], rows[-1]
-    growth = {lab: d1[lab]["bits_per_round"] / d0[lab]["bits_per_round"] for lab in labels}
-    log_factor = d1["index_width"] / d0["index_width"]
-    lin_factor = d1["d"] / d0["d"]
-    # Log-log slope of bits against d: 1 for bits proportional to d (QSGD's fixed 32-bit norm lowers
-    # it a little at small d), 0 for bits independent of d.
-    slope = {lab: math.log(growth[lab]) / math.log(lin_factor) for lab in labels}
-    bits_ok = (all(growth[lab] <= log_factor for lab in (plain_label, corr_label))
-               and all(slope[lab] >= 0.9 for lab in ("fp32 SGD", qsgd_label)))
-    rounds_ok = all(r[lab]["rounds_measured"] is None or r[lab]["rounds_measured"] <= r[lab]["rounds_predicted"]
-                    for r in rows for lab in labels)
     return {"dims": [int(d) for d in dims], "n": n, "N": num_samples, "targets": targets, "bits": bits, "k": k,
             "qsgd_levels": qsgd_levels, "batch": batch, "lam": lam, "accuracy": accuracy, "seeds": seeds,
-            "max_rounds": max_rounds, "rows": rows, "bits_growth": growth, "bits_slope": slope,
-            "log_factor": log_factor,
-            "linear_factor": lin_factor, "bits_claim_holds": bool(bits_ok), "rounds_claim_holds": bool(rounds_ok)}
+            "max_rounds": max_rounds, "rows": rows} | _communication_verdicts(rows, settings)
 
 
 def format_communication(comm: dict) -> str:
