@@ -315,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(' '.join(str(err).splitlines()))
     except OSError as err:  # a file or directory the run reads or writes
         return _fail(str(err))
+    except Exception as err:
+        if not peers.watching():
+            raise
+        return _fail(peers.collective_failed(err))  # not a traceback, and not JAX's abort at exit
     return 0
 
 

@@ -26,12 +26,21 @@ from typing import Callable
 KEY = "qdata/alive/{}"
 TICKS_PER_TIMEOUT = 5
 MAX_PEER_TIMEOUT = 3600.0
-_watching = threading.Event()
+_watched: dict = {}  # process_id, num_processes, describe: set by watch_peers
 
 
 def watching() -> bool:
     """Whether this process watches the peers of a multi-process run (see :func:`watch_peers`)."""
-    return _watching.is_set()
+    return bool(_watched)
+
+
+def collective_failed(err: BaseException) -> str:
+    """The one line for an error raised in this process while the peers are watched: when a peer
+    dies while this process waits inside a collective, gloo's socket closes and the collective
+    fails at once, before the watch's timeout."""
+    what = " ".join(str(err).split()[:20])
+    return (f"process {_watched['process_id']} of {_watched['num_processes']}: a step with the other processes "
+            f"failed, a peer died or left the run ({type(err).__name__}: {what}); {_watched['describe']()}")
 
 
 def jax_heartbeat_seconds(timeout: float) -> int:
@@ -92,7 +101,7 @@ def watch_peers(process_id: int, num_processes: int, timeout: float, describe: C
       An event; set it to stop watching (the run finished).
     """
     client, stop = _client(), threading.Event()
-    _watching.set()
+    _watched.update(process_id=process_id, num_processes=num_processes, describe=describe)
     seen: dict[int, tuple] = {}
 
     def beat():

@@ -201,7 +201,10 @@ def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_c
     procs[1].communicate(timeout=60)
     said = err.strip().splitlines()
     assert procs[0].returncode == 2, err[-3000:]
-    assert said[-1].startswith("qdata: error: process 0 of 2: process 1 stopped answering for 4 s"), said[-1]
+    # Found by the watch (process 1's counter stands still for 4 s), or at once by the collective
+    # process 0 was waiting in when process 1 died (gloo's socket closes): either way one line.
+    assert said[-1].startswith(("qdata: error: process 0 of 2: process 1 stopped answering for 4 s",
+                                "qdata: error: process 0 of 2: a step with the other processes failed")), said[-1]
     assert "is intact; run again with --resume" in said[-1] and "Check failure" not in err
     assert waited < 4 + 30, waited  # the watch's timeout, not JAX's heartbeat (64 s here, 100 s by default)
     steps = checkpoints.saved_steps(out)

@@ -30,3 +30,12 @@ def test_peer_timeout_out_of_range_is_refused_before_work(value, capsys, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("qdata: error: --peer-timeout must be in (0, 3600] seconds"), err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_error_inside_a_watched_run_is_one_line_with_the_checkpoint(monkeypatch):
+    monkeypatch.setattr(peers, "_watched", dict(process_id=1, num_processes=3, describe=lambda: "the note"))
+    err = RuntimeError("INTERNAL: Gloo all-reduce failed:\n Connection closed by peer [127.0.0.1]:21901")
+    line = peers.collective_failed(err)
+    assert "\n" not in line and line.endswith("; the note")
+    assert line.startswith("process 1 of 3: a step with the other processes failed, a peer died or left the run "
+                           "(RuntimeError: INTERNAL: Gloo all-reduce failed: Connection closed by peer")
