@@ -1,0 +1,54 @@
+"""Bits to SGD's final minus 1 point on ONE seed, from an unfinished ``qdata compare`` directory.
+
+The comparison's table needs every seed; while a long lineup is still running (or was stopped), this
+reads the runs it has finished for the tuning seed, chooses each method's learning rate on validation
+exactly as ``qdata compare`` does (:func:`qdata.compare.choose_learning_rates`) and prints, per method,
+the final test accuracy and the uplink and total bits per node to the target on that seed, downlink
+charged as the comparison charges it. A preliminary look, labelled as such; not the table.
+
+    python -m experiments.one_seed_table experiments/compare_fashion_mnist_mlp.toml runs/cmp-fashion-mlp
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qdata import results as qresults
+from qdata.compare import _downlink, choose_learning_rates, run_dir
+from qdata.lineup import load_lineup
+
+
+def rows(lineup_path: str, out: str, seed: int) -> tuple[float, list[tuple]]:
+    """SGD's final test accuracy on ``seed`` and one row per run: (label, lr, final, uplink, total)."""
+    lineup = load_lineup(lineup_path)
+    found = {(r.label, lr, seed): qresults.load(run_dir(Path(out), r.label, lr, seed))
+             for r in lineup.runs for lr in r.lr_grid}
+    chosen = choose_learning_rates(lineup._replace(tune_seeds=(seed,)), found)
+    sgd = found[(lineup.reference.label, chosen[lineup.reference.label], seed)][1][-1]["test_accuracy"]
+    table = []
+    for run in lineup.runs:
+        header, rounds = found[(run.label, chosen[run.label], seed)]
+        hit = qresults.crossing(rounds, sgd - 0.01)
+        up = None if hit is None else hit["uplink_bits_per_node"]
+        total = None if hit is None else up + _downlink(header, rounds, hit["round"], up)
+        table.append((run.label, chosen[run.label], rounds[-1]["test_accuracy"], up, total))
+    return sgd, table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("lineup")
+    parser.add_argument("out", help="the comparison's directory")
+    parser.add_argument("--seed", type=int, default=0, help="a seed every run has finished (default 0)")
+    args = parser.parse_args(argv)
+    sgd, table = rows(args.lineup, args.out, args.seed)
+    print(f"PRELIMINARY, one seed ({args.seed}) of an unfinished comparison ({args.out}, {args.lineup}); learning "
+          f"rates chosen on validation on this seed; SGD final test {sgd:.4f}, target SGD - 1 pt = {sgd - 0.01:.4f}")
+    print(f"{'method':24s} {'lr':>5s} {'final':>7s} {'uplink to target':>18s} {'total to target':>18s}")
+    for label, lr, final, up, total in table:
+        cell = lambda v: "never" if v is None else f"{v:,.0f}"
+        print(f"{label:24s} {lr:5g} {final:7.4f} {cell(up):>18s} {cell(total):>18s}")
+
+
+if __name__ == "__main__":
+    main()
