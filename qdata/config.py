@@ -44,7 +44,7 @@ import numpy as np
 
 from qdata import faults as _faults
 from qdata.codecs import compressors
-from qdata.codecs.context_ans import CODERS
+from qdata.codecs.context_ans import DATA_CODERS
 from qdata.data import check_image_size
 
 METHODS = ("qdata", "sgd", "gradient", "dca", "split")
@@ -225,7 +225,7 @@ FIELD_RULES: dict[str, Rule] = {
     "correction": _spec("'off' or a compressor spec: " + ", ".join(COMPRESSOR_SPECS),
                         lambda v: v == "off" or parse_compressor_spec(v)),
     "cache": Rule(bool, "true or false"),
-    "coder": _one_of(CODERS),
+    "coder": _one_of(DATA_CODERS),
     "transform": _one_of(TRANSFORMS),
     "sample_bits": Rule(int, "a multiple of 8 in 8..2^20 (code bits per sample) or None",
                         lambda v: 8 <= v <= 1 << 20 and v % 8 == 0, optional=True),

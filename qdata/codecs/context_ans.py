@@ -43,7 +43,7 @@ from qdata.codecs.ledger import Bits
 from qdata.codecs.packing import unpack_codes
 
 Array = jax.Array
-CODERS = ("fixed", "ans")  # how a qdata node's data codes cross the link: B bits each, or this coder
+DATA_CODERS = ("fixed", "ans")  # how a qdata node's data codes cross the link: B bits each, or this coder
 CONTEXT_BITS = 4  # bits of each neighbour in the context
 MAX_BITS = 8  # B above this would need a (contexts, 2^B) table too large to hold per node
 RESCALE_AT = 1 << 24  # a context whose counts sum past this is halved (int32 never overflows)

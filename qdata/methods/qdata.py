@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from qdata import checks
 from qdata import gate as gates
 from qdata.codecs.cache import learner_cache
-from qdata.codecs.context_ans import CODERS, context_ans
+from qdata.codecs.context_ans import DATA_CODERS, context_ans
 from qdata.codecs.data_codec import DataCodec, from_quantizer, joint
 from qdata.codecs.labels import class_labels, real_targets
 from qdata.codecs.payloads import Compressor, Quantizer
@@ -95,8 +95,8 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
     length or as an adaptive context ANS stream, optionally cached. ``quantizer`` may also be a
     data codec of the samples itself (e.g. :func:`qdata.codecs.transform_codec.transform_codec`),
     used as is (fixed-length codes only)."""
-    if coder not in CODERS:
-        raise ValueError(f"coder must be one of {CODERS}, got {coder!r}")
+    if coder not in DATA_CODERS:
+        raise ValueError(f"coder must be one of {DATA_CODERS}, got {coder!r}")
     labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
     if isinstance(quantizer, DataCodec):
         if coder != "fixed":
