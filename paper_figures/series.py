@@ -58,7 +58,8 @@ def describe_method(cfg: dict) -> str:
     if cfg["method"] == "split":
         label = f"split{'-u' if cfg.get('split_top') else ''} cut={cfg['split_cut']}"
         return label + (f" {cfg['split_bits']}b" if cfg.get("split_bits") else " fp32")
-    label = f"qdata-{cfg['bits']}b"
+    basis = cfg.get("transform", "none")
+    label = f"qdata-{cfg['bits']}b" if basis == "none" else f"qdata-{basis}-{cfg['sample_bits']}"
     label += "" if cfg["coder"] == "fixed" else f"-{cfg['coder']}"
     label += "" if cfg["quantizer"] == "stochastic" else f"-{cfg['quantizer']}"
     label += "" if cfg["gate"] == "off" else f"+gate({cfg['gate']} rho={cfg['rho']:g})"
@@ -158,4 +159,8 @@ def best_on_validation(variants: list[list[Run]]) -> list[Run]:
     mean final validation accuracy, as ``qdata compare`` chooses (test accuracy where none recorded)."""
     runs = [r for v in variants for r in v]
     measure = "val_accuracy" if all("val_accuracy" in r.rounds[-1] for r in runs) else "test_accuracy"
-    return max(variants, key=lambda v: statistics.fmean(r.rounds[-1][measure] for r in v))
+    # Scored on the seeds every variant has (a compare tunes on seed 0 and runs only the chosen variant on
+    # the other seeds): a mean over other seeds would compare different draws.
+    seeds = set.intersection(*({r.header["config"]["seed"] for r in v} for v in variants))
+    scored = lambda v: [r for r in v if r.header["config"]["seed"] in seeds] or v
+    return max(variants, key=lambda v: statistics.fmean(r.rounds[-1][measure] for r in scored(v)))

@@ -103,14 +103,14 @@ def source(runs: list[Run], found: Found) -> str:
 
 
 def draw(found: Found, out: Path) -> list:
-    from paper_figures import sweep_bits, sweep_rho
+    from paper_figures import sweep_bits, sweep_rho, sweep_sample_bits
 
     finished = lambda run: run.rounds[-1]["round"] >= run.header["config"]["rounds"]
     runs = [r for r in found.all_runs() if finished(r)]
     unfinished = [r for r in found.all_runs() if not finished(r)]
     items = [canvas.Skipped("the sweeps' unfinished runs", f"{len(unfinished)} run(s) short of their rounds, with no "
                             f"final accuracy yet, left out (e.g. {unfinished[0].path})")] if unfinished else []
-    for module in (sweep_bits, sweep_rho):
+    for module in (sweep_bits, sweep_sample_bits, sweep_rho):
         sweeps = module.find(runs)
         if not sweeps:
             items.append(canvas.Skipped(module.FIGURE, module.NEEDS))

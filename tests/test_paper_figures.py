@@ -19,6 +19,7 @@ RUNS = {  # directory -> config: two data bits B (the bits sweep), two models (b
     "sgd-logreg": BASE.replace(name="sgd", method="sgd", model="logreg"),
     "qdata-2b": BASE.replace(name="qdata-2b", bits=2),
     "qdata-4b": BASE.replace(name="qdata-4b", bits=4),
+    "qdata-dct-64": BASE.replace(name="qdata-dct-64", transform="dct", sample_bits=64),  # bits per sample across bases
 }
 
 
@@ -46,6 +47,7 @@ def test_every_kind_renders(drawn):
     out, figures, captions = drawn
     names = sorted(str(f.path.relative_to(out)) for f in figures)
     for kind in ("accuracy_vs_bits_", "train_loss_", "bits_breakdown_", "accuracy_vs_data_bits_",
+                 "accuracy_vs_bits_per_sample_",
                  "bits_vs_dimension_", "convergence_convergence/least_squares.png"):
         assert any(name.startswith(kind) for name in names), (kind, names)
     for figure in figures:
@@ -70,6 +72,8 @@ def test_captions_say_what_the_runs_say(runs_dir, drawn):
     for name in ("sgd-mlp", "sgd-logreg"):
         model = qresults.load(runs_dir / name)[0]["model"]
         assert f"{model['name']} (d={model['params']:,})" in dimension
+    across = next(c for name, c in captions.items() if name.startswith("accuracy_vs_bits_per_sample_"))
+    assert "a transform's setup spread over its samples" in across and "left off" not in across
     convergence = next(c for name, c in captions.items() if name.startswith("convergence_"))
     assert "SYNTHETIC data" in convergence and "python -m convergence --out" in convergence
 
