@@ -2,9 +2,6 @@
 paper's Algorithms 1-2, its bits both ways by hand, the engine's replies across devices, training."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +12,7 @@ from qdata import engine
 from qdata.codecs import ledger
 from qdata.config import RunConfig, make_compressor
 from qdata.methods import powersgd_allreduce
+from tests.subprocess_json import run_json
 
 
 def _loss(params, x, y):
@@ -133,12 +131,7 @@ print(json.dumps(out))
 
 def test_four_devices_equal_one_device():
     """The replies' sums run across devices (the learner's own reduction): 4 devices train as 1."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json(_DEVICES_SCRIPT)
     one, four = out["1"], out["4"]
     assert one["bits"] == four["bits"]
     for a, b in zip(one["params"], four["params"]):

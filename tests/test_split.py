@@ -2,9 +2,6 @@
 its bits both ways by hand, one round equals data-parallel SGD, it trains, 1 device = 2, bad cuts refused."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,6 +12,7 @@ from qdata.codecs import ledger
 from qdata.config import RunConfig
 from qdata.methods.split import cut_model
 from qdata.run import Experiment, train
+from tests.subprocess_json import run_json
 
 
 @pytest.mark.parametrize("name,shape,cuts", [("mlp:16x8", (8, 8), ((1, 0), (2, 0), (1, 1))),
@@ -155,12 +153,7 @@ print(json.dumps(out))
 
 def test_two_devices_equal_one_device():
     """The average of the lower layers sums across devices (the learner's own reduction)."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_json(_DEVICES_SCRIPT)
     for top in (0, 1):
         one, two = out[f"{top}:1"], out[f"{top}:2"]
         assert one["bits"] == two["bits"]
