@@ -15,7 +15,8 @@ from pathlib import Path
 
 from paper_figures import canvas
 from paper_figures.discover import Run
-from paper_figures.sweeps import Sweep, accuracy, find_sweeps, readable_accuracy_axis, plot_line
+from paper_figures.sweeps import (Sweep, accuracy, find_sweeps, mean_or_missing, plot_line, readable_accuracy_axis,
+                                  sweep_runs)
 
 NAME, FIGURE = "accuracy_vs_data_bits", "accuracy vs data bits B"
 NEEDS = "no qdata runs that differ in the data bits B alone (same dataset, model, nodes, rounds, gate, ...)"
@@ -60,19 +61,13 @@ def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:
     from matplotlib.ticker import FixedLocator, NullLocator, StrMethodFormatter
 
     plt = canvas.pyplot()
-    everyone = [r for points in sweep.lines.values() for runs in points.values() for r in runs]
+    everyone = sweep_runs(sweep)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     missing, ticks = [], []
     for i, (label, points) in enumerate(sweep.lines.items()):
         shift = _dodge(i, len(sweep.lines))
         plot_line(a1, points, accuracy, lambda b, runs: b + shift, color=f"C{i}", label=label)
-
-        def x(b, runs):
-            values = [bits_per_sample(r, everyone) for r in runs]
-            if any(v is None for v in values):
-                missing.append(f"{label} B={b:g}")
-                return None
-            return sum(values) / len(values)
+        x = mean_or_missing(lambda r: bits_per_sample(r, everyone), missing, f"{label} B=")
         ticks += plot_line(a2, points, accuracy, x, tag="B", color=f"C{i}", label=label)
     if not ticks:  # an empty panel would read as a drawing fault
         a2.text(0.5, 0.5, "no run here has a sample count\n(no fixed-length twin of its coder)", ha="center",

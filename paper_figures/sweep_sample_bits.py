@@ -16,7 +16,8 @@ from pathlib import Path
 
 from paper_figures import canvas, sweep_bits
 from paper_figures.discover import Run
-from paper_figures.sweeps import Sweep, accuracy, find_sweeps, plot_line, readable_accuracy_axis
+from paper_figures.sweeps import (Sweep, accuracy, find_sweeps, mean_or_missing, plot_line, readable_accuracy_axis,
+                                  sweep_runs)
 
 NAME, FIGURE = "accuracy_vs_bits_per_sample", "accuracy vs bits per sample across bases"
 NEEDS = "no transform-coded qdata runs beside other qdata runs of the same setting"
@@ -56,17 +57,13 @@ def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:
     from matplotlib.ticker import StrMethodFormatter
 
     plt = canvas.pyplot()
-    everyone = [r for points in sweep.lines.values() for runs in points.values() for r in runs]
+    everyone = sweep_runs(sweep)
     fig, ax = plt.subplots(figsize=(12, 5))
     missing, ticks = [], []
     for i, (label, points) in enumerate(sweep.lines.items()):
-        def x(value, runs):
-            values = [bits_per_sample(r, everyone) for r in runs]
-            if any(v is None for v in values):
-                missing.append(f"{label} at {value:g}")
-                return None
-            return sum(values) / len(values)
-        ticks += plot_line(ax, points, accuracy, x, tag="B" if label.startswith("pixels") else "budget", color=f"C{i}", label=label)
+        x = mean_or_missing(lambda r: bits_per_sample(r, everyone), missing, f"{label} at ")
+        tag = "B" if label.startswith("pixels") else "budget"
+        ticks += plot_line(ax, points, accuracy, x, tag=tag, color=f"C{i}", label=label)
     ax.set_xscale("log")
     ax.margins(x=0.1)
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))

@@ -88,6 +88,20 @@ def readable_accuracy_axis(ax, span: float = 0.02) -> None:
         ax.set_ylim(middle - span / 2, middle + span / 2)
 
 
+def mean_or_missing(measure: Callable[[Run], float | None], missing: list[str], name: str):
+    """An ``x`` for :func:`plot_line`: the mean of ``measure`` over a point's runs, or None (the point
+    left off, ``f"{name}{value:g}"`` added to ``missing``) when any run has no value."""
+
+    def x(value, runs):
+        values = [measure(r) for r in runs]
+        if any(v is None for v in values):
+            missing.append(f"{name}{value:g}")
+            return None
+        return sum(values) / len(values)
+
+    return x
+
+
 def sweep_runs(sweep: Sweep) -> list[Run]:
     return [r for points in sweep.lines.values() for runs in points.values() for r in runs]
 
