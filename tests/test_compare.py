@@ -150,6 +150,7 @@ def test_default_lineups_load():
     assert {"topk-ef", "qsgd", "ef-sign", "terngrad", "fp16"} <= families
     for name, dataset, model in (("compare_fashion_mnist_mlp.toml", "fashion_mnist", "mlp"),
                                  ("compare_fashion_mnist_cnn.toml", "fashion_mnist", "cnn"),
+                                 ("compare_fashion_mnist_cnn_short.toml", "fashion_mnist", "cnn"),
                                  ("compare_cifar10_resnet20.toml", "cifar10", "resnet20")):
         lineup = load_lineup(name)
         assert (lineup.base.dataset, lineup.base.model) == (dataset, model) and lineup.base.validation > 0
