@@ -52,6 +52,11 @@ HELP = {
     "transform": "qdata: none (per-pixel codes of --bits bits) | dct (2-D DCT) | pca (each node's PCA basis, sent "
                  "once): codes in a transform basis, bits allocated by reverse water-filling",
     "sample_bits": "qdata with --transform dct|pca: code bits per sample, a multiple of 8 (e.g. 400)",
+    "gate_floor": "qdata with --gate bernoulli: the uniform share mixed into the sampling probabilities "
+                  "(p_j >= gate_floor * rho, weights 1/p_j <= 1 / (gate_floor * rho)), in [0, 1)",
+    "refine_bits": "qdata with --cache: a held sample sent again gets a residual of this many bits a pixel "
+                   "(0 off, 2..16)",
+    "refine_max": "qdata with --refine-bits: the most refinements of one sample (1..64)",
     "compressor": "gradient: fp32 | fp16 | randk:K | randk_seed:K | topk:K | qsgd:S[:BUCKET] | terngrad | sign | "
                   "powersgd:R | powersgd_allreduce:R | significance:S (Gaia's filter, S e.g. 0.01) | ef:SPEC "
                   "(K an integer or a fraction of d)",
@@ -124,9 +129,9 @@ def _config_from(args: argparse.Namespace):
 
 
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
-PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "correction", "cache", "coder", "transform",
-              "sample_bits", "compressor", "error_feedback", "dca_dim", "dca_anchors", "dca_values", "split_cut",
-              "split_bits", "split_top", "name")
+PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "gate_floor", "correction", "cache", "coder",
+              "transform", "sample_bits", "refine_bits", "refine_max", "compressor", "error_feedback", "dca_dim",
+              "dca_anchors", "dca_values", "split_cut", "split_bits", "split_top", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

@@ -76,6 +76,7 @@ class RunConfig:
     gate: str = "off"
     rho: float = 1.0
     score: str = "loss"
+    gate_floor: float = 1e-3  # the Bernoulli gate's uniform mix: p_j >= gate_floor * rho (qdata.gate.water_fill)
     correction: str = "off"
     cache: bool = False
     coder: str = "fixed"  # how the data codes cross the link: fixed length, or adaptive context ANS
@@ -83,6 +84,10 @@ class RunConfig:
     # sample_bits is then the code bits of one sample (a multiple of 8) instead of n * bits
     transform: str = "none"
     sample_bits: int | None = None
+    # refinement of cached samples (qdata.codecs.refine): a held sample sent again gets a residual of
+    # refine_bits a coordinate (0: off), at most refine_max times
+    refine_bits: int = 0
+    refine_max: int = 1
     # gradient compression
     compressor: str = "fp32"
     error_feedback: bool = False
@@ -222,6 +227,7 @@ FIELD_RULES: dict[str, Rule] = {
     "gate": _one_of(GATES),
     "rho": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
     "score": _one_of(SCORES),
+    "gate_floor": Rule(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0),
     "correction": _spec("'off' or a compressor spec: " + ", ".join(COMPRESSOR_SPECS),
                         lambda v: v == "off" or parse_compressor_spec(v)),
     "cache": Rule(bool, "true or false"),
@@ -229,6 +235,8 @@ FIELD_RULES: dict[str, Rule] = {
     "transform": _one_of(TRANSFORMS),
     "sample_bits": Rule(int, "a multiple of 8 in 8..2^20 (code bits per sample) or None",
                         lambda v: 8 <= v <= 1 << 20 and v % 8 == 0, optional=True),
+    "refine_bits": Rule(int, "0 (off) or an integer in 2..16", lambda v: v == 0 or 2 <= v <= 16),
+    "refine_max": _ints(1, 64),
     "compressor": _spec("a compressor spec: " + ", ".join(COMPRESSOR_SPECS), lambda v: parse_compressor_spec(v)),
     "error_feedback": Rule(bool, "true or false"),
     "dca_dim": _ints(1),
@@ -347,6 +355,7 @@ def _check_combination(config: RunConfig) -> None:
     if config.method == "split":
         _check_split(config)
     _check_transform(config)
+    _check_refine(config)
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
 
@@ -383,10 +392,27 @@ def _check_transform(config: RunConfig) -> None:
                          f"{config.stream_start}, {config.faults!r}, {config.integrity})")
 
 
+def _check_refine(config: RunConfig) -> None:
+    """Refinement adds residuals to the samples the learner caches, within the first code's step on a
+    dataset-wide range; node and learner must see the same messages."""
+    if config.refine_bits == 0 or config.method != "qdata":
+        return
+    needs = {"cache": (config.cache, "true"), "quantizer": (config.quantizer in ("stochastic", "nearest"),
+                                                            "'stochastic' or 'nearest' (a dataset-wide step)"),
+             "transform": (config.transform == "none", "'none'"), "faults": (config.faults == "none", "'none'"),
+             "integrity": (not config.integrity, "false")}
+    wrong = [f"{name}={getattr(config, name)!r} (needs {allowed})" for name, (ok, allowed) in needs.items() if not ok]
+    if wrong:
+        raise ValueError(f"refine_bits={config.refine_bits} refines the learner's cached pixel codes, both ends "
+                         "keeping each sample's reconstruction: " + "; ".join(wrong))
+
+
 # field -> (whether the config uses it, the condition in words)
 _USED_WHEN = {
     **{name: (lambda c: c.method == "qdata", "method='qdata'")
-       for name in ("quantizer", "gate", "rho", "score", "correction", "cache", "coder", "transform")},
+       for name in ("quantizer", "gate", "rho", "score", "correction", "cache", "coder", "transform", "refine_bits")},
+    "gate_floor": (lambda c: c.method == "qdata" and c.gate == "bernoulli", "method='qdata' and gate='bernoulli'"),
+    "refine_max": (lambda c: c.method == "qdata" and c.refine_bits > 0, "method='qdata' and refine_bits >= 2"),
     "bits": (lambda c: c.method == "qdata" and c.transform == "none", "method='qdata' and transform='none'"),
     "sample_bits": (lambda c: c.method == "qdata" and c.transform != "none",
                     "method='qdata' and transform='dct' or 'pca'"),

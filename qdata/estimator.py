@@ -48,7 +48,7 @@ Array = jax.Array
 PyTree = Any
 
 # The parts of a node's uplink bits, in the order they are reported.
-PARTS = ("data", "labels", "weights", "metadata", "mask", "correction", "positions")
+PARTS = ("data", "labels", "weights", "metadata", "mask", "correction", "positions", "refine")
 
 
 @struct.dataclass

@@ -152,6 +152,9 @@ def _field_cases():
         "gate": bad_choice(("off", "bernoulli", "top")),
         "rho": bad_float(lambda v: 0 < v <= 1),
         "score": bad_choice(("loss", "grad_norm")),
+        "gate_floor": bad_float(lambda v: 0 <= v < 1),
+        "refine_bits": st.one_of(st.sampled_from([1, -2, 17]), bad_int(0, 16)),
+        "refine_max": bad_int(1, 64),
         "correction": st.one_of(bad_compressor_spec().filter(lambda v: v != "off"), st.integers(), junk),
         "cache": bad_bool(),
         "compressor": st.one_of(bad_compressor_spec(), st.integers(), junk),
@@ -179,7 +182,9 @@ def _field_cases():
         "data_dir": st.one_of(st.just(""), st.integers(), st.booleans(), st.lists(st.text(max_size=2), max_size=1)),
         "image_size": bad_int(1, optional=True),
     }
-    context = {"correction": qdata_on, "compressor": gradient, "error_feedback": gradient,
+    context = {"correction": qdata_on, "gate_floor": {"method": "qdata", "gate": "bernoulli", "rho": 0.5},
+               "refine_bits": {"method": "qdata", "cache": True},
+               "refine_max": {"method": "qdata", "cache": True, "refine_bits": 2}, "compressor": gradient, "error_feedback": gradient,
                **{f: {"method": "dca"} for f in ("dca_dim", "dca_anchors", "dca_values")}}
     return cases, context
 
@@ -209,6 +214,9 @@ def bad_combination():
         st.builds(lambda s: ("error feedback", {"method": "gradient", "compressor": "ef:" + s, "error_feedback": True}),
                   st.sampled_from(["topk:10", "sign", "randk:0.5", "qsgd:4"])),
         st.just(("score", {"score": "grad_norm"})),
+        st.builds(lambda f: ("gate_floor", {"gate_floor": f}), st.floats(0.0, 0.99).filter(lambda v: v != 1e-3)),
+        st.builds(lambda k: ("refine_max", {"refine_max": k}), st.integers(2, 64)),
+        st.builds(lambda b: ("cache", {"refine_bits": b}), st.integers(2, 16)),
         st.builds(lambda r: ("powersgd_allreduce", {"correction": f"powersgd_allreduce:{r}"}), st.integers(1, 8)),
     )
 

@@ -57,7 +57,7 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
             "dither": lambda: quantizers.subtractive_dither(config.bits, lo, hi),
             "per_sample": lambda: quantizers.per_sample_range(config.bits),
         }[config.quantizer]()
-    gate = {"off": gates.no_gate, "bernoulli": lambda: gates.bernoulli_gate(config.rho),
+    gate = {"off": gates.no_gate, "bernoulli": lambda: gates.bernoulli_gate(config.rho, config.gate_floor),
             "top": lambda: gates.top_fraction_gate(config.rho)}[config.gate]()
     score_fn = None
     if config.score == "grad_norm":
@@ -68,7 +68,8 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     estimator = qdata_estimator(loss_fn, quantizer, num_classes=dataset.num_classes, gate=gate,
                                 correction=correction, score_fn=score_fn,
                                 cache_size=node_size if config.cache else None,
-                                sample_shape=dataset.sample_shape, coder=config.coder)
+                                sample_shape=dataset.sample_shape, coder=config.coder,
+                                refine=(config.refine_bits, config.refine_max) if config.refine_bits else None)
     # The model goes down to the nodes only if they use it: to score samples or to correct.
     needs_params = correction is not None or (config.gate != "off" and config.rho < 1.0)
     return qdata_method(estimator, needs_params=needs_params)

@@ -24,6 +24,7 @@ from qdata.codecs.context_ans import DATA_CODERS, context_ans
 from qdata.codecs.data_codec import DataCodec, from_quantizer, joint
 from qdata.codecs.labels import class_labels, real_targets
 from qdata.codecs.payloads import Compressor, Quantizer
+from qdata.codecs.refine import refined_cache
 from qdata.correction import correction as make_correction, no_correction
 from qdata.estimator import Estimator, estimator
 from qdata.methods.base import Method
@@ -90,10 +91,11 @@ def _code_width(quantizer: Quantizer, sample_shape) -> int:
 
 def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, target_dtype=None,
                  cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None,
-                 coder: str = "fixed") -> DataCodec:
+                 coder: str = "fixed", refine: tuple[int, int] | None = None) -> DataCodec:
     """The sample codec of :func:`qdata_estimator`: Q beside exact labels, Q's codes sent at fixed
-    length or as an adaptive context ANS stream, optionally cached. ``quantizer`` may also be a
-    data codec of the samples itself (e.g. :func:`qdata.codecs.transform_codec.transform_codec`),
+    length or as an adaptive context ANS stream, optionally cached, and the cached samples optionally
+    refined (``refine = (bits, most)``, :func:`qdata.codecs.refine.refined_cache`). ``quantizer`` may
+    also be a data codec of the samples itself (e.g. :func:`qdata.codecs.transform_codec.transform_codec`),
     used as is (fixed-length codes only)."""
     if coder not in DATA_CODERS:
         raise ValueError(f"coder must be one of {DATA_CODERS}, got {coder!r}")
@@ -110,13 +112,22 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
         samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
     codec = joint(x=samples, y=labels)
     if cache_size is None:
+        if refine is not None:
+            raise ValueError("refine needs cache_size: it refines the samples the learner holds")
         return codec
     cache_size = checks.check_int(cache_size, "cache_size", lo=1)
     if sample_shape is None:
         raise ValueError("sample_shape is required with cache_size (the cache holds quantized samples)")
     example = {"x": jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in sample_shape), jnp.float32),
                "y": jax.ShapeDtypeStruct((1,), jnp.int32 if num_classes is not None else jnp.float32)}
-    return learner_cache(codec, cache_size, example)
+    cached = learner_cache(codec, cache_size, example)
+    if refine is None:
+        return cached
+    delta = getattr(quantizer, "delta", None)
+    if delta is None:
+        raise ValueError("refine needs a quantizer with a dataset-wide step (delta: stochastic or nearest "
+                         "rounding), the bound of the first code's error")
+    return refined_cache(cached, sample_shape, delta, *refine)
 
 
 def qdata_estimator(
@@ -131,6 +142,7 @@ def qdata_estimator(
     cache_size: int | None = None,
     sample_shape: tuple[int, ...] | None = None,
     coder: str = "fixed",
+    refine: tuple[int, int] | None = None,
 ) -> Estimator:
     """The qdata estimator of DESIGN.md section 2 from a quantizer, a gate and a compressor.
 
@@ -156,6 +168,8 @@ def qdata_estimator(
       coder: how Q's codes cross the link: ``'fixed'`` (B bits each) or ``'ans'``
         (:func:`qdata.codecs.context_ans.context_ans`: adaptive context-model ANS, lossless, so the
         training is that of ``'fixed'`` and only the bits change).
+      refine: ``(bits, most)`` to refine cached samples sent again (:mod:`qdata.codecs.refine`);
+        needs ``cache_size`` and a quantizer with a dataset-wide step.
 
     Returns:
       An :class:`Estimator`. With the correction on and ``quantizer``, ``correction`` and ``gate`` all
@@ -169,7 +183,7 @@ def qdata_estimator(
             raise ValueError("target_dtype is for real-valued targets (num_classes=None); integer labels "
                              f"travel at ceil(log2 C) bits, got target_dtype={target_dtype!r} with num_classes={num_classes}")
     codec = sample_codec(quantizer, num_classes=num_classes, target_dtype=target_dtype, cache_size=cache_size,
-                         sample_shape=sample_shape, coder=coder)
+                         sample_shape=sample_shape, coder=coder, refine=refine)
     corr = no_correction() if correction is None else make_correction(loss_fn, correction)
     check = functools.partial(checks.check_batch, num_classes=num_classes, target_dtype=target_dtype)
     as_sent = (lambda y: y) if num_classes is not None else (lambda y: y.astype(target_dtype))
