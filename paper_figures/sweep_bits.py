@@ -4,9 +4,10 @@ coder and quantizer (:mod:`paper_figures.sweeps`).
 
 Bits per sample sent: the run's data-code bits (data and metadata parts, all nodes, the whole run)
 over the samples it sent. A fixed-length code sends n B bits a sample, so its data part counts its
-samples exactly; a lossless coder (ANS) sends the same samples as its fixed-length twin (the same
-config with ``coder = "fixed"``, same seed), whose count it takes. A run without such a count is left
-off that panel, and the caption says so.
+samples exactly; results files record the count (``encoder_counts['samples_coded']``), and for
+older ones a lossless coder (ANS) takes the count of its fixed-length twin (the same config with
+``coder = "fixed"``, same seed), which sends the same samples. A run without a count is left off that
+panel, and the caption says so.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ def find(runs: list[Run]) -> list[Sweep]:
                        lambda cfg: f"coder {cfg['coder']}, {cfg['quantizer']} rounding")
 
 
+def samples_counted(run: Run) -> int | None:
+    """The samples whose codes a run sent, all nodes, the whole run, as its encoders counted them
+    (``encoder_counts['samples_coded']``; None in results files written before the count)."""
+    return run.rounds[-1].get("encoder_counts", {}).get("samples_coded")
+
+
 def samples_sent(run: Run) -> int | None:
     """Samples a fixed-length run sent, all nodes, the whole run (None if its data part is not n B a sample)."""
+    counted = samples_counted(run)
+    if counted is not None:
+        return counted
     cfg, n = run.header["config"], run.header["dataset"]["n"]
     data = run.rounds[-1]["cumulative_uplink_bits"].get("data", 0)
     if cfg["coder"] != "fixed" or data % (n * cfg["bits"]):
@@ -44,7 +54,7 @@ def _twin(run: Run, everyone: list[Run]) -> Run | None:
 
 
 def bits_per_sample(run: Run, everyone: list[Run]) -> float | None:
-    twin = run if run.header["config"]["coder"] == "fixed" else _twin(run, everyone)
+    twin = run if run.header["config"]["coder"] == "fixed" or samples_counted(run) else _twin(run, everyone)
     sent = samples_sent(twin) if twin is not None else None
     if not sent:
         return None

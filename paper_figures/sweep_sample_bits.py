@@ -48,9 +48,12 @@ def bits_per_sample(run: Run, everyone: list[Run]) -> float | None:
     if _basis(cfg) == "none":
         return sweep_bits.bits_per_sample(run, everyone)
     data = parts.get("data", 0)
-    if not data or data % cfg["sample_bits"]:
+    sent = sweep_bits.samples_counted(run)
+    if sent is None and data and not data % cfg["sample_bits"]:
+        sent = data // cfg["sample_bits"]
+    if not sent:
         return None
-    return (data + parts.get("metadata", 0) + parts.get("setup", 0)) / (data // cfg["sample_bits"])
+    return (data + parts.get("metadata", 0) + parts.get("setup", 0)) / sent
 
 
 def draw_sweep(sweep: Sweep, path: Path, caption) -> canvas.Figure:

@@ -159,6 +159,8 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         selection = gates.select(gate, score_fn, k_gate, params, x, y)
         weights, bitmap = gates.selection_payloads(gate, selection)
         mask = selection.mask
+        # Counted locally, never sent: the samples this message carries (the gate's choice).
+        bitmap = bitmap.replace(info={"samples_sent": jnp.sum(mask > 0, dtype=jnp.int32)})
         payload, codec_state = samples.encode(k_data, {"x": x, "y": y}, state.samples, mask, batch.get("pos"))
         # The node decodes its own message so that it uses exactly the Q(x_j) and a_j the learner
         # will use (and y~_j, the labels as sent); then delta is unbiased for what the learner misses.

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from qdata import engine
 from qdata.codecs import fp32, stochastic_rounding, subtractive_dither
 from qdata.codecs.packing import unpack_codes
 from qdata.estimator import full_gradient
@@ -64,6 +65,10 @@ def test_cached_samples_cost_only_their_positions():
     bits2 = est.uplink_bits(msg2)
     assert int(bits2["data"]) == 0 and int(bits2["labels"]) == 0
     assert int(bits2["total"]) == int(bits2["positions"])
+    # The local counts (never sent): B samples sent, of which none coded again.
+    counts = engine.split_diagnostics(msg2)[1]
+    assert int(counts["samples_sent"]) == B and int(counts["samples_coded"]) == 0
+    assert int(engine.split_diagnostics(msg)[1]["samples_coded"]) == fresh
     assert not np.any(np.asarray(msg2.samples.inner["x"].rows["codes"]))  # nothing else travels
     g2, cache = learner(params, msg2, cache)
     # ... and the learner, reading its cache, computes the same estimate as from the first message.

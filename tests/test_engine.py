@@ -121,7 +121,8 @@ def test_ledger_in_results_is_exact(tmp_path):
     assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == per_node_round
     assert rounds[-1]["cumulative_uplink_bits"]["total"] == per_node_round * 2 * 4
     assert rounds[-1]["cumulative_uplink_bits"]["correction"] == 0
-    assert rounds[-1]["encoder_counts"] == {"clipped": 0}  # digits lie in the quantizer's [0, 1]
+    # Digits lie in the quantizer's [0, 1]; every sample of 2 nodes x 4 rounds x 8 was sent and coded.
+    assert rounds[-1]["encoder_counts"] == {"clipped": 0, "samples_coded": 64, "samples_sent": 64}
     # Any accuracy reaches 1%: the first evaluation's cumulative bits, carried forward.
     assert rounds[0]["bits_to_target_per_node"] == rounds[-1]["bits_to_target_per_node"] == per_node_round * 2
     # Neither a gate nor a correction: nodes do not need the model, so no downlink is charged.

@@ -86,6 +86,12 @@ def code_rows(payload: Payload) -> Payload:
     return Payload(rows=rows)
 
 
+def samples_coded(sent: Array) -> Array:
+    """The count of items whose codes a payload carries, for ``Payload.info`` (a local count, never
+    sent): with a cache, the fresh samples only."""
+    return jnp.sum(sent > 0, dtype=jnp.int32)
+
+
 def stateless_receive(payload, state, sent):
     """``receive`` of a codec without state: the state is unchanged."""
     del payload, sent
@@ -106,7 +112,8 @@ def from_quantizer(quantizer: Quantizer) -> DataCodec:
 
     def encode(key, x, state, sent, pos=None):
         del pos
-        return keep_rows(quantizer.encode(key, x), sent), state
+        payload = keep_rows(quantizer.encode(key, x), sent)
+        return payload.replace(info={**payload.info, "samples_coded": samples_coded(sent)}), state
 
     def decode(payload, state, sent):
         del state
