@@ -47,7 +47,8 @@ from qdata.checks import check_finite
 
 __all__ = [
     "Dataset", "DatasetUnavailableError", "load_dataset", "LOCAL_SOURCES", "INSTALLED_IDX", "InstalledIdx", "to_float", "check_image_size",
-    "partition_iid", "partition_dirichlet", "partition_similarity", "partition", "PARTITIONS",
+    "partition_iid", "partition_dirichlet", "partition_similarity", "similarity_clusters", "Clusters",
+    "nearest_centres", "partition", "PARTITIONS",
     "NodeData", "stack_nodes", "sample_node_batches", "available_counts", "streaming_counts",
 ]
 
@@ -751,17 +752,94 @@ def _fill_empty(nodes: list[np.ndarray], rng: np.random.Generator) -> list[np.nd
     return nodes
 
 
-def partition_similarity(x, num_nodes: int, seed: int, *, balanced: bool = True,
-                         pca_dim: int | None = 50) -> list[np.ndarray]:
-    """Similarity-based dispatch: similar samples go to the same node.
+class Clusters(NamedTuple):
+    """A similarity dispatch of the training set (:func:`similarity_clusters`).
+
+    Attributes:
+      members: num_nodes int64 index arrays into the training set, cluster k's samples (in a random
+        order); with replication p a sample is in p of them.
+      centres: (num_nodes, n) float32 k-means centres in the samples' float space: the centres of
+        the PCA space mapped back (``mean + z V``), so the nearest of them to any point is its
+        nearest centre in the PCA space as well (the part of ``x - c_k`` off the PCA subspace does
+        not depend on k); :func:`nearest_centres` routes points by them.
+    """
+
+    members: list
+    centres: np.ndarray
+
+
+def similarity_clusters(x, num_nodes: int, seed: int, *, balanced: bool = True, replication: int = 1,
+                        pca_dim: int | None = 50) -> Clusters:
+    """Similarity-based dispatch with replication: similar samples go to the same node.
 
     The flattened samples (projected on their top ``pca_dim`` principal components when n is larger,
     which keeps the clustering fast on images) are clustered by k-means with num_nodes clusters
-    (scikit-learn ``KMeans``, k-means++ seeding), and cluster k goes to node k. With
-    ``balanced=True`` the assignment is capacity-constrained so node sizes differ by at most one:
-    in rounds, every unassigned sample proposes to its nearest centroid that still has room, and each
-    centroid keeps its closest proposers up to its remaining capacity. With ``balanced=False`` node
-    sizes are the cluster sizes (an empty cluster is given one sample from the largest).
+    (scikit-learn ``KMeans``, k-means++ seeding), and cluster k goes to node k. Each sample is
+    assigned to ``replication`` = p distinct clusters, its nearest ones (Dick et al., "Data Driven
+    Resource Allocation for Distributed Learning", AISTATS 2017: p-replicated balanced clustering).
+
+    With ``balanced=True`` the assignment is capacity-constrained: cluster k holds exactly its share
+    of the N p assignments, floor(N p / K) or ceil(N p / K). In rounds, every sample short of p
+    clusters proposes to its nearest centroid that still has room and that it is not in yet, and
+    each centroid keeps its closest proposers up to its remaining capacity; a sample left with no
+    such centroid (p > 1 only) takes its nearest full centroid c' it is not in, whose member nearest
+    to a centroid c with room (that the sample is in, and the member is not) moves to c. With
+    ``balanced=False`` each sample goes to its p nearest centroids, sizes as they fall (an empty
+    cluster is given one sample from the largest).
+
+    Args:
+      x: (N, *sample_shape) training samples.
+      num_nodes: number of nodes K, 1 <= K <= N.
+      seed: seed of the PCA and k-means.
+      balanced: exact shares of the N p assignments (default) or raw nearest-centroid sizes.
+      replication: p, the clusters each sample is assigned to, 1 <= p <= K.
+      pca_dim: dimension the samples are projected to before clustering; None keeps all n.
+
+    Returns:
+      The :class:`Clusters`: each cluster's members and the K centres.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must hold samples on the leading axis, got shape {x.shape}")
+    num_nodes, seed = _check_partition_args(x.shape[0], num_nodes, seed)
+    replication = _check_int(replication, "replication", minimum=1)
+    if replication > num_nodes:
+        raise ValueError(f"replication={replication} exceeds num_nodes={num_nodes}: a sample goes to at most "
+                         "every node once")
+    if pca_dim is not None:
+        pca_dim = _check_int(pca_dim, "pca_dim", minimum=1)
+    check_finite(x, name="x")
+    flat = x.reshape(x.shape[0], -1).astype(np.float32)
+    pca = None
+    if pca_dim is not None and flat.shape[1] > pca_dim and flat.shape[0] > pca_dim:
+        pca = PCA(n_components=pca_dim, random_state=seed)
+        flat = pca.fit_transform(flat)
+    kmeans = KMeans(n_clusters=num_nodes, n_init=1, random_state=seed).fit(flat)
+    centres = kmeans.cluster_centers_ if pca is None else pca.inverse_transform(kmeans.cluster_centers_)
+    centres = np.asarray(centres, np.float32)
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        if replication == 1:
+            assign = kmeans.labels_
+        else:
+            assign = np.argsort(kmeans.transform(flat), axis=1, kind="stable")[:, :replication]
+        nodes = [np.flatnonzero((assign.reshape(len(flat), -1) == k).any(axis=1)) for k in range(num_nodes)]
+        return Clusters(_shuffled(_fill_empty(nodes, rng), rng), centres)
+    held = _balanced_assignment(kmeans.transform(flat), replication)
+    return Clusters(_shuffled([np.flatnonzero(held[:, k]) for k in range(num_nodes)], rng), centres)
+
+
+def partition_similarity(x, num_nodes: int, seed: int, *, balanced: bool = True,
+                         pca_dim: int | None = 50) -> list[np.ndarray]:
+    """Similarity-based dispatch: similar samples go to the same node, each to one node.
+
+    The members of :func:`similarity_clusters` with replication 1: k-means (on the top ``pca_dim``
+    principal components when n is larger) with num_nodes clusters, cluster k to node k; with
+    ``balanced=True`` node sizes differ by at most one (capacity-constrained proposals), with
+    ``balanced=False`` they are the cluster sizes (an empty cluster is given one sample from the largest).
 
     Args:
       x: (N, *sample_shape) training samples.
@@ -773,47 +851,60 @@ def partition_similarity(x, num_nodes: int, seed: int, *, balanced: bool = True,
     Returns:
       A list of num_nodes index arrays into the training set.
     """
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
-    x = np.asarray(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must hold samples on the leading axis, got shape {x.shape}")
-    num_nodes, seed = _check_partition_args(x.shape[0], num_nodes, seed)
-    if pca_dim is not None:
-        pca_dim = _check_int(pca_dim, "pca_dim", minimum=1)
-    check_finite(x, name="x")
-    flat = x.reshape(x.shape[0], -1).astype(np.float32)
-    if pca_dim is not None and flat.shape[1] > pca_dim and flat.shape[0] > pca_dim:
-        flat = PCA(n_components=pca_dim, random_state=seed).fit_transform(flat)
-    kmeans = KMeans(n_clusters=num_nodes, n_init=1, random_state=seed).fit(flat)
-    rng = np.random.default_rng(seed)
-    if not balanced:
-        assign = kmeans.labels_
-        nodes = [np.flatnonzero(assign == k) for k in range(num_nodes)]
-        return _shuffled(_fill_empty(nodes, rng), rng)
-    assign = _balanced_assignment(kmeans.transform(flat))
-    return _shuffled([np.flatnonzero(assign == k) for k in range(num_nodes)], rng)
+    return similarity_clusters(x, num_nodes, seed, balanced=balanced, pca_dim=pca_dim).members
 
 
-def _balanced_assignment(dist: np.ndarray) -> np.ndarray:
-    """Assign N points to K centroids, sizes floor(N/K) or ceil(N/K), preferring near centroids."""
+def nearest_centres(x, centres: np.ndarray, count: int = 1) -> np.ndarray:
+    """(m, count) int32: the indices of the ``count`` centres nearest to each of the m points ``x``
+    (flattened float values), nearest first (squared Euclidean distance)."""
+    flat = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float64)
+    c = np.asarray(centres, np.float64)
+    dist = (flat**2).sum(1, keepdims=True) - 2.0 * flat @ c.T + (c**2).sum(1)[None, :]
+    return np.argsort(dist, axis=1, kind="stable")[:, :count].astype(np.int32)
+
+
+def _balanced_assignment(dist: np.ndarray, replication: int = 1) -> np.ndarray:
+    """(N, K) bool: which of K centroids each of N points is assigned to, ``replication`` distinct
+    ones each, centroid k holding floor(N p / K) or ceil(N p / K) points, preferring near centroids
+    (the proposal rounds and the repair of :func:`similarity_clusters`)."""
     n, k = dist.shape
-    capacity = np.full(k, n // k)
-    capacity[: n % k] += 1
-    assign = np.full(n, -1)
-    dist = dist.astype(np.float64).copy()
-    while (assign < 0).any():
-        free = np.flatnonzero(assign < 0)
-        full = capacity == 0
-        dist[:, full] = np.inf
-        choice = np.argmin(dist[free], axis=1)
+    total = n * replication
+    capacity = np.full(k, total // k)
+    capacity[: total % k] += 1
+    held = np.zeros((n, k), bool)
+    dist = dist.astype(np.float64)
+    while True:
+        free = np.flatnonzero(held.sum(axis=1) < replication)
+        if free.size == 0:
+            return held
+        room = np.where(held[free] | (capacity == 0)[None, :], np.inf, dist[free])
+        choice = np.argmin(room, axis=1)
+        open_ = np.isfinite(room[np.arange(free.size), choice])
+        if not open_.any():
+            _repair(free[0], held, capacity, dist)
+            continue
+        free, choice = free[open_], choice[open_]
         for c in np.unique(choice):
             proposers = free[choice == c]
             keep = proposers[np.argsort(dist[proposers, c], kind="stable")[: capacity[c]]]
-            assign[keep] = c
+            held[keep, c] = True
             capacity[c] -= keep.size
-    return assign
+
+
+def _repair(point: int, held: np.ndarray, capacity: np.ndarray, dist: np.ndarray) -> None:
+    """Point ``point`` lacks a cluster and every centroid with room already holds it: it takes its
+    nearest full centroid c' it is not in, and the member q of c' nearest to a centroid c with room
+    (which q is not in) moves from c' to c. Such a q exists: |c'| >= |c| > |c minus point|, and the
+    point is not in c'."""
+    room = np.flatnonzero(capacity > 0)
+    lacking = np.flatnonzero(~held[point])
+    target = lacking[np.argmin(dist[point, lacking])]
+    rows, cols = np.nonzero(held[:, target][:, None] & ~held[:, room])  # (a member q of c', a c it is not in)
+    best = np.argmin(dist[rows, room[cols]])
+    q, c = rows[best], room[cols[best]]
+    held[q, target], held[q, c] = False, True
+    capacity[c] -= 1
+    held[point, target] = True
 
 
 PARTITIONS = ("iid", "dirichlet:ALPHA", "similarity", "similarity:unbalanced")
