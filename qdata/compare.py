@@ -118,18 +118,22 @@ def relays(header: dict, rounds: list[dict]) -> bool:
 
 
 def _downlink(header: dict, rounds: list[dict], round_: float, uplink: float) -> float:
-    """Downlink bits per node after ``round_`` rounds, ``uplink`` bits per node sent by then."""
+    """Downlink bits per node after ``round_`` rounds, ``uplink`` bits per node sent by then (a
+    one-shot method's downlink, paid before its first round, included)."""
     if relays(header, rounds):
         return (header["config"]["num_nodes"] - 1) * uplink
-    return header["downlink_bits_per_node_per_round"] * round_
+    return qresults.one_shot_downlink_per_node(header) + header["downlink_bits_per_node_per_round"] * round_
 
 
 def _downlink_kind(header: dict, rounds: list[dict]) -> str:
-    """What goes down to a node: ``none``, ``model`` (32 d a round), ``relay`` (:func:`relays`) or
-    ``replies`` (a method's own replies, e.g. PowerSGD as published; ``model+replies`` with both)."""
+    """What goes down to a node: ``none``, ``model`` (32 d a round), ``relay`` (:func:`relays`),
+    ``replies`` (a method's own replies, e.g. PowerSGD as published; ``model+replies`` with both) or
+    ``one-shot`` (a one-shot method's downlink, e.g. the dispatch's relayed samples and centres)."""
     down, model = header["downlink_bits_per_node_per_round"], 32 * header["model"]["params"]
     if relays(header, rounds):
         return "relay"
+    if qresults.one_shot_downlink_per_node(header):
+        return "one-shot"
     parts = header.get("downlink_parts_per_node_per_round")  # absent from older results files
     if parts is not None:  # read, not guessed from the sizes (split learning's replies may exceed 32 d)
         return "+".join(k for k in ("model", "replies") if parts[k]) or "none"
@@ -331,7 +335,9 @@ def format_table(summary: dict) -> str:
               "broadcast of w, 32 d a round, to a node that needs it; relay = a gradient compressor's node keeps a "
               "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
               "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves; split "
-              "learning: the activation gradients and the averaged lower layers); "
+              "learning: the activation gradients and the averaged lower layers); one-shot = paid once before "
+              "training (dispatch: the samples relayed to a node and the k-means centres; shown per round as its "
+              "total over the rounds); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
               f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "

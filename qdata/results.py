@@ -77,6 +77,13 @@ def uplink_bits_per_round(rounds: list[dict]) -> float:
     return rounds[-1]["cumulative_uplink_bits_per_node"] / rounds[-1]["round"]
 
 
+def one_shot_downlink_per_node(header: dict) -> float:
+    """The downlink bits per node a one-shot method paid before its first round (the mean over the
+    nodes of its header's ``one_shot.downlink_bits_per_node``; 0 for every other method)."""
+    down = (header.get("one_shot") or {}).get("downlink_bits_per_node")
+    return sum(down) / len(down) if down else 0.0
+
+
 def describe_setting(header: dict) -> str:
     """One line saying what produced a run: data (synthetic or not), model, nodes, rounds, seed."""
     ds, cfg = header["dataset"], header["config"]
@@ -167,7 +174,8 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
     for ax, measure in zip(axes, ("uplink", "total")):
         for i, (label, header, rounds) in enumerate(runs):
             down = header["downlink_bits_per_node_per_round"] if measure == "total" else 0
-            xs = [r["cumulative_uplink_bits_per_node"] + down * r["round"] for r in rounds]
+            once = one_shot_downlink_per_node(header) if measure == "total" else 0
+            xs = [r["cumulative_uplink_bits_per_node"] + once + down * r["round"] for r in rounds]
             ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label,
                     color=plt.cm.tab20(i % 20), linestyle="-" if "qdata" in label else "--")
         for (name, acc), style in zip(targets.items(), (":", "--")):
