@@ -34,6 +34,8 @@ HELP = {
              "(ImageNet stem: 7x7 stride-2 conv and 3x3 stride-2 max-pool, for imagenet2012)",
     "method": "qdata (send quantized data) | sgd (fp32 gradients) | gradient (compressed gradients) | "
               "dca (one-shot data collaboration analysis: PCA-mapped data and anchors, trained centrally) | "
+              "dispatch (one-shot: samples dispatched to the nodes of their nearest k-means centres, a local "
+              "model per node, test points routed by their nearest centre) | "
               "split (split learning: lower layers at the nodes, activations up, their gradients down)",
     "split_cut": "split: the number of layers at the node (the learner holds the rest)",
     "split_bits": "split: bits per activation (per-sample-range stochastic rounding), 0 = fp32",
@@ -41,6 +43,11 @@ HELP = {
     "dca_dim": "dca: each node's PCA dimension m (and the collaboration representation's)",
     "dca_anchors": "dca: shared anchor points r (drawn from the data range with a shared seed; r >= m)",
     "dca_values": "dca: float32 | float16, how the mapped values travel",
+    "dispatch_replication": "dispatch: p, the nodes each sample is sent to (its p nearest centres), 1..num_nodes",
+    "dispatch_balanced": "dispatch: cluster sizes bounded to floor or ceil of N p / k (--no-dispatch-balanced: "
+                         "raw nearest-centre sizes)",
+    "dispatch_route": "dispatch: nearest (a test point to its nearest centre's model) | vote (its p nearest "
+                      "centres' models average their probabilities; p >= 2)",
     "bits": "qdata: bits per data coordinate, 1..16",
     "quantizer": "qdata: the data quantizer",
     "gate": "qdata: importance gate (off sends every sample)",
@@ -61,7 +68,8 @@ HELP = {
                   "powersgd:R | powersgd_allreduce:R | significance:S (Gaia's filter, S e.g. 0.01) | ef:SPEC "
                   "(K an integer or a fraction of d)",
     "error_feedback": "gradient: wrap the compressor in error feedback",
-    "partition": "iid | dirichlet:ALPHA | similarity",
+    "partition": "iid | dirichlet:ALPHA | similarity (with --method dispatch: where the samples sit before they "
+                 "are dispatched)",
     "stream_start": "streaming nodes: share of each node's data present at round 0 (1 = all)",
     "stream_rounds": "streaming nodes: the round by which all data has arrived (0 = the last round)",
     "batch_size": "samples per node per round",
@@ -85,7 +93,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from qdata import config as qconfig
     from qdata.config import RunConfig
 
-    choices = {"method": qconfig.METHODS, "quantizer": qconfig.QUANTIZERS, "transform": qconfig.TRANSFORMS, "gate": qconfig.GATES,
+    choices = {"method": qconfig.METHODS, "dispatch_route": qconfig.DISPATCH_ROUTES, "quantizer": qconfig.QUANTIZERS, "transform": qconfig.TRANSFORMS, "gate": qconfig.GATES,
                "score": qconfig.SCORES, "optimizer": ("sgd", "adam")}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
@@ -131,7 +139,8 @@ def _config_from(args: argparse.Namespace):
 # What one run of a lineup is: set per run in the lineup file, never for all runs from a flag.
 PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "gate_floor", "correction", "cache", "coder",
               "transform", "sample_bits", "refine_bits", "refine_max", "compressor", "error_feedback", "dca_dim",
-              "dca_anchors", "dca_values", "split_cut", "split_bits", "split_top", "name")
+              "dca_anchors", "dca_values", "dispatch_replication", "dispatch_balanced", "dispatch_route", "split_cut",
+              "split_bits", "split_top", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

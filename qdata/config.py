@@ -47,8 +47,9 @@ from qdata.codecs import compressors
 from qdata.codecs.context_ans import DATA_CODERS
 from qdata.data import check_image_size
 
-METHODS = ("qdata", "sgd", "gradient", "dca", "split")
+METHODS = ("qdata", "sgd", "gradient", "dca", "dispatch", "split")
 DCA_VALUES = ("float32", "float16")
+DISPATCH_ROUTES = ("nearest", "vote")  # a test point to its nearest centre's model, or its p nearest ones vote
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
 TRANSFORMS = ("none", "dct", "pca")  # qdata's data codes: per pixel, or in a 2-D DCT / node PCA basis
 TRANSFORM_ROUNDINGS = ("stochastic", "dither")  # the quantizers a transform code rounds its coefficients with
@@ -95,6 +96,12 @@ class RunConfig:
     dca_dim: int = 16  # m: each node's PCA dimension, and the collaboration representation's
     dca_anchors: int = 128  # r: anchor points, drawn from the data range with a shared seed
     dca_values: str = "float32"  # how the mapped values travel
+    # data-dependent dispatch with local models (method "dispatch", one-shot; qdata.methods.dispatch):
+    # k = num_nodes balanced clusters, each sample sent to the nodes of its p nearest centres, one
+    # model per node trained on its own shard, a test point routed by its nearest centre(s)
+    dispatch_replication: int = 1  # p, in 1..num_nodes
+    dispatch_balanced: bool = True  # cluster sizes bounded (floor or ceil of N p / k), else raw k-means
+    dispatch_route: str = "nearest"  # "vote": the p nearest centres' models average their probabilities
     # split learning (method "split"; qdata.methods.split): layers at the node, activation bits (0: fp32)
     split_cut: int = 1
     split_bits: int = 0
@@ -242,6 +249,9 @@ FIELD_RULES: dict[str, Rule] = {
     "dca_dim": _ints(1),
     "dca_anchors": _ints(1),
     "dca_values": _one_of(DCA_VALUES),
+    "dispatch_replication": _ints(1),
+    "dispatch_balanced": Rule(bool, "true or false"),
+    "dispatch_route": _one_of(DISPATCH_ROUTES),
     "split_cut": _ints(1),
     "split_bits": _ints(0, 16),
     "split_top": _ints(0),
@@ -352,12 +362,32 @@ def _check_combination(config: RunConfig) -> None:
         raise ValueError(f"method='dca' is one-shot: it needs every sample at the start (stream_start=1, got "
                          f"{config.stream_start}) and dca_anchors >= dca_dim (got {config.dca_anchors} < "
                          f"{config.dca_dim})")
+    if config.method == "dispatch":
+        _check_dispatch(config)
     if config.method == "split":
         _check_split(config)
     _check_transform(config)
     _check_refine(config)
     if config.gate == "off" and config.rho != 1.0:
         raise ValueError(f"rho={config.rho} needs a gate (gate='bernoulli' or 'top'); gate='off' sends every sample")
+
+
+def _check_dispatch(config: RunConfig) -> None:
+    """One-shot dispatch: p within the nodes, a vote among at least two, every sample present at the
+    start, one device, and no fault schedule or checked messages (not built for the one exchange)."""
+    if config.dispatch_replication > config.num_nodes:
+        raise ValueError(f"dispatch_replication must be an integer in 1..num_nodes={config.num_nodes} (each sample "
+                         f"goes to p distinct nodes), got {config.dispatch_replication}")
+    if config.dispatch_route == "vote" and config.dispatch_replication < 2:
+        raise ValueError("dispatch_route='vote' lets a test point's p nearest centres' models vote: it needs "
+                         f"dispatch_replication >= 2 (got {config.dispatch_replication}; with p = 1 use 'nearest')")
+    if config.stream_start < 1.0:
+        raise ValueError(f"method='dispatch' is one-shot: it dispatches every sample once, at the start "
+                         f"(stream_start=1, got {config.stream_start})")
+    if config.faults != "none" or config.integrity or config.num_devices != 1:
+        raise ValueError(f"method='dispatch' trains its local models on one device without faulty nodes or checked "
+                         f"messages: it needs faults='none', integrity=false and num_devices=1 (got {config.faults!r}, "
+                         f"{config.integrity}, {config.num_devices})")
 
 
 def _check_split(config: RunConfig) -> None:
@@ -417,6 +447,8 @@ _USED_WHEN = {
     "sample_bits": (lambda c: c.method == "qdata" and c.transform != "none",
                     "method='qdata' and transform='dct' or 'pca'"),
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
+    **{name: (lambda c: c.method == "dispatch", "method='dispatch'")
+       for name in ("dispatch_replication", "dispatch_balanced", "dispatch_route")},
     **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits", "split_top")},
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),

@@ -166,13 +166,18 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
         the learner holds after a one-shot floor, :func:`qdata.floors.central_dataset`).
       validation: ``(x_val, y_val)`` prepared with ``dataset``, instead of a split carved from it.
 
-    A one-shot method (``method="dca"``) ships its data once and trains centrally:
-    :func:`qdata.methods.dca.train_dca`.
+    A one-shot method ships its data once: ``method="dca"`` then trains centrally
+    (:func:`qdata.methods.dca.train_dca`), ``method="dispatch"`` trains a local model per node
+    (:func:`qdata.methods.dispatch.train_dispatch`).
     """
     if config.method == "dca":
         from qdata.methods.dca import train_dca
 
         return train_dca(config, out_dir, resume=resume, progress=progress)
+    if config.method == "dispatch":
+        from qdata.methods.dispatch import train_dispatch
+
+        return train_dispatch(config, out_dir, resume=resume, progress=progress)
     out = Path(out_dir)
     results_path = out / "results.jsonl"
     # Over several processes every process runs the same program; process 0 alone writes results.
@@ -345,6 +350,10 @@ def phase_seconds(config: RunConfig, repeats: int = 5) -> dict:
         from qdata.methods.dca import dca_phase_seconds
 
         return dca_phase_seconds(config)
+    if config.method == "dispatch":
+        from qdata.methods.dispatch import dispatch_phase_seconds
+
+        return dispatch_phase_seconds(config)
     exp = Experiment(config)
     mesh = engine.node_mesh(config.num_devices)
     shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)

@@ -143,10 +143,13 @@ def _field_cases():
         "model": st.one_of(text.filter(lambda v: v not in {"logreg", "mlp", "cnn", "resnet20", "resnet18", "resnet18_imagenet"}
                                        and not (v.startswith("mlp:") and all(w.isdigit() and int(w) > 0 for w in v[4:].split("x")))),
                            st.sampled_from(["mlp:", "mlp:0", "mlp:-3", "mlp:12x", "mlp:axb"]), st.integers(), junk),
-        "method": bad_choice(("qdata", "sgd", "gradient", "dca")),
+        "method": bad_choice(("qdata", "sgd", "gradient", "dca", "dispatch", "split")),
         "dca_dim": bad_int(1),
         "dca_anchors": bad_int(1),
         "dca_values": bad_choice(("float32", "float16")),
+        "dispatch_replication": bad_int(1),
+        "dispatch_balanced": bad_bool(),
+        "dispatch_route": bad_choice(("nearest", "vote")),
         "bits": bad_int(1, 16),
         "quantizer": bad_choice(("stochastic", "nearest", "dither", "per_sample")),
         "gate": bad_choice(("off", "bernoulli", "top")),
@@ -184,8 +187,9 @@ def _field_cases():
     }
     context = {"correction": qdata_on, "gate_floor": {"method": "qdata", "gate": "bernoulli", "rho": 0.5},
                "refine_bits": {"method": "qdata", "cache": True},
-               "refine_max": {"method": "qdata", "cache": True, "refine_bits": 2}, "compressor": gradient, "error_feedback": gradient,
-               **{f: {"method": "dca"} for f in ("dca_dim", "dca_anchors", "dca_values")}}
+               "refine_max": {"method": "qdata", "cache": True, "refine_bits": 2}, "compressor": gradient,
+               "error_feedback": gradient, **{f: {"method": "dca"} for f in ("dca_dim", "dca_anchors", "dca_values")},
+               **{f: {"method": "dispatch"} for f in ("dispatch_replication", "dispatch_balanced", "dispatch_route")}}
     return cases, context
 
 
@@ -218,6 +222,13 @@ def bad_combination():
         st.builds(lambda k: ("refine_max", {"refine_max": k}), st.integers(2, 64)),
         st.builds(lambda b: ("cache", {"refine_bits": b}), st.integers(2, 16)),
         st.builds(lambda r: ("powersgd_allreduce", {"correction": f"powersgd_allreduce:{r}"}), st.integers(1, 8)),
+        st.builds(lambda m, p: ("dispatch_replication", {"method": m, "dispatch_replication": p}),
+                  st.sampled_from(["qdata", "sgd", "gradient", "dca"]), st.integers(2, 8)),
+        st.builds(lambda n, p: ("dispatch_replication", {"method": "dispatch", "num_nodes": n, "dispatch_replication": p}),
+                  st.integers(1, 8), st.integers(9, 100)),
+        st.builds(lambda p: ("dispatch_route", {"method": "dispatch", "dispatch_route": "vote", "dispatch_replication": p}),
+                  st.just(1)),
+        st.builds(lambda m: ("dispatch_balanced", {"method": m, "dispatch_balanced": False}), st.sampled_from(["qdata", "sgd"])),
     )
 
 

@@ -1,5 +1,7 @@
 """Training methods behind one interface (:class:`Method`): qdata, SGD, gradient compression and
-PowerSGD as published (two reductions a round), Gaia's significance filter, split learning."""
+PowerSGD as published (two reductions a round), Gaia's significance filter, split learning. The
+one-shot methods, data collaboration analysis (:mod:`qdata.methods.dca`) and data-dependent dispatch
+with local models (:mod:`qdata.methods.dispatch`), run outside the round loop (:func:`qdata.run.train`)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     if config.method == "dca":
         raise ValueError("method='dca' is one-shot (each node ships its mapped data once, the learner trains "
                          "centrally), not a per-round method: run it with qdata.run.train")
+    if config.method == "dispatch":
+        raise ValueError("method='dispatch' is one-shot (each sample sent once to the node of its cluster, a local "
+                         "model per node), not a per-round method: run it with qdata.run.train")
     if config.method == "sgd":
         return sgd(loss_fn)
     if config.method == "split":
