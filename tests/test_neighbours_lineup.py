@@ -8,7 +8,7 @@ def test_all_digits_lineup_holds_every_neighbouring_method():
     lineup = load_lineup("all_digits.toml")
     kinds = {(r.config.method, r.config.compressor.split(":")[0]) for r in lineup.runs}
     assert {("sgd", "fp32"), ("qdata", "fp32"), ("gradient", "topk"), ("gradient", "significance"),
-            ("dca", "fp32")} <= kinds
+            ("dca", "fp32"), ("dispatch", "fp32")} <= kinds
     assert lineup.reference.label == "sgd-fp32"
 
 
