@@ -108,6 +108,9 @@ def dispatch_plan(x_float, index, count, *, replication: int = 1, balanced: bool
     home = np.full(len(x_float), -1, np.int64)
     for i, (rows, c) in enumerate(zip(index, count)):
         home[rows[:c]] = i
+    if (home < 0).any():
+        raise ValueError(f"{int((home < 0).sum())} training samples sit at no node: the dispatch moves samples from "
+                         "where a partition of the whole training set put them")
     clusters = similarity_clusters(x_float, nodes, seed, balanced=balanced, replication=replication)
     overlap = np.zeros((nodes, nodes), np.int64)  # overlap[k, i]: cluster k's members at node i
     for k, members in enumerate(clusters.members):
