@@ -24,3 +24,14 @@ def test_significance_relays_where_smaller_and_dca_sends_nothing_down():
     assert not compare.relays(_header("significance:0.1"), large)  # 4 x 9,000 > 32,000: the model
     dca = _header("dca:16:64:float16")
     assert not compare.relays(dca, small) and compare._downlink_kind(dca, small) == "none"
+
+
+def test_the_dispatch_subset_is_the_lineups_own_rows():
+    """experiments/all_digits_dispatch.toml runs the dispatch rows alone: the same base, seeds, grid
+    and runs as all_digits.toml's, so its figures are that lineup's rows."""
+    full, subset = load_lineup("all_digits.toml"), load_lineup("all_digits_dispatch.toml")
+    assert (subset.base, subset.seeds, subset.tune_seeds) == (full.base, full.seeds, full.tune_seeds)
+    rows = {r.label: r for r in full.runs}
+    assert {r.label for r in subset.runs} == {"sgd-fp32", "dispatch-p1", "dispatch-p2-vote"}
+    for r in subset.runs:
+        assert (r.config, r.lr_grid, r.family) == (rows[r.label].config, rows[r.label].lr_grid, rows[r.label].family)
