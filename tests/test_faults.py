@@ -175,25 +175,56 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_checkpoint_is_intact(tmp_path):
-    import signal
-    import time
-    import warnings
-
-    from qdata import checkpoints
-    from qdata.checkpoints import BrokenCheckpointWarning
-
-    out = tmp_path / "run"
+def _start_two_processes(out):
+    """A 2-process run on loopback (digits, a checkpoint every 2 rounds, 4 s peer timeout), each process
+    as the user starts it (``qdata train``: a supervising parent and its training child)."""
     flags = ["--dataset", "digits", "--model", "logreg", "--num-nodes", "4", "--batch-size", "8", "--rounds", "4000",
              "--eval-every", "2", "--checkpoint-every", "2", "--seed", "1", "--method", "sgd", "--no-progress",
              "--num-devices", "4", "--local-devices", "2", "--num-processes", "2", "--peer-timeout", "4",
              "--coordinator", f"127.0.0.1:{_free_port()}", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-m", "qdata.cli", "train", *flags, "--process-id", str(i)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [subprocess.Popen([sys.executable, "-m", "qdata.cli", "train", *flags, "--process-id", str(i)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _wait_for_checkpoint(out, step, within=240):
+    import time
+
+    from qdata import checkpoints
+
     start = time.time()
-    while max(checkpoints.saved_steps(out), default=0) < 6 and time.time() - start < 240:
+    while max(checkpoints.saved_steps(out), default=0) < step and time.time() - start < within:
         time.sleep(0.05)
+
+
+def _newest_checkpoint_restores(out, steps):
+    """The newest finished checkpoint (``steps[-1]``) restores and matches its digest, nothing set aside."""
+    import warnings
+
+    from qdata import checkpoints
+    from qdata.checkpoints import BrokenCheckpointWarning
+
+    header, _ = qresults.load(out)
+    config = RunConfig.from_dict(header["config"]).replace(num_devices=1)
+    exp = Experiment(config)
+    template = engine.place_state(engine.node_mesh(1), engine.init_state(exp.method, exp.optimizer, exp.params, 4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BrokenCheckpointWarning)
+        manager = checkpoints.open_manager(out)
+        restored = checkpoints.restore_newest_intact(manager, template)
+        manager.close()
+    assert restored.step == steps[-1]
+
+
+def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_checkpoint_is_intact(tmp_path):
+    import signal
+    import time
+
+    from qdata import checkpoints
+
+    out = tmp_path / "run"
+    procs = _start_two_processes(out)
+    _wait_for_checkpoint(out, 6)
     procs[1].send_signal(signal.SIGKILL)  # the peer dies mid-run, between or inside checkpoint writes
     killed = time.time()
     _, err = procs[0].communicate(timeout=120)
@@ -209,13 +240,5 @@ def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_c
     assert waited < 4 + 30, waited  # the watch's timeout, not JAX's heartbeat (64 s here, 100 s by default)
     steps = checkpoints.saved_steps(out)
     assert steps and steps[-1] >= 6 and f"(round {steps[-1]}) is intact" in said[-1]
-    header, _ = qresults.load(out)
-    config = RunConfig.from_dict(header["config"]).replace(num_devices=1)
-    exp = Experiment(config)
-    template = engine.place_state(engine.node_mesh(1), engine.init_state(exp.method, exp.optimizer, exp.params, 4, 1))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", BrokenCheckpointWarning)
-        manager = checkpoints.open_manager(out)
-        restored = checkpoints.restore_newest_intact(manager, template)
-        manager.close()
-    assert restored.step == steps[-1]  # the newest finished checkpoint restores and matches its digest
+    _newest_checkpoint_restores(out, steps)
+
