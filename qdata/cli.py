@@ -20,7 +20,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from qdata import peers
+from qdata import peers, supervise
 
 DEFAULT_COORDINATOR = "127.0.0.1:12355"
 # jax.distributed aborts the process after its own fixed initialization timeout of 300 s.
@@ -232,13 +232,15 @@ def _join_processes(args: argparse.Namespace) -> None:
         watchdog.cancel()
 
 
-def _train_checkpoint_note(out: str) -> str:
+def _train_checkpoint_note(out: str, crash_log: str | None = None) -> str:
+    """The end of a multi-process run's error line: the last finished checkpoint, the crash log's
+    clause if there is one (:mod:`qdata.supervise`), and how to go on."""
     from qdata import checkpoints
 
     steps = checkpoints.saved_steps(Path(out)) if os.path.isdir(out) else []
     where = f"the last finished checkpoint in {out} (round {steps[-1]}) is intact" if steps else \
         f"no finished checkpoint in {out} yet"
-    return f"{where}; run again with --resume once every process can start"
+    return f"{where}; {crash_log + '; ' if crash_log else ''}run again with --resume once every process can start"
 
 
 def _maybe_distributed(args: argparse.Namespace, describe=lambda: "") -> None:
@@ -283,17 +285,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from qdata.run import train
 
     config = _config_from(args)
     out = args.out or os.path.join("runs", config.name)
     _check_processes(args)
     _check_out(out)
+    if args.num_processes > 1 and not supervise.is_child():  # train in a child; word JAX's abort of it
+        process_id = args.process_id or 0
+        return supervise.supervise([sys.executable, "-m", "qdata", *argv], process_id, args.num_processes,
+                                   Path(out) / f"process-{process_id}.crash.log",
+                                   lambda crash_log: _train_checkpoint_note(out, crash_log))
     _maybe_distributed(args, lambda: _train_checkpoint_note(out))
     record = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
           f"uplink bits per node {record['cumulative_uplink_bits_per_node']:,.0f}; results in {out}/results.jsonl")
+    return 0
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -320,11 +328,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    if supervise.is_child():
+        supervise.follow_parent()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
-            _train(args) if args.command == "train" else _compare(args)
+            if args.command == "train":
+                return _train(args, argv)
+            _compare(args)
     except (ValueError, FileExistsError) as err:
         return _fail(' '.join(str(err).splitlines()))
     except OSError as err:  # a file or directory the run reads or writes

@@ -242,3 +242,37 @@ def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_c
     assert steps and steps[-1] >= 6 and f"(round {steps[-1]}) is intact" in said[-1]
     _newest_checkpoint_restores(out, steps)
 
+
+def test_process_0_dying_is_one_worded_line_not_jaxs_abort_and_the_last_checkpoint_is_intact(tmp_path):
+    """Process 0 hosts JAX's coordination service: when it dies, JAX's client aborts the training in
+    process 1 with a C++ fatal log; process 1's supervising parent (qdata.supervise) words it."""
+    import signal
+    import time
+
+    from qdata import checkpoints
+    from tests import processes
+
+    out = tmp_path / "run"
+    procs = _start_two_processes(out)
+    _wait_for_checkpoint(out, 6)
+    (trainer,) = processes.children(procs[0].pid)
+    procs[0].send_signal(signal.SIGKILL)  # process 0 as the user started it; its training child goes with it
+    killed = time.time()
+    _, err = procs[1].communicate(timeout=60)
+    waited = time.time() - killed
+    procs[0].communicate(timeout=60)
+    assert processes.gone(trainer, within=10)  # no orphan training on without its parent
+    said = err.strip().splitlines()
+    assert procs[1].returncode == 2 and len(said) == 1, err[-3000:]
+    # JAX's abort (the parent's line) or, when the collective process 1 waited in failed first, the
+    # child's own line: either way one line, and JAX's fatal log is not on stderr.
+    assert said[0].startswith(("qdata: error: process 1 of 2: the coordinator (process 0) stopped answering",
+                               "qdata: error: process 1 of 2: a step with the other processes failed")), said[0]
+    assert "Check failure" not in err and waited < 30, (waited, err[-3000:])
+    if "the coordinator" in said[0]:
+        crash_log = out / "process-1.crash.log"
+        assert f"the crash log is {crash_log}; run again with --resume" in said[0]
+        assert "*** Check failure stack trace: ***" in crash_log.read_text()
+    steps = checkpoints.saved_steps(out)
+    assert steps and steps[-1] >= 6 and f"(round {steps[-1]}) is intact" in said[0]
+    _newest_checkpoint_restores(out, steps)
