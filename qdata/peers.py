@@ -9,10 +9,12 @@ and exit status 2. Checkpoints are written whole or not at all (orbax renames a 
 place), so the last finished one is intact whatever moment the peer died at. JAX's own heartbeat
 timeout is set above ``timeout`` (:func:`jax_heartbeat_seconds`) so that its abort never comes first.
 
-Limit: the coordination service lives in process 0. When process 0 dies (or leaves the run early
-on an error), JAX's client in every other process finds the service gone at once and aborts with
-its C++ fatal log before this watch can speak; the client takes a ``missed_heartbeat_callback``,
-but its Python binding cannot pass the status (``std::bad_cast``, jax 0.10.2), so it is not used.
+The coordination service lives in process 0. When process 0 dies (or leaves the run early on an
+error), JAX's client in every other process finds the service gone at once and aborts that process
+with its C++ fatal log before this watch can speak (the client takes a ``missed_heartbeat_callback``,
+but its Python binding cannot pass the status: ``std::bad_cast``, jax 0.10.2). That abort is worded
+from outside the process: ``qdata train`` trains in a child process under a supervising parent
+(:mod:`qdata.supervise`), which keeps JAX's fatal log in ``OUT/process-K.crash.log`` and prints one line.
 """
 from __future__ import annotations
 
