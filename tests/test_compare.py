@@ -151,7 +151,8 @@ def test_default_lineups_load():
     for name, dataset, model in (("compare_fashion_mnist_mlp.toml", "fashion_mnist", "mlp"),
                                  ("compare_fashion_mnist_cnn.toml", "fashion_mnist", "cnn"),
                                  ("compare_fashion_mnist_cnn_short.toml", "fashion_mnist", "cnn"),
-                                 ("compare_cifar10_resnet20.toml", "cifar10", "resnet20")):
+                                 ("compare_cifar10_resnet20.toml", "cifar10", "resnet20"),
+                                 ("study_digits_low_bits.toml", "digits", "mlp")):
         lineup = load_lineup(name)
         assert (lineup.base.dataset, lineup.base.model) == (dataset, model) and lineup.base.validation > 0
 
