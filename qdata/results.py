@@ -57,6 +57,19 @@ def load(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     return records[0], [r for r in records if r.get("kind") == "round"]
 
 
+def finished_one_shot(out_dir: str | os.PathLike, rounds: int, resume: bool) -> dict | None:
+    """For a one-shot method's run in ``out_dir``: its last record if a resumed run already reached
+    ``rounds`` (nothing to redo), else None (train it); a results file without ``resume`` is refused."""
+    path = Path(out_dir) / "results.jsonl"
+    if path.exists() and not resume:
+        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another directory")
+    if path.exists():
+        _, done = load(out_dir)
+        if done and done[-1]["round"] >= rounds:
+            return done[-1]
+    return None
+
+
 def final_accuracy(rounds: list[dict]) -> float:
     return rounds[-1]["test_accuracy"] if rounds else float("nan")
 

@@ -174,13 +174,9 @@ def train_dca(config, out_dir, *, resume: bool = False, progress: bool = False) 
     from qdata.run import train
 
     out = Path(out_dir)
-    path = out / "results.jsonl"
-    if path.exists() and not resume:
-        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another directory")
-    if path.exists():
-        _, done = qresults.load(out)
-        if done and done[-1]["round"] >= config.rounds:
-            return done[-1]
+    finished = qresults.finished_one_shot(out, config.rounds, resume)
+    if finished is not None:
+        return finished
     central, validation, messages, _ = _exchange(config)
     plain = _plain(config)
     central_config = plain.replace(num_nodes=1, batch_size=config.num_nodes * config.batch_size, validation=0.0,
@@ -198,7 +194,7 @@ def train_dca(config, out_dir, *, resume: bool = False, progress: bool = False) 
     for r in rounds:
         r.update(cumulative_uplink_bits=dict(totals), cumulative_uplink_bits_per_node=totals["total"] / len(per_node),
                  uplink_bits_last_round_per_node={k: 0.0 for k in totals}, cumulative_downlink_bits=0)
-    with open(path, "w") as f:
+    with open(out / "results.jsonl", "w") as f:
         for record in [header, *rounds]:
             f.write(json.dumps(record) + "\n")
     return rounds[-1]

@@ -303,13 +303,9 @@ def train_dispatch(config, out_dir, *, resume: bool = False, progress: bool = Fa
     from qdata.run import check_batch_fits, make_optimizer
 
     out = Path(out_dir)
-    path = out / "results.jsonl"
-    if path.exists() and not resume:
-        raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another directory")
-    if path.exists():
-        _, done = qresults.load(out)
-        if done and done[-1]["round"] >= config.rounds:
-            return done[-1]
+    finished = qresults.finished_one_shot(out, config.rounds, resume)
+    if finished is not None:
+        return finished
     exp, plan, outgoing, incoming, _ = _exchange(config)
     ds, nodes = exp.dataset, config.num_nodes
     x, y, index, count = node_datasets(ds, plan, incoming)
@@ -360,7 +356,7 @@ def train_dispatch(config, out_dir, *, resume: bool = False, progress: bool = Fa
             record["diverged"] = True
         records.append(record)
     out.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with open(out / "results.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     return records[-1]
