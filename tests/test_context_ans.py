@@ -17,7 +17,7 @@ from qdata.codecs.ledger import host_total
 from qdata.codecs.packing import unpack_codes
 from qdata.config import RunConfig
 from qdata.methods.qdata import sample_codec
-from qdata.run import final_params, train
+from tests.coders import train_both_coders
 
 
 def _codec(bits, shape):
@@ -105,13 +105,7 @@ def test_each_node_is_coded_under_its_own_counts_under_vmap():
 def test_ans_training_is_exactly_fixed_length_training_for_fewer_bits(tmp_path):
     base = RunConfig(dataset="digits", method="qdata", bits=4, cache=True, num_nodes=4, rounds=12, eval_every=6,
                      checkpoint_every=12, lr=0.1)
-    records, params = {}, {}
-    for coder in ("fixed", "ans"):
-        config = base.replace(coder=coder, name=coder)
-        records[coder] = train(config, tmp_path / coder)
-        params[coder] = final_params(tmp_path / coder, config)
-    for a, b in zip(jax.tree_util.tree_leaves(params["fixed"]), jax.tree_util.tree_leaves(params["ans"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    records = train_both_coders(base, tmp_path)  # bitwise equal parameters
     fixed, coded = (records[c]["cumulative_uplink_bits"] for c in ("fixed", "ans"))
     assert coded["labels"] == fixed["labels"] and coded["positions"] == fixed["positions"]
     assert coded["data"] < 0.9 * fixed["data"]
