@@ -55,7 +55,8 @@ HELP = {
     "score": "qdata: the gate's importance score",
     "correction": "qdata: off, or the compressor of the gradient-difference correction (e.g. ef:topk:32, randk:64)",
     "cache": "qdata: the learner keeps received samples; a sample crosses the link once",
-    "coder": "qdata: how the data codes cross the link: fixed (B bits each) or ans (adaptive context ANS, lossless)",
+    "coder": ("qdata: how the data codes cross the link: fixed (B bits each, or a transform code's widths) or ans "
+              "(adaptive ANS, lossless: pixel codes by their neighbours, transform codes by coefficient)"),
     "transform": "qdata: none (per-pixel codes of --bits bits) | dct (2-D DCT) | pca (each node's PCA basis, sent "
                  "once): codes in a transform basis, bits allocated by reverse water-filling",
     "sample_bits": "qdata with --transform dct|pca: code bits per sample, a multiple of 8 (e.g. 400)",

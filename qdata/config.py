@@ -80,7 +80,7 @@ class RunConfig:
     gate_floor: float = 1e-3  # the Bernoulli gate's uniform mix: p_j >= gate_floor * rho (qdata.gate.water_fill)
     correction: str = "off"
     cache: bool = False
-    coder: str = "fixed"  # how the data codes cross the link: fixed length, or adaptive context ANS
+    coder: str = "fixed"  # how the data codes cross the link: fixed length, or adaptive ANS (pixel or coefficient codes)
     # transform codes (qdata.codecs.transform_codec): each node fits a setup on its shard, sent once;
     # sample_bits is then the code bits of one sample (a multiple of 8) instead of n * bits
     transform: str = "none"
@@ -346,7 +346,7 @@ def _check_combination(config: RunConfig) -> None:
                          f"{config.eval_every} (checkpoints are taken at evaluations), or 0 (no checkpoints)")
     if config.correction != "off" and parse_compressor_spec(config.correction).name in METHOD_SPECS:
         _not_a_compressor(config.correction)
-    if config.coder == "ans" and config.bits > 8:
+    if config.coder == "ans" and config.transform == "none" and config.bits > 8:
         raise ValueError(f"coder='ans' codes B <= 8 bits a coordinate (its context counts hold 2^B symbols), "
                          f"got bits={config.bits}; use coder='fixed' or bits in 1..8")
     _faults.check_nodes(_faults.parse_faults(config.faults), config.num_nodes, config.faults)  # reliability
@@ -401,9 +401,10 @@ def _check_split(config: RunConfig) -> None:
 
 
 def _check_transform(config: RunConfig) -> None:
-    """A transform code needs its budget, rounds with stochastic rounding or dither, is sent at fixed
-    length, and fits its setup once on data present from the start, sent in round 0 (a lost or
-    refused first message would leave the learner without it)."""
+    """A transform code needs its budget, rounds with stochastic rounding or dither, and fits its
+    setup once on data present from the start, sent in round 0 (a lost or refused first message
+    would leave the learner without it, and with coder='ans' without the widths its counts follow).
+    Its codes cross at fixed length or, coder='ans', with a model per coefficient."""
     if config.transform == "none" or config.method != "qdata":
         return
     if config.sample_bits is None:
@@ -412,10 +413,6 @@ def _check_transform(config: RunConfig) -> None:
     if config.quantizer not in TRANSFORM_ROUNDINGS:
         raise ValueError(f"quantizer={config.quantizer!r} with transform={config.transform!r}: a transform code "
                          f"rounds its coefficients with one of {TRANSFORM_ROUNDINGS}")
-    if config.coder != "fixed":
-        raise ValueError(f"coder={config.coder!r} with transform={config.transform!r}: the context ANS coder "
-                         "models fixed-width pixel codes by their spatial neighbours, not coefficients of "
-                         "varying widths; use coder='fixed'")
     if config.stream_start < 1.0 or config.faults != "none" or config.integrity:
         raise ValueError(f"transform={config.transform!r} fits each node's setup on its whole shard and sends it "
                          "once, in round 0: it needs stream_start=1, faults='none' and integrity=false (got "

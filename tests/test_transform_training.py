@@ -221,7 +221,7 @@ def test_training_on_pca_codes_learns_digits(tmp_path):
     (dict(transform="dct"), "transform='dct' needs sample_bits"),
     (dict(sample_bits=400), "sample_bits=400 is used only with method='qdata' and transform='dct' or 'pca'"),
     (dict(transform="pca", sample_bits=400, bits=2), "bits=2 is used only with method='qdata' and transform='none'"),
-    (dict(transform="pca", sample_bits=400, coder="ans"), "coder='ans' with transform='pca'"),
+    (dict(transform="pca", sample_bits=400, coder="ans", quantizer="nearest"), "quantizer='nearest' with transform='pca'"),
     (dict(transform="dct", sample_bits=400, quantizer="nearest"), "quantizer='nearest' with transform='dct'"),
     (dict(transform="dct", sample_bits=400, faults="drop:1:0.5"), "needs stream_start=1, faults='none'"),
     (dict(transform="dct", sample_bits=400, stream_start=0.5), "needs stream_start=1"),

@@ -89,9 +89,13 @@ class _Decoding(NamedTuple):
     levels: Array
 
 
+def _widths(setup: Payload) -> Array:
+    """The widths ``w_k`` (n,) int32 of a setup (4-bit codes as sent)."""
+    return unpack_codes(setup.arrays["widths"], 4, setup.arrays["mean"].shape[0]).astype(jnp.int32)
+
+
 def _decoding(setup: Payload, fixed_basis) -> _Decoding:
-    n = setup.arrays["mean"].shape[0]
-    widths = unpack_codes(setup.arrays["widths"], 4, n).astype(jnp.int32)
+    widths = _widths(setup)
     lo, hi = setup.rows["lo"].astype(jnp.float32), setup.rows["hi"].astype(jnp.float32)
     levels = ((1 << widths) - 1).astype(jnp.float32)
     step = jnp.where(levels > 0, (hi - lo) / jnp.maximum(levels, 1.0), 0.0)
@@ -141,6 +145,19 @@ def _decode_samples(d: _Decoding, rows: dict, max_width: int) -> Array:
     if "seed" in rows:  # subtractive dither: the noise the node added is taken off
         codes = codes - _noise(rows["seed"], codes.shape[1]).astype(jnp.float32) * (1.0 / (1 << _FRAC)) + 0.5
     return d.mean + (d.lo + d.step * codes) @ d.basis.T
+
+
+def coefficient_codes(payload: TransformPayload, state: TransformState) -> tuple[Array, Array]:
+    """The codes ``(b, n)`` int32 of a message's samples, coefficient k in column k (0 where
+    ``w_k = 0``), and the widths ``w`` (n,) of the setup ``state`` holds: what an entropy coder of
+    the codes reads (:mod:`qdata.codecs.coefficient_ans`), at the node and at the learner once it
+    has received the setup."""
+    if not isinstance(payload, TransformPayload) or not isinstance(state, TransformState):
+        raise ValueError("coefficient codes are read off a transform codec's message and state "
+                         f"(transform_codec); got {type(payload).__name__} and {type(state).__name__}")
+    widths = _widths(state.setup)
+    codes = varpack.unpack_varying(payload.codes.rows["codes"], widths, transform_codes.MAX_WIDTH)
+    return codes.astype(jnp.int32), widths
 
 
 def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", rounding: str = "stochastic",

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from qdata import checks
 from qdata import gate as gates
 from qdata.codecs.cache import learner_cache
+from qdata.codecs.coefficient_ans import coefficient_ans
 from qdata.codecs.context_ans import DATA_CODERS, context_ans
 from qdata.codecs.data_codec import DataCodec, from_quantizer, joint
 from qdata.codecs.labels import class_labels, real_targets
@@ -93,23 +94,26 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
                  cache_size: int | None = None, sample_shape: tuple[int, ...] | None = None,
                  coder: str = "fixed", refine: tuple[int, int] | None = None) -> DataCodec:
     """The sample codec of :func:`qdata_estimator`: Q beside exact labels, Q's codes sent at fixed
-    length or as an adaptive context ANS stream, optionally cached, and the cached samples optionally
+    length or as an adaptive ANS stream, optionally cached, and the cached samples optionally
     refined (``refine = (bits, most)``, :func:`qdata.codecs.refine.refined_cache`). ``quantizer`` may
-    also be a data codec of the samples itself (e.g. :func:`qdata.codecs.transform_codec.transform_codec`),
-    used as is (fixed-length codes only)."""
+    also be a data codec of the samples itself (a transform code,
+    :func:`qdata.codecs.transform_codec.transform_codec`), whose codes ``coder='ans'`` codes with a
+    model per coefficient (:func:`qdata.codecs.coefficient_ans.coefficient_ans`) where a pixel
+    quantizer's are coded by their spatial contexts (:func:`qdata.codecs.context_ans.context_ans`).
+    Either coder sits inside the cache, so only fresh samples' codes are coded."""
     if coder not in DATA_CODERS:
         raise ValueError(f"coder must be one of {DATA_CODERS}, got {coder!r}")
     labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
     if isinstance(quantizer, DataCodec):
-        if coder != "fixed":
-            raise ValueError(f"coder={coder!r} codes the fixed-width codes of a pixel quantizer (contexts of "
-                             "spatial neighbours at B bits each); a data codec such as a transform code, whose "
-                             "coefficients have widths of their own, is sent with coder='fixed'")
         samples = quantizer
+        if coder == "ans":  # a transform code: each coefficient its own adaptive model
+            if sample_shape is None:
+                raise ValueError("coder='ans' needs sample_shape (the shape of the codes it models)")
+            samples = coefficient_ans(samples, sample_shape)
     else:
         samples = from_quantizer(quantizer)
-    if coder == "ans":
-        samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
+        if coder == "ans":
+            samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
     codec = joint(x=samples, y=labels)
     if cache_size is None:
         if refine is not None:
@@ -165,9 +169,10 @@ def qdata_estimator(
       cache_size: turn on the learner-side cache (:mod:`qdata.codecs.cache`) for nodes holding up to
         this many samples; ``batch['pos']`` (b,) must then give each sample's position in the shard.
       sample_shape: the shape of one sample; required with ``cache_size`` or ``coder='ans'``.
-      coder: how Q's codes cross the link: ``'fixed'`` (B bits each) or ``'ans'``
-        (:func:`qdata.codecs.context_ans.context_ans`: adaptive context-model ANS, lossless, so the
-        training is that of ``'fixed'`` and only the bits change).
+      coder: how Q's codes cross the link: ``'fixed'`` (B bits each, or a transform code's widths)
+        or ``'ans'`` (adaptive ANS, lossless, so the training is that of ``'fixed'`` and only the
+        bits change: :func:`qdata.codecs.context_ans.context_ans` for pixel codes,
+        :func:`qdata.codecs.coefficient_ans.coefficient_ans` for a transform code's).
       refine: ``(bits, most)`` to refine cached samples sent again (:mod:`qdata.codecs.refine`);
         needs ``cache_size`` and a quantizer with a dataset-wide step.
 
