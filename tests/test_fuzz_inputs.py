@@ -229,6 +229,13 @@ def bad_combination():
         st.builds(lambda p: ("dispatch_route", {"method": "dispatch", "dispatch_route": "vote", "dispatch_replication": p}),
                   st.just(1)),
         st.builds(lambda m: ("dispatch_balanced", {"method": m, "dispatch_balanced": False}), st.sampled_from(["qdata", "sgd"])),
+        # A transform code's remaining refusals hold with the coefficient ANS coder as with fixed codes.
+        st.builds(lambda t, q, c: ("quantizer", {"transform": t, "sample_bits": 400, "quantizer": q, "coder": c}),
+                  st.sampled_from(["dct", "pca"]), st.sampled_from(["nearest", "per_sample"]), st.sampled_from(["fixed", "ans"])),
+        st.builds(lambda t, s: ("stream_start", {"transform": t, "sample_bits": 400, "coder": "ans", "stream_start": s}),
+                  st.sampled_from(["dct", "pca"]), st.floats(0.05, 0.95)),
+        st.builds(lambda b: ("bits", {"transform": "pca", "sample_bits": 400, "coder": "ans", "bits": b}),
+                  st.integers(1, 16).filter(lambda b: b != 4)),
     )
 
 
