@@ -129,9 +129,13 @@ def draw(found: Found, out: Path) -> list:
         if not sweeps:
             items.append(canvas.Skipped(module.FIGURE, module.NEEDS))
         for i, sweep in enumerate(sweeps):
-            first = sweep_runs(sweep)[0].header
-            name = canvas.slug(f"{module.NAME}_{series.short_name(first['dataset']['name'])}_{first['model']['name']}_{i + 1}")
             figure_runs = sweep_runs(sweep)
-            items.append(module.draw_sweep(sweep, out / f"{name}.png",
-                                           lambda note: captions.caption(figure_runs, source(figure_runs, found), note)))
+            first = figure_runs[0].header
+            dataset = series.short_name(first["dataset"]["name"])
+            name = canvas.slug(f"{module.NAME}_{dataset}_{first['model']['name']}_{i + 1}")
+
+            def caption(note, figure_runs=figure_runs):
+                return captions.caption(figure_runs, source(figure_runs, found), note)
+
+            items.append(module.draw_sweep(sweep, out / f"{name}.png", caption))
     return items
