@@ -152,7 +152,9 @@ def test_default_lineups_load():
                                  ("compare_fashion_mnist_cnn.toml", "fashion_mnist", "cnn"),
                                  ("compare_fashion_mnist_cnn_short.toml", "fashion_mnist", "cnn"),
                                  ("compare_cifar10_resnet20.toml", "cifar10", "resnet20"),
-                                 ("study_digits_low_bits.toml", "digits", "mlp")):
+                                 ("study_digits_low_bits.toml", "digits", "mlp"),
+                                 ("stream_digits.toml", "digits", "mlp"),
+                                 ("all_fashion_mnist_mlp.toml", "fashion_mnist", "mlp")):
         lineup = load_lineup(name)
         assert (lineup.base.dataset, lineup.base.model) == (dataset, model) and lineup.base.validation > 0
 
