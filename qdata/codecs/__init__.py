@@ -17,11 +17,9 @@ from qdata.codecs.streams import Stream, StreamMeta, read_stream, stream_bits
 from qdata.codecs.transforms import CompressGradientsState, compress_gradients
 from qdata.codecs.trees import TreeSpec, flatten, unflatten
 
-# Codecs built on the contract above (transform_codes imports it from this package): last.
-from qdata.codecs.coefficient_ans import coefficient_ans  # noqa: E402
-from qdata.codecs.context_ans import context_ans  # noqa: E402
+# Built on the contract above (imported last). The transform code and the two ANS coders are not
+# re-exported: their functions share their modules' names, which a re-export would shadow.
 from qdata.codecs.refine import RefineState, refined_cache  # noqa: E402
-from qdata.codecs.transform_codec import transform_codec  # noqa: E402
 
 __all__ = [
     # the contract
@@ -30,8 +28,6 @@ __all__ = [
     # data codecs with state: the quantizer adapter, labels, side by side, the learner cache, streams
     "DataCodec", "from_quantizer", "joint", "class_labels", "real_targets", "learner_cache", "CacheState",
     "CachedPayload", "Stream", "StreamMeta", "stream_bits", "read_stream", "refined_cache", "RefineState",
-    # codes far below n B: transform codes, and the adaptive ANS coders of pixel and coefficient codes
-    "transform_codec", "context_ans", "coefficient_ans",
     # the ledger: exact bit counts
     "Bits", "host_total", "host_per_entry", "add_totals",
     # data quantizers
