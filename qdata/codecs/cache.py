@@ -66,10 +66,15 @@ def _gather(table, pos):
     return jax.tree_util.tree_map(lambda t: t[pos], table)
 
 
+def first_sent_copies(pos: Array, sent: Array) -> Array:
+    """(b,) bool: sent, and the first sent copy of its position in this batch."""
+    earlier = jnp.tril(pos[:, None] == pos[None, :], k=-1) & (sent[None, :] > 0)
+    return (sent > 0) & ~jnp.any(earlier, axis=1)
+
+
 def _fresh(pos: Array, sent: Array, held: Array) -> Array:
     """Sent, not yet held, and the first sent copy of its position in this batch."""
-    earlier = jnp.tril(pos[:, None] == pos[None, :], k=-1) & (sent[None, :] > 0)
-    return ((sent > 0) & ~held[pos] & ~jnp.any(earlier, axis=1)).astype(jnp.float32)
+    return (first_sent_copies(pos, sent) & ~held[pos]).astype(jnp.float32)
 
 
 def _store(state: CacheState, rows, pos: Array, fresh: Array, inner_state) -> CacheState:

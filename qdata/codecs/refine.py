@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qdata import checks
-from qdata.codecs.cache import CacheState
+from qdata.codecs.cache import CacheState, first_sent_copies
 from qdata.codecs.data_codec import DataCodec, mask_items
 from qdata.codecs.ledger import Bits
 from qdata.codecs.packing import pack_codes, unpack_codes
@@ -63,16 +63,39 @@ class RefinedPayload:
     codes: Array
 
 
-def _first_copies(pos: Array, sent: Array) -> Array:
-    """Sent and the first sent copy of its position in the batch."""
-    earlier = jnp.tril(pos[:, None] == pos[None, :], k=-1) & (sent[None, :] > 0)
-    return (sent > 0) & ~jnp.any(earlier, axis=1)
-
-
 def _bounds(delta: float, rho: float, level: Array, shape) -> Array:
     """D_k per item, shaped to broadcast against items of ``shape``."""
     bound = delta * jnp.power(rho, level.astype(jnp.float32))
     return bound.reshape((-1,) + (1,) * (len(shape) - 1))
+
+
+def _residuals(codes: Array, bound: Array, levels: int, refine: Array) -> Array:
+    """The residuals the codes stand for, ``-D_k + j s_k``, zero for items not refined."""
+    step = 2.0 * bound / (levels - 1)
+    return mask_items(-bound + step * codes.astype(jnp.float32), refine.astype(jnp.float32))
+
+
+def _residual_codes(key, r: Array, bound: Array, levels: int, refine: Array) -> Array:
+    """Stochastic rounding of the residuals ``r`` to the grid on [-D_k, D_k], uint32, rows not refined 0."""
+    step = 2.0 * bound / (levels - 1)
+    u = jax.random.uniform(jax.random.fold_in(key, 0x5EF1), r.shape)
+    codes = jnp.clip(jnp.floor((r + bound) / step + u), 0, levels - 1)
+    return mask_items(codes.astype(jnp.uint32), refine.astype(jnp.float32))
+
+
+def _refined(state: RefineState, cache_state, pos, table, refine, residual) -> RefineState:
+    """The state after the refined items' residuals are added and their counts raised."""
+    at = jnp.where(refine, pos, table.shape[0])
+    table = table.at[at].set(table[pos] + residual, mode="drop")
+    return RefineState(cache=cache_state, x=table, level=state.level.at[at].add(1, mode="drop"))
+
+
+def _checked(delta, sample_shape, bits, most):
+    delta = float(delta)
+    if not (math.isfinite(delta) and delta > 0.0):
+        raise ValueError(f"delta (the first code's error bound) must be a positive finite number, got {delta}")
+    return (delta, tuple(int(s) for s in sample_shape), checks.check_int(bits, "refine_bits", lo=2, hi=16),
+            checks.check_int(most, "refine_max", lo=1, hi=64))
 
 
 def refined_cache(cached: DataCodec, sample_shape: tuple[int, ...], delta: float, bits: int, most: int) -> DataCodec:
@@ -89,12 +112,7 @@ def refined_cache(cached: DataCodec, sample_shape: tuple[int, ...], delta: float
     Returns:
       A :class:`DataCodec` with the interface of ``cached``; its state is a :class:`RefineState`.
     """
-    delta = float(delta)
-    if not (math.isfinite(delta) and delta > 0.0):
-        raise ValueError(f"delta (the first code's error bound) must be a positive finite number, got {delta}")
-    sample_shape = tuple(int(s) for s in sample_shape)
-    bits = checks.check_int(bits, "refine_bits", lo=2, hi=16)
-    most = checks.check_int(most, "refine_max", lo=1, hi=64)
+    delta, sample_shape, bits, most = _checked(delta, sample_shape, bits, most)
     levels = 2 ** bits
     rho = 2.0 / (levels - 1)
 
@@ -105,44 +123,27 @@ def refined_cache(cached: DataCodec, sample_shape: tuple[int, ...], delta: float
                            level=jnp.zeros((size,), jnp.int32))
 
     def start(state, cache_state, payload, sent):
-        """Both ends: the fresh samples' first codes entered, and what is to be refined."""
+        """Both ends: the fresh samples' first codes entered, what is to be refined, and its bounds."""
         pos = read_stream(payload.positions, sent)
         fresh = unpack_codes(payload.fresh, 1, sent.shape[0]) > 0
         base = cached.decode(payload, cache_state, sent)["x"]
         table = state.x.at[jnp.where(fresh, pos, state.x.shape[0])].set(base.astype(state.x.dtype), mode="drop")
-        refine = _first_copies(pos, sent) & ~fresh & (state.level[pos] < most)
-        return pos, table, refine
-
-    def finish(cache_state, pos, table, level, refine, residual):
-        size = table.shape[0]
-        at = jnp.where(refine, pos, size)
-        table = table.at[at].set(table[pos] + residual, mode="drop")
-        level = level.at[at].add(1, mode="drop")
-        return RefineState(cache=cache_state, x=table, level=level)
+        refine = first_sent_copies(pos, sent) & ~fresh & (state.level[pos] < most)
+        return pos, table, refine, _bounds(delta, rho, state.level[pos], table.shape)
 
     def encode(key, x, state, sent, pos=None):
         payload, cache_state = cached.encode(key, x, state.cache, sent, pos)
-        pos, table, refine = start(state, cache_state, payload, sent)
-        samples = x["x"].astype(table.dtype)
-        bound = _bounds(delta, rho, state.level[pos], samples.shape)
-        step = 2.0 * bound / (levels - 1)
-        u = jax.random.uniform(jax.random.fold_in(key, 0x5EF1), samples.shape)
-        codes = jnp.clip(jnp.floor((samples - table[pos] + bound) / step + u), 0, levels - 1)
-        codes = mask_items(codes.astype(jnp.uint32), refine.astype(jnp.float32))
+        pos, table, refine, bound = start(state, cache_state, payload, sent)
+        codes = _residual_codes(key, x["x"].astype(table.dtype) - table[pos], bound, levels, refine)
         out = RefinedPayload(cached=payload, refined=pack_codes(refine.astype(jnp.uint32), 1),
                              codes=pack_codes(codes.reshape(codes.shape[0], -1), bits))
-        residual = mask_items(-bound + step * codes.astype(table.dtype), refine.astype(jnp.float32))
-        return out, finish(cache_state, pos, table, state.level, refine, residual)
+        return out, _refined(state, cache_state, pos, table, refine, _residuals(codes, bound, levels, refine))
 
     def receive(payload, state, sent):
         cache_state = cached.receive(payload.cached, state.cache, sent)
-        pos, table, refine = start(state, cache_state, payload.cached, sent)
-        shape = table.shape[1:]
-        codes = unpack_codes(payload.codes, bits, math.prod(shape)).reshape((-1,) + shape)
-        bound = _bounds(delta, rho, state.level[pos], codes.shape)
-        residual = mask_items(-bound + (2.0 * bound / (levels - 1)) * codes.astype(table.dtype),
-                              refine.astype(jnp.float32))
-        return finish(cache_state, pos, table, state.level, refine, residual)
+        pos, table, refine, bound = start(state, cache_state, payload.cached, sent)
+        codes = unpack_codes(payload.codes, bits, math.prod(sample_shape)).reshape((-1,) + sample_shape)
+        return _refined(state, cache_state, pos, table, refine, _residuals(codes, bound, levels, refine))
 
     def decode(payload, state, sent):
         pos = read_stream(payload.cached.positions, sent)
