@@ -39,7 +39,7 @@ from flax import struct
 
 from qdata import checks
 from qdata import gate as gates
-from qdata.codecs.data_codec import DataCodec
+from qdata.codecs.data_codec import DataCodec, count_items
 from qdata.codecs.ledger import Bits
 from qdata.codecs.payloads import Payload, payload_bits
 from qdata.correction import Correction, no_correction, weighted_mean_loss
@@ -160,7 +160,7 @@ def estimator(loss_fn: Callable[..., Array], samples: DataCodec, *, gate: gates.
         weights, bitmap = gates.selection_payloads(gate, selection)
         mask = selection.mask
         # Counted locally, never sent: the samples this message carries (the gate's choice).
-        bitmap = bitmap.replace(info={"samples_sent": jnp.sum(mask > 0, dtype=jnp.int32)})
+        bitmap = bitmap.replace(info={"samples_sent": count_items(mask)})
         payload, codec_state = samples.encode(k_data, {"x": x, "y": y}, state.samples, mask, batch.get("pos"))
         # The node decodes its own message so that it uses exactly the Q(x_j) and a_j the learner
         # will use (and y~_j, the labels as sent); then delta is unbiased for what the learner misses.

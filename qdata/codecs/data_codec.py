@@ -86,9 +86,9 @@ def code_rows(payload: Payload) -> Payload:
     return Payload(rows=rows)
 
 
-def samples_coded(sent: Array) -> Array:
-    """The count of items whose codes a payload carries, for ``Payload.info`` (a local count, never
-    sent): with a cache, the fresh samples only."""
+def count_items(sent: Array) -> Array:
+    """How many items ``sent`` marks, for ``Payload.info`` counts (local, never sent): the samples a
+    message carries, or whose codes it carries (with a cache, the fresh ones)."""
     return jnp.sum(sent > 0, dtype=jnp.int32)
 
 
@@ -113,7 +113,7 @@ def from_quantizer(quantizer: Quantizer) -> DataCodec:
     def encode(key, x, state, sent, pos=None):
         del pos
         payload = keep_rows(quantizer.encode(key, x), sent)
-        return payload.replace(info={**payload.info, "samples_coded": samples_coded(sent)}), state
+        return payload.replace(info={**payload.info, "samples_coded": count_items(sent)}), state
 
     def decode(payload, state, sent):
         del state

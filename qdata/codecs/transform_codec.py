@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from qdata import checks
-from qdata.codecs.data_codec import DataCodec, mask_items, samples_coded
+from qdata.codecs.data_codec import DataCodec, count_items, mask_items
 from qdata.codecs.ledger import Bits
 from qdata.codecs.packing import pack_codes, unpack_codes
 from qdata.codecs.payloads import Payload, array_bits, payload_bits
@@ -203,7 +203,7 @@ def transform_codec(sample_shape, sample_bits: int, *, basis: str = "dct", round
         codes, clipped = _code_samples(_decoding(state.setup, fixed), x, seed, sent, sample_bits // 8)
         count = state.pending.astype(jnp.int32)
         setup = jax.tree_util.tree_map(lambda a: jnp.where(count > 0, a, jnp.zeros_like(a)), state.setup)
-        info = {"clipped": clipped, "samples_coded": samples_coded(sent)}
+        info = {"clipped": clipped, "samples_coded": count_items(sent)}
         payload = Payload(arrays={"seed": seed} if dither else {}, rows={"codes": codes}, info=info)
         return TransformPayload(payload, setup, count), state._replace(pending=jnp.zeros((), bool))
 

@@ -103,6 +103,11 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
     Either coder sits inside the cache, so only fresh samples' codes are coded."""
     if coder not in DATA_CODERS:
         raise ValueError(f"coder must be one of {DATA_CODERS}, got {coder!r}")
+    if refine is not None and cache_size is None:
+        raise ValueError("refine needs cache_size: it refines the samples the learner holds")
+    if refine is not None and getattr(quantizer, "delta", None) is None:
+        raise ValueError("refine needs a quantizer with a dataset-wide step (delta: stochastic or nearest "
+                         "rounding), the bound of the first code's error")
     labels = real_targets(target_dtype) if num_classes is None else class_labels(num_classes)
     if isinstance(quantizer, DataCodec):
         samples = quantizer
@@ -116,8 +121,6 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
             samples = context_ans(samples, _code_width(quantizer, sample_shape), sample_shape)
     codec = joint(x=samples, y=labels)
     if cache_size is None:
-        if refine is not None:
-            raise ValueError("refine needs cache_size: it refines the samples the learner holds")
         return codec
     cache_size = checks.check_int(cache_size, "cache_size", lo=1)
     if sample_shape is None:
@@ -125,13 +128,7 @@ def sample_codec(quantizer: Quantizer | DataCodec, *, num_classes: int | None, t
     example = {"x": jax.ShapeDtypeStruct((1,) + tuple(int(s) for s in sample_shape), jnp.float32),
                "y": jax.ShapeDtypeStruct((1,), jnp.int32 if num_classes is not None else jnp.float32)}
     cached = learner_cache(codec, cache_size, example)
-    if refine is None:
-        return cached
-    delta = getattr(quantizer, "delta", None)
-    if delta is None:
-        raise ValueError("refine needs a quantizer with a dataset-wide step (delta: stochastic or nearest "
-                         "rounding), the bound of the first code's error")
-    return refined_cache(cached, sample_shape, delta, *refine)
+    return cached if refine is None else refined_cache(cached, sample_shape, quantizer.delta, *refine)
 
 
 def qdata_estimator(
