@@ -198,24 +198,35 @@ def _rounds_written(path: Path) -> int:
     return max([r["round"] for r in done if r["kind"] == "round"], default=0)
 
 
-def test_sigkill_at_a_random_moment_loses_at_most_one_checkpoint_interval(tmp_path):
-    seed = int(os.environ.get("QDATA_KILL_SEED", time.time_ns() % 10**6))
-    rng = random.Random(seed)
-    about = f"(replay with QDATA_KILL_SEED={seed})"
-    reference = _qdata_train(KILL_FLAGS + ["--out", str(tmp_path / "full")])
-    killed_dir = tmp_path / "killed"
-    victim = _qdata_train(KILL_FLAGS + ["--out", str(killed_dir)])
-    # The moment: once a random number of evaluations are on disk, after a random delay (possibly
-    # inside a checkpoint write, an evaluation or a round).
-    after_round, delay = rng.choice(range(0, 24, 2)), rng.uniform(0.0, 0.5)
-    while _rounds_written(killed_dir / "results.jsonl") < after_round and victim.poll() is None:
+def _kill_at(out: Path, after_round: int, delay: float) -> tuple[bool, int]:
+    """SIGKILL a training run into ``out`` once ``after_round`` results are on disk and ``delay`` seconds
+    have passed; whether it was still running then, and the last round it had written."""
+    victim = _qdata_train(KILL_FLAGS + ["--out", str(out)])
+    while _rounds_written(out / "results.jsonl") < after_round and victim.poll() is None:
         time.sleep(0.01)
     time.sleep(delay)
     alive = victim.poll() is None
     victim.send_signal(signal.SIGKILL)
     victim.communicate(timeout=60)
-    written = _rounds_written(killed_dir / "results.jsonl")
-    assert alive and written < 32, f"the run ended before it was killed {about}"
+    return alive, _rounds_written(out / "results.jsonl")
+
+
+def test_sigkill_at_a_random_moment_loses_at_most_one_checkpoint_interval(tmp_path):
+    seed = int(os.environ.get("QDATA_KILL_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    about = f"(replay with QDATA_KILL_SEED={seed})"
+    reference = _qdata_train(KILL_FLAGS + ["--out", str(tmp_path / "full")])
+    # The moment: once a random number of evaluations are on disk, after a random delay (possibly
+    # inside a checkpoint write, an evaluation or a round). A fast machine may finish the run before
+    # the moment comes: then the moment is drawn again, earlier, in a fresh directory (3 tries).
+    after_round, delay = rng.choice(range(0, 24, 2)), rng.uniform(0.0, 0.5)
+    for attempt in range(3):
+        killed_dir = tmp_path / f"killed{attempt}"
+        alive, written = _kill_at(killed_dir, after_round, delay)
+        if alive and written < 32:
+            break
+        after_round, delay = after_round // 2, delay / 4
+    assert alive and written < 32, f"the run ended before it was killed, 3 times {about}"
     resumed = _finish(_qdata_train(KILL_FLAGS + ["--out", str(killed_dir), "--resume"]))
     _finish(reference)
     header, rounds = qresults.load(killed_dir)
