@@ -122,7 +122,22 @@ def _downlink(header: dict, rounds: list[dict], round_: float, uplink: float) ->
     one-shot method's downlink, paid before its first round, included)."""
     if relays(header, rounds):
         return (header["config"]["num_nodes"] - 1) * uplink
+    if header.get("downlink_varies_by_round"):
+        return _recorded_downlink(header, rounds, round_)
     return qresults.one_shot_downlink_per_node(header) + header["downlink_bits_per_node_per_round"] * round_
+
+
+def _recorded_downlink(header: dict, rounds: list[dict], round_: float) -> float:
+    """Downlink bits per node after ``round_`` rounds for a method whose replies vary by round
+    (sequential split learning's turns): the records' exact ``cumulative_downlink_bits``, interpolated
+    linearly between the evaluations that straddle ``round_`` (as :func:`qdata.results.crossing`
+    interpolates the uplink), from 0 at round 0."""
+    nodes = header["config"]["num_nodes"]
+    points = [(0.0, 0.0)] + [(float(r["round"]), r["cumulative_downlink_bits"] / nodes) for r in rounds]
+    for (r0, d0), (r1, d1) in zip(points, points[1:]):
+        if round_ <= r1:
+            return d0 + (round_ - r0) / (r1 - r0) * (d1 - d0) if r1 > r0 else d1
+    return points[-1][1]
 
 
 def _downlink_kind(header: dict, rounds: list[dict]) -> str:

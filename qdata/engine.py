@@ -53,6 +53,7 @@ AXIS = "nodes"
 NODE_MAPS = ("auto", "vmap", "unroll")
 UNROLL_MAX = 16  # most nodes per device that "auto" unrolls on CPU
 LINK_COUNTS = ("answered", "rejected")  # the learner's per-node counts of a round with a Link
+REPLY_BITS = "reply_bits"  # diagnostics key: each node's replies' bits this round, when they vary by round
 
 
 class TrainState(NamedTuple):
@@ -174,7 +175,7 @@ def model_params(method: Method, state: TrainState) -> PyTree:
     of the model (split learning), the model it composes (``method.model_params``)."""
     if method.model_params is None:
         return state.params
-    return jax.jit(method.model_params)(state.params, state.learner_state)
+    return jax.jit(method.model_params)(state.params, state.learner_state, state.node_states)
 
 
 def fit_nodes(method: Method, mesh: Mesh, state: TrainState, shards: NodeShards, *, to_float=None,
@@ -320,15 +321,16 @@ def _round_phases(method: Method, optimizer: optax.GradientTransformation, batch
         params = _varying_params(state)
         count = shards.count if available is None else available(shards.count, state.round)
 
-        def one_node(k, x, y, index, n, node_state):
+        def one_node(k, node_id, x, y, index, n, node_state):
             k_batch, k_message = jax.random.split(k)
             ids, pos = sample_batch(k_batch, index, n, batch_size)
-            batch = {"x": to_float(x[pos]), "y": y[pos], "id": ids, "pos": pos}
+            batch = {"x": to_float(x[pos]), "y": y[pos], "id": ids, "pos": pos, "node": node_id, "round": state.round}
             message, node_state = method.node_message(k_message, params, batch, node_state)
             message, diagnostics = split_diagnostics(message)
             return message, node_state, method.uplink_bits(message), diagnostics
 
-        args = (_node_keys(state, n_local, 0), shards.x, shards.y, shards.index, count, state.node_states)
+        args = (_node_keys(state, n_local, 0), _node_ids(n_local), shards.x, shards.y, shards.index, count,
+                state.node_states)
         return _map_nodes(one_node, args, unrolls_nodes(node_map, n_local, state.params))
 
     def learner(state: TrainState, messages, node_states):
@@ -471,19 +473,30 @@ def make_round(method: Method, optimizer: optax.GradientTransformation, mesh: Me
       :class:`~qdata.codecs.ledger.Bits` with counts of leading axis N (exact on the host at any scale),
       ``diagnostics`` likewise holds the encoders' local counts (e.g. ``clipped`` values); with
       ``link.on`` also the learner's :data:`LINK_COUNTS`: ``answered`` (1 where the node's messages
-      were applied) and ``rejected`` (its messages the integrity check refused).
+      were applied) and ``rejected`` (its messages the integrity check refused); for a method whose
+      replies vary by round (:func:`replies_vary`) also :data:`REPLY_BITS`, each node's downlink
+      replies this round (a :class:`~qdata.codecs.ledger.Bits`, read off the replies).
     """
     specs = state_specs(state_template)
     unrolls_nodes(node_map, 1)  # checks node_map before any work
+    varying = replies_vary(method)
+    if varying and link.on:
+        raise ValueError(f"{method.name}: replies that vary by round are not charged under a Link (faults or "
+                         "integrity): its account charges each reply at a fixed size")
     nodes, exchanges, learner = _round_phases(method, optimizer, batch_size, available, to_float, node_map)
 
     def body(state: TrainState, shards: NodeShards):
         messages, node_states, bits, diagnostics = nodes(state, shards)
         state = state._replace(node_states=node_states)
-        for reply, answer in exchanges:
+        down = []  # each node's replies' bits, read off them, when they vary by round
+        for (reply, answer), exchange in zip(exchanges, method.exchanges):
             replies, state = reply(state, messages)
+            if varying:
+                down.append(jax.vmap(exchange.sent_bits)(replies))
             messages, state, more = answer(state, replies)
             bits = _add_bits(bits, more)
+        if varying:
+            diagnostics = {**diagnostics, REPLY_BITS: sum(down)}
         return learner(state, messages, state.node_states), bits, diagnostics
 
     if link.on:
@@ -564,10 +577,20 @@ def check_nodes_fit(num_nodes: int, mesh: Mesh) -> None:
         raise ValueError(f"num_nodes={num_nodes} must be a multiple of the number of devices ({d})")
 
 
+def replies_vary(method: Method) -> bool:
+    """Whether the method's replies vary by round (its exchanges read their bits off each reply,
+    ``Exchange.sent_bits``): the downlink is then charged round by round (:data:`REPLY_BITS`)."""
+    given = [exchange.sent_bits is not None for exchange in method.exchanges]
+    if any(given) and not all(given):
+        raise ValueError(f"{method.name}: every exchange reads its reply's bits off the reply (sent_bits), or none")
+    return any(given)
+
+
 def downlink_parts(method: Method, params: PyTree) -> tuple[int, int]:
     """Bits sent to one node in one round: ``(model broadcast, replies)``, the broadcast 32*d if the
     node needs the model (else 0), the replies those of the round's
-    :class:`~qdata.methods.base.Exchange` steps."""
+    :class:`~qdata.methods.base.Exchange` steps (for replies that vary by round, :func:`replies_vary`,
+    their sizes when sent: the most a node gets in a round; the run charges what was sent)."""
     replies = sum(int(exchange.reply_bits(params)) for exchange in method.exchanges)
     if not method.needs_params:
         return 0, replies

@@ -94,7 +94,7 @@ class Experiment:
                                                           engine.downlink_parts(self.method, self.params))),
             "devices": int(self.config.num_devices),
             "processes": int(jax.process_count()),
-        }
+        } | ({"downlink_varies_by_round": True} if engine.replies_vary(self.method) else {})
 
 
 def data_fingerprint(ds: qdata_data.Dataset, samples: int = 4096) -> str:
@@ -212,7 +212,7 @@ def train(config: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False
                          {k: int(v) for k, v in ledger_saved.get("encoder_counts", {}).items()},
                          float(ledger_saved.get("wall_seconds", 0.0)),
                          qanswers.Answers.from_ledger(ledger_saved["link"]) if "link" in ledger_saved
-                         else totals.link)
+                         else totals.link, int(ledger_saved.get("replies", 0)))
         records += [r for r in saved.rounds if r["round"] <= restored.step]
     if resume and saved.header is not None:
         records[0] = qresume.record(header, saved.header, restored.step if restored else 0, changed)
@@ -233,6 +233,7 @@ class _Totals(NamedTuple):
     encoder_counts: dict
     elapsed: float  # wall seconds of the rounds before a resume
     link: qanswers.Answers  # who answered, and the downlink, with faults or integrity on
+    replies: int = 0  # all nodes' replies so far, for a method whose replies vary by round
 
 
 def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], totals: _Totals, manager,
@@ -248,8 +249,12 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
     one_round = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size,
                                   state_template=state, available=available, to_float=exp.dataset.to_float,
                                   link=link)
-    evaluate = _evaluator(exp, records[0]["downlink_bits_per_node_per_round"] * config.num_nodes)
     downlink_parts = engine.downlink_parts(exp.method, exp.params)
+    varying = engine.replies_vary(exp.method)
+    # Replies that vary by round are charged as the round sent them (engine.REPLY_BITS), the model as always.
+    per_round = downlink_parts[0] if varying else records[0]["downlink_bits_per_node_per_round"]
+    evaluate = _evaluator(exp, per_round * config.num_nodes)
+    replies = totals.replies
     done = int(engine.fetch(state.round))
     bar = None
     if progress:
@@ -269,12 +274,14 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
             since = qanswers.account(link.faults, counts["answered"], counts["rejected"], done, *downlink_parts,
                                      config.integrity)
             answers = qanswers.add(answers, since)
+        if varying:
+            replies += ledger.host_total(diagnostics.pop(engine.REPLY_BITS))
         for name, values in diagnostics.items():
             encoder_counts[name] = encoder_counts.get(name, 0) + int(np.asarray(values, np.int64).sum())
         done += length
         params = engine.fetch(engine.model_params(exp.method, state))  # the whole model, however it is held
         record = evaluate(params, done, bits, cumulative, encoder_counts, records,
-                          totals.elapsed + time.perf_counter() - start)
+                          totals.elapsed + time.perf_counter() - start, replies)
         if since is not None:
             record.update(_answers_record(since, answers))
         records.append(record)
@@ -283,6 +290,8 @@ def _run_rounds(exp: Experiment, mesh, shards, state, records: list[dict], total
                 f.write(json.dumps(record) + "\n")
         if manager is not None and (done % config.checkpoint_every == 0 or done == config.rounds):
             saved = {"cumulative": cumulative, "encoder_counts": encoder_counts, "wall_seconds": record["wall_seconds"]}
+            if varying:
+                saved["replies"] = replies
             if link.on:
                 saved["link"] = answers.to_ledger()
             checkpoints.save(manager, done, state, saved)
@@ -307,14 +316,16 @@ def _answers_record(since: qanswers.Answers, answers: qanswers.Answers) -> dict:
 
 
 def _evaluator(exp: Experiment, downlink_per_round: int):
-    """``evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds) -> record``:
-    one evaluation's round record (accuracies, training loss and the bit ledger so far)."""
+    """``evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies=0) ->
+    record``: one evaluation's round record (accuracies, training loss and the bit ledger so far);
+    ``downlink_per_round`` the fixed downlink of a round (all nodes), ``replies`` the replies charged
+    round by round so far, for a method whose replies vary by round (0 otherwise)."""
     config, ds = exp.config, exp.dataset
     n_fit = min(len(ds.y_train), 2048)
     x_fit, y_fit = ds.to_float(ds.x_train[:n_fit]), ds.y_train[:n_fit]
     mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
 
-    def evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds):
+    def evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies=0):
         record = {
             "kind": "round",
             "round": done,
@@ -324,7 +335,7 @@ def _evaluator(exp: Experiment, downlink_per_round: int):
                                                 for k, v in bits.items()},
             "cumulative_uplink_bits": dict(cumulative),
             "cumulative_uplink_bits_per_node": cumulative.get("total", 0) / config.num_nodes,
-            "cumulative_downlink_bits": downlink_per_round * done,
+            "cumulative_downlink_bits": downlink_per_round * done + replies,
             # What the encoders counted locally (never sent), e.g. data values clipped to the range.
             "encoder_counts": dict(encoder_counts),
             "wall_seconds": wall_seconds,

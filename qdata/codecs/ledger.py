@@ -153,6 +153,13 @@ class Bits:
     def __rsub__(self, other) -> "Bits":
         return (-self) + other
 
+    def times(self, sent) -> "Bits":
+        """These bits counted ``sent`` times: ``sent`` an int32 0/1 array (a message that crosses in
+        some rounds only, e.g. a node's turn in sequential split learning), so each count stays
+        within its bound."""
+        sent = _as_count(sent)
+        return Bits(tuple(c * sent for c in self.counts), self.units)
+
     # ------------------------------------------------------------------------------------------
     # Host side: exact Python ints.
 

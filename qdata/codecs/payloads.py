@@ -85,6 +85,22 @@ def payload_bits(payload: Payload, mask: Array | None = None):
     return Bits.of(fixed) + Bits.count(sent, per_row)
 
 
+@struct.dataclass
+class Sent:
+    """A message that crosses only where ``sent`` is 1: a schedule both ends know in advance (the
+    turns of sequential split learning, :mod:`qdata.methods.split`) says who sends in which round.
+
+    Attributes:
+      body: the message as it crosses when sent (a :class:`Payload` or a dict of them).
+      sent: int32 scalar, 1 if it crosses this round, 0 if not. Framing, like a stream's count: a
+        message arrives or does not, so the flag itself is not charged; the body's bits count only
+        where it is 1 (``Bits.times``), and a receiver reads the body only then.
+    """
+
+    body: Any
+    sent: Array
+
+
 class Quantizer(NamedTuple):
     """A data-sample codec. ``encode(key, x)`` with samples on the leading axis of ``x``.
 

@@ -5,9 +5,11 @@ message from its minibatch and sends it (uplink), the learner turns the N messag
 estimate g and applies an optax update. A :class:`Method` says exactly those three things:
 
 * ``node_message(key, params, batch, node_state) -> (message, node_state)``: what node i computes and
-  sends. ``batch`` is ``{'x': (b, *sample_shape), 'y': (b,), 'id': (b,), 'pos': (b,)}`` where ``id`` is
-  the sample's row in the training set and ``pos`` its position in the node's shard (used only by
-  methods that cache samples at the learner).
+  sends. ``batch`` is ``{'x': (b, *sample_shape), 'y': (b,), 'id': (b,), 'pos': (b,), 'node': (),
+  'round': ()}`` where ``id`` is the sample's row in the training set and ``pos`` its position in the
+  node's shard (used only by methods that cache samples at the learner), ``node`` the node's global
+  index i and ``round`` the round t (int32 scalars, known to every node: used only by a method whose
+  nodes follow a schedule, sequential split learning's turns).
 * ``learner_gradient(params, messages, learner_state) -> (g, learner_state)``: ``messages`` is the
   stack of the N node messages (leading node axis) as received; only what crossed the link is used.
   ``learner_state`` (from ``init_learner(params, num_nodes)``) is what the learner keeps between
@@ -38,7 +40,9 @@ the round; each reply is downlink, charged per node.
 A method whose nodes hold part of the model (split learning's lower layers) says which part the
 learner holds, ``learner_params(params) -> held`` (the tree its optimizer updates and
 ``learner_gradient`` returns g for; default: all of it), and which model is evaluated,
-``model_params(held, learner_state) -> params`` (default: the learner's own parameters).
+``model_params(held, learner_state, node_states) -> params`` (default: the learner's own parameters;
+``node_states`` with the leading node axis, for a method whose current node layers are held by the
+node that trained last, sequential split learning: a measurement, not a link).
 """
 
 from __future__ import annotations
@@ -59,12 +63,18 @@ class Exchange(NamedTuple):
       (it may be empty: a node that only takes the reply in).
     * ``answer_bits(message) -> dict[str, Bits]``: its exact uplink bits, ``'total'`` included.
     * ``reply_bits(params) -> int``: the exact bits of one node's reply (its shapes are fixed).
+    * ``sent_bits(reply) -> Bits`` (None for most methods): for replies that only some nodes get in
+      some rounds (sequential split learning's turns, a :class:`qdata.codecs.payloads.Sent`), the exact
+      bits of node i's reply this round, read off it; the engine then charges the downlink round by
+      round from the replies (:data:`qdata.engine.REPLY_BITS`), and ``reply_bits`` is a reply's size
+      when it is sent. Every exchange of a method has one, or none has.
     """
 
     reply: Callable[..., tuple[PyTree, PyTree]]
     answer: Callable[..., tuple[PyTree, PyTree]]
     answer_bits: Callable[[PyTree], dict]
     reply_bits: Callable[[PyTree], int]
+    sent_bits: Callable[[PyTree], Any] | None = None
 
 
 class Method(NamedTuple):
@@ -79,5 +89,5 @@ class Method(NamedTuple):
     needs_params: bool = True
     exchanges: tuple = ()  # Exchange, in order
     learner_params: Callable[[PyTree], PyTree] | None = None  # None: the learner holds the whole model
-    model_params: Callable[[PyTree, PyTree], PyTree] | None = None  # None: evaluate the learner's params
+    model_params: Callable[[PyTree, PyTree, PyTree], PyTree] | None = None  # None: evaluate the learner's params
     fit_node: Callable[..., PyTree] | None = None
