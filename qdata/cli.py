@@ -40,6 +40,10 @@ HELP = {
     "split_cut": "split: the number of layers at the node (the learner holds the rest)",
     "split_bits": "split: bits per activation (per-sample-range stochastic rounding), 0 = fp32",
     "split_top": "split: 0, or U-shaped: the node also holds the last SPLIT_TOP layers and the labels",
+    "split_mode": "split: parallel (every node every round, lower layers averaged: SplitFed) | sequential (the "
+                  "nodes take turns, round robin; the lower layers and their optimizer state handed on via the "
+                  "learner)",
+    "split_turn": "split with --split-mode sequential: rounds per turn, >= 1 (the hand-off is paid once a turn)",
     "dca_dim": "dca: each node's PCA dimension m (and the collaboration representation's)",
     "dca_anchors": "dca: shared anchor points r (drawn from the data range with a shared seed; r >= m)",
     "dca_values": "dca: float32 | float16, how the mapped values travel",
@@ -94,7 +98,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     from qdata import config as qconfig
     from qdata.config import RunConfig
 
-    choices = {"method": qconfig.METHODS, "dispatch_route": qconfig.DISPATCH_ROUTES, "quantizer": qconfig.QUANTIZERS, "transform": qconfig.TRANSFORMS, "gate": qconfig.GATES,
+    choices = {"method": qconfig.METHODS, "dispatch_route": qconfig.DISPATCH_ROUTES,
+               "split_mode": qconfig.SPLIT_MODES, "quantizer": qconfig.QUANTIZERS, "transform": qconfig.TRANSFORMS, "gate": qconfig.GATES,
                "score": qconfig.SCORES, "optimizer": ("sgd", "adam")}
     hints = typing.get_type_hints(RunConfig)
     for field in dataclasses.fields(RunConfig):
@@ -141,7 +146,7 @@ def _config_from(args: argparse.Namespace):
 PER_METHOD = ("method", "bits", "quantizer", "gate", "rho", "score", "gate_floor", "correction", "cache", "coder",
               "transform", "sample_bits", "refine_bits", "refine_max", "compressor", "error_feedback", "dca_dim",
               "dca_anchors", "dca_values", "dispatch_replication", "dispatch_balanced", "dispatch_route", "split_cut",
-              "split_bits", "split_top", "name")
+              "split_bits", "split_top", "split_mode", "split_turn", "name")
 
 
 def _compare_changes(args: argparse.Namespace) -> dict:

@@ -49,6 +49,7 @@ from qdata.data import check_image_size
 
 METHODS = ("qdata", "sgd", "gradient", "dca", "dispatch", "split")
 DCA_VALUES = ("float32", "float16")
+SPLIT_MODES = ("parallel", "sequential")  # split learning: every node every round (SplitFed), or in turns
 DISPATCH_ROUTES = ("nearest", "vote")  # a test point to its nearest centre's model, or its p nearest ones vote
 QUANTIZERS = ("stochastic", "nearest", "dither", "per_sample")
 TRANSFORMS = ("none", "dct", "pca")  # qdata's data codes: per pixel, or in a 2-D DCT / node PCA basis
@@ -106,6 +107,8 @@ class RunConfig:
     split_cut: int = 1
     split_bits: int = 0
     split_top: int = 0  # U-shaped when >= 1: the node also holds the last split_top layers and the labels
+    split_mode: str = "parallel"  # "sequential": the nodes take turns, the lower layers handed on via the learner
+    split_turn: int = 1  # sequential: rounds per turn (the hand-off is paid once a turn)
     # the distributed setting
     num_nodes: int = 8
     partition: str = "iid"
@@ -255,6 +258,8 @@ FIELD_RULES: dict[str, Rule] = {
     "split_cut": _ints(1),
     "split_bits": _ints(0, 16),
     "split_top": _ints(0),
+    "split_mode": _one_of(SPLIT_MODES),
+    "split_turn": _ints(1),
     "num_nodes": _ints(1),
     "partition": _spec("one of " + ", ".join(PARTITIONS) + " (ALPHA a number > 0)", lambda v: _check_partition(v)),
     "stream_start": Rule(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0),
@@ -398,6 +403,11 @@ def _check_split(config: RunConfig) -> None:
     if config.faults != "none":
         raise ValueError(f"method='split' with faults={config.faults!r} is not built: the learner's record of "
                          "the averaged lower layers, which evaluation composes, assumes every node answers")
+    if config.split_mode == "sequential" and (config.split_top or config.integrity):
+        raise ValueError(f"split_mode='sequential' with split_top={config.split_top}, integrity={config.integrity} is "
+                         "not built: the nodes take turns with the labels at the learner (split_top=0), and "
+                         "without checked messages (integrity=false: a header would be charged to nodes that send "
+                         "nothing in rounds not theirs)")
 
 
 def _check_transform(config: RunConfig) -> None:
@@ -446,7 +456,10 @@ _USED_WHEN = {
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
     **{name: (lambda c: c.method == "dispatch", "method='dispatch'")
        for name in ("dispatch_replication", "dispatch_balanced", "dispatch_route")},
-    **{name: (lambda c: c.method == "split", "method='split'") for name in ("split_cut", "split_bits", "split_top")},
+    **{name: (lambda c: c.method == "split", "method='split'")
+       for name in ("split_cut", "split_bits", "split_top", "split_mode")},
+    "split_turn": (lambda c: c.method == "split" and c.split_mode == "sequential",
+                   "method='split' and split_mode='sequential'"),
     "compressor": (lambda c: c.method == "gradient", "method='gradient'"),
     "error_feedback": (lambda c: c.method == "gradient", "method='gradient'"),
     "momentum": (lambda c: c.optimizer == "sgd", "optimizer='sgd'"),

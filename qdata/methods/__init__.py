@@ -10,7 +10,7 @@ from qdata.methods.gradient import gradient_compression, sgd
 from qdata.methods.powersgd import powersgd_allreduce
 from qdata.methods.qdata import qdata_method
 from qdata.methods.significance import significance_filter
-from qdata.methods.split import split_learning
+from qdata.methods.split import sequential_split_learning, split_learning
 
 
 def build_method(config, model, dataset, d: int, *, node_size: int | None = None) -> Method:
@@ -37,6 +37,11 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
     if config.method == "split":
         from qdata.run import make_optimizer  # each node runs the run's optimizer on its lower layers
 
+        if config.split_mode == "sequential":
+            return sequential_split_learning(model, config.split_cut, make_optimizer(config),
+                                             num_classes=dataset.num_classes, sample_shape=dataset.sample_shape,
+                                             batch_size=config.batch_size, num_nodes=config.num_nodes,
+                                             bits=config.split_bits or None, turn=config.split_turn)
         return split_learning(model, config.split_cut, make_optimizer(config), num_classes=dataset.num_classes,
                               sample_shape=dataset.sample_shape, batch_size=config.batch_size,
                               bits=config.split_bits or None, top=config.split_top)
@@ -81,4 +86,4 @@ def build_method(config, model, dataset, d: int, *, node_size: int | None = None
 
 
 __all__ = ["Exchange", "Method", "build_method", "gradient_compression", "powersgd_allreduce", "qdata_method", "sgd",
-           "significance_filter", "split_learning"]
+           "significance_filter", "split_learning", "sequential_split_learning"]

@@ -42,9 +42,14 @@ node's lower and head layers together; step 4 averages both. Uplink: the activat
 ``32 b m`` and ``32 (d_low + d_head)``.
 
 Faulty nodes (``faults``) are refused by the config: the learner's record of the average, which
-evaluation composes, assumes every node answers. Not built: the *sequential* variant (nodes in turn,
-the lower layers handed from node to node), whose per-node bits would vary from round to round while
-a reply's bits are fixed in the interface, and whose nodes would need to know their index.
+evaluation composes, assumes every node answers.
+
+**Sequential** (:func:`sequential_split_learning`; Vepakomma et al. 2018, Gupta and Raskar 2018): the
+nodes take turns, round robin (``turn`` = R rounds each); only the active node sends and is sent
+anything, and at its turn's end its lower layers and their optimizer state go to the next node via the
+learner. Its bits vary by node and round: its messages and replies are :class:`Sent` (charged where
+they cross, read off the payload), and its exchanges give ``Exchange.sent_bits``, so the run charges
+the downlink round by round. The nodes know the schedule (``batch['node']``, ``batch['round']``).
 
 Models are cut between layers of a chain: the MLP (its dense layers) and the small CNN (its conv
 stages, then its dense layers); other models are refused with an error.
@@ -64,7 +69,7 @@ from qdata.codecs import labels as label_codecs
 from qdata.codecs import quantizers
 from qdata.codecs.base import Payload, payload_bits
 from qdata.codecs.ledger import Bits
-from qdata.codecs.payloads import EmptyState
+from qdata.codecs.payloads import EmptyState, Sent
 from qdata.methods.base import Exchange, Method
 
 PyTree = Any
@@ -304,7 +309,8 @@ def _u_exchanges(cut: ModelCut, decode, step_lower, top_bits, gradient_bits):
 
 def split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransformation, *, num_classes: int,
                    sample_shape, batch_size: int, bits: int | None = None, top: int = 0) -> Method:
-    """Parallel split learning (module docstring) as a :class:`Method`; U-shaped with ``top`` > 0.
+    """Parallel split learning (module docstring) as a :class:`Method`; U-shaped with ``top`` > 0
+    (sequential: :func:`sequential_split_learning`).
 
     Args:
       model: a chain of layers (:func:`model_layers`), e.g. ``models.make_model("mlp", 10)``.
@@ -353,7 +359,7 @@ def split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransfor
     name = (f"split_u:{cut}:{top}" if top else f"split:{cut}") + (f":{bits}bit" if bits else "")
     return Method(name, init_node, init_learner, first, learner_gradient, uplink_bits, needs_params=False,
                   exchanges=exchanges, learner_params=lambda params: cut_of.split(params)[1],
-                  model_params=lambda upper, learner_state: cut_of.join(
+                  model_params=lambda upper, learner_state, node_states: cut_of.join(
                       jax.tree_util.tree_map(lambda a: a[0], learner_state.node_layers), upper))
 
 
@@ -375,3 +381,186 @@ def _label_bits(labels):
         return {**parts, "total": parts["activations"] + parts["labels"]}
 
     return bits
+
+
+# ----------------------------------------------------------------------------------------------
+# The sequential variant: the nodes take turns, the lower layers handed from node to node.
+
+
+class SequentialNode(NamedTuple):
+    """A node's state in the sequential variant: its copy of the lower layers and of their optimizer
+    state (current while it trains, and after a hand-off reaches it), this round's batch, whether this
+    round is its turn (``active``), the round (``round``) and the rounds done when it last trained
+    (``trained``, 0 if never: the node evaluation reads the current lower layers from)."""
+
+    layers: PyTree
+    opt_state: PyTree
+    x: jax.Array
+    y: jax.Array
+    active: jax.Array
+    round: jax.Array
+    trained: jax.Array
+
+
+class SequentialLearner(NamedTuple):
+    """The learner's share serving one node: the active node's gradient in the learner's layers this
+    round (the same in every share), the index of the node it serves and the rounds done."""
+
+    upper_grad: PyTree
+    node: jax.Array
+    round: jax.Array
+
+
+def _sent_bits(bits_of):
+    """Bits of a :class:`Sent` message, part by part: the body's where it crosses, 0 where not."""
+
+    def bits(message: Sent) -> dict:
+        parts = {k: Bits.of(v).times(message.sent) for k, v in bits_of(message.body).items() if k != "total"}
+        return {**parts, "total": sum(parts.values())}
+
+    return bits
+
+
+def _where(flag, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(flag > 0, a, b), new, old)
+
+
+def _masked(sent: jax.Array, tree: PyTree) -> PyTree:
+    """A per-node tree (leading node axis) zero where the node's message did not cross."""
+    return jax.tree_util.tree_map(lambda a: jnp.where(sent.reshape(sent.shape + (1,) * (a.ndim - 1)) > 0, a,
+                                                      jnp.zeros_like(a)), tree)
+
+
+def sequential_split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransformation, *,
+                              num_classes: int, sample_shape, batch_size: int, num_nodes: int,
+                              bits: int | None = None, turn: int = 1) -> Method:
+    """Sequential split learning (Vepakomma et al. 2018; Gupta and Raskar 2018) as a :class:`Method`.
+
+    The nodes take turns, round robin: rounds ``k R .. k R + R - 1`` (``R = turn``) are node
+    ``k mod N``'s. In its round the active node sends its activations (fp32 or B bits, as the parallel
+    variant) and labels; the learner computes the loss on its layers, keeps their gradient (its
+    optimizer steps them with it) and replies the activations' gradients; the node backpropagates
+    them and steps its lower layers with the run's optimizer. At the last round of its turn (N > 1)
+    the node hands its lower layers *and their optimizer state* (the momentum trace of SGD, Adam's
+    moments: nothing with plain SGD, momentum 0) to the next node **via the learner**, the only
+    links being node-learner (a star): one uplink from the finishing node, one downlink to the next,
+    both in that round. So the run is one model trained in turn: with fp32 activations, ``R`` rounds
+    of node i's batches are ``R`` steps of the run's optimizer on the whole model (the tests check
+    it against SGD stepping on node ``(t // R) mod N``'s batch). The other nodes send nothing and
+    are sent nothing (:class:`qdata.codecs.payloads.Sent`: their messages and replies count 0 bits).
+    The schedule is known to every node in advance (its index and the round, ``batch['node']``,
+    ``batch['round']``).
+
+    Bits in a round, read off the payloads: the active node up ``b * (activation bits) + 8 ceil(b
+    ceil(log2 C) / 8)``, down ``32 b m``; at a turn's end, the finishing node up and the next node
+    down ``32 d_low`` plus the optimizer state's bits (``32 d_low`` more for SGD with momentum); every
+    other node 0. The replies vary by round (``Exchange.sent_bits``), so the run charges the downlink
+    round by round. The evaluated model composes the current lower layers (those of the node that
+    trained last, which after a hand-off are the copy the next node holds) with the learner's.
+
+    Not built: the U-shaped variant in turns, peer-to-peer hand-offs, faulty nodes or checked messages.
+
+    Args:
+      model, cut, optimizer, num_classes, sample_shape, batch_size, bits: as :func:`split_learning`.
+      num_nodes: N, the nodes in the schedule.
+      turn: R >= 1, rounds per turn; the hand-off is paid once per turn.
+
+    Returns:
+      A :class:`Method` named ``split_seq:K`` (``:tR`` with R > 1; ``:Bbit`` with quantized
+      activations), ``needs_params=False``; its exchanges: the activation gradients, the hand-off.
+    """
+    cut_of = cut_model(model, cut)
+    encode, decode = _activation_codec(bits)
+    labels = label_codecs.class_labels(num_classes)
+    turn_node = lambda t: (t // turn) % num_nodes
+    hands_off = lambda t: jnp.logical_and(num_nodes > 1, t % turn == turn - 1)  # this round ends a turn
+    x_shape = jax.ShapeDtypeStruct((batch_size,) + tuple(sample_shape), jnp.float32)
+    a_shape = lambda p: jax.eval_shape(cut_of.lower, cut_of.split(p)[0], x_shape)
+
+    def init_node(params):
+        node, _ = cut_of.split(params)
+        zero = jnp.zeros((), jnp.int32)
+        return SequentialNode(node, optimizer.init(node), jnp.zeros(x_shape.shape, jnp.float32),
+                              jnp.zeros((batch_size,), jnp.int32), zero, zero, zero)
+
+    def init_learner(params, count):
+        _, upper = cut_of.split(params)
+        return SequentialLearner(_to_each(jax.tree_util.tree_map(jnp.zeros_like, upper), count),
+                                 jnp.arange(count, dtype=jnp.int32), jnp.zeros((count,), jnp.int32))
+
+    def node_message(key, params, batch, state):
+        del params
+        active = (turn_node(batch["round"]) == batch["node"]).astype(jnp.int32)
+        stream, _ = labels.encode(None, batch["y"], EmptyState(), jnp.ones(batch["y"].shape, jnp.int32))
+        body = {"activations": encode(key, cut_of.lower(state.layers, batch["x"])), "labels": stream}
+        return Sent(body, active), state._replace(x=batch["x"], y=batch["y"], active=active, round=batch["round"])
+
+    def first_bits(body):
+        return {"activations": payload_bits(body["activations"]), "labels": labels.bits(body["labels"], None)["labels"]}
+
+    def reply_gradients(params, messages, learner_state, total):
+        sent = messages.sent
+        a = _masked(sent, jax.vmap(decode)(messages.body["activations"]))  # only what crossed is read
+        y = jax.vmap(lambda s: labels.decode(s, EmptyState(), jnp.ones(a.shape[1], jnp.int32)))(
+            messages.body["labels"])
+        loss = lambda w, a, y: _mean_loss(cut_of.upper(w, a), y)
+        upper_grad, grad_a = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
+        active_grad = total(_masked(sent, upper_grad))  # the one active node's, wherever it sits
+        reply = Sent(Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)}), sent)
+        return reply, learner_state._replace(upper_grad=_to_each(active_grad, sent.shape[0]))
+
+    def step_lower(key, params, reply, state):
+        del key, params
+        _, backward = jax.vjp(lambda w: cut_of.lower(w, state.x), state.layers)
+        (grads,) = backward(reply.body.arrays["activation_gradients"])
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.layers)
+        layers = _where(state.active, optax.apply_updates(state.layers, updates), state.layers)
+        opt_state = _where(state.active, opt_state, state.opt_state)
+        hand = (state.active * hands_off(state.round)).astype(jnp.int32)
+        message = Sent(Payload(arrays={"node_layers": layers, "node_optimizer": opt_state}), hand)
+        trained = jnp.where(state.active > 0, state.round + 1, state.trained)
+        return message, state._replace(layers=layers, opt_state=opt_state, trained=trained)
+
+    def handoff_bits(payload):
+        return {name: payload_bits(Payload(arrays={name: payload.arrays[name]})) for name in payload.arrays}
+
+    def reply_handoff(params, messages, learner_state, total):
+        del params
+        sent = messages.sent
+        handed = total(sent) > 0  # the finishing node sent its layers this round
+        body = total(_masked(sent, messages.body.arrays))  # exactly the one sender's
+        to_next = jnp.logical_and(handed, learner_state.node == turn_node(learner_state.round + 1))
+        reply = Sent(Payload(arrays=_to_each(body, sent.shape[0])), to_next.astype(jnp.int32))
+        return reply, learner_state
+
+    def take_handoff(key, params, reply, state):
+        del key, params
+        layers = _where(reply.sent, reply.body.arrays["node_layers"], state.layers)
+        opt_state = _where(reply.sent, reply.body.arrays["node_optimizer"], state.opt_state)
+        return Payload(arrays={}), state._replace(layers=layers, opt_state=opt_state)
+
+    def learner_gradient(params, messages, learner_state):
+        del params, messages  # g was formed in the first reply, from the active node's activations
+        g = jax.tree_util.tree_map(lambda u: jnp.mean(u, axis=0), learner_state.upper_grad)
+        return g, learner_state._replace(round=learner_state.round + 1)
+
+    def gradient_bits(params):
+        return payload_bits(Payload(arrays={"activation_gradients": jax.ShapeDtypeStruct(a_shape(params).shape,
+                                                                                         jnp.float32)}))
+
+    def handoff_size(params):
+        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut_of.split(params)[0])
+        return payload_bits(Payload(arrays={"node_layers": node, "node_optimizer": jax.eval_shape(optimizer.init, node)}))
+
+    def model_params(upper, learner_state, node_states):
+        del learner_state
+        last = jnp.argmax(node_states.trained)  # the node that trained last holds the current layers
+        return cut_of.join(jax.tree_util.tree_map(lambda a: a[last], node_states.layers), upper)
+
+    reply_total = lambda reply: Bits.of(payload_bits(reply.body)).times(reply.sent)
+    exchanges = (Exchange(reply_gradients, step_lower, _sent_bits(handoff_bits), gradient_bits, reply_total),
+                 Exchange(reply_handoff, take_handoff, _one_part(None), handoff_size, reply_total))
+    name = f"split_seq:{cut}" + (f":t{turn}" if turn > 1 else "") + (f":{bits}bit" if bits else "")
+    return Method(name, init_node, init_learner, node_message, learner_gradient, _sent_bits(first_bits),
+                  needs_params=False, exchanges=exchanges, learner_params=lambda params: cut_of.split(params)[1],
+                  model_params=model_params)
