@@ -150,6 +150,8 @@ def _field_cases():
         "dispatch_replication": bad_int(1),
         "dispatch_balanced": bad_bool(),
         "dispatch_route": bad_choice(("nearest", "vote")),
+        "split_mode": bad_choice(("parallel", "sequential")),
+        "split_turn": bad_int(1),
         "bits": bad_int(1, 16),
         "quantizer": bad_choice(("stochastic", "nearest", "dither", "per_sample")),
         "gate": bad_choice(("off", "bernoulli", "top")),
@@ -189,7 +191,8 @@ def _field_cases():
                "refine_bits": {"method": "qdata", "cache": True},
                "refine_max": {"method": "qdata", "cache": True, "refine_bits": 2}, "compressor": gradient,
                "error_feedback": gradient, **{f: {"method": "dca"} for f in ("dca_dim", "dca_anchors", "dca_values")},
-               **{f: {"method": "dispatch"} for f in ("dispatch_replication", "dispatch_balanced", "dispatch_route")}}
+               **{f: {"method": "dispatch"} for f in ("dispatch_replication", "dispatch_balanced", "dispatch_route")},
+               "split_mode": {"method": "split"}, "split_turn": {"method": "split", "split_mode": "sequential"}}
     return cases, context
 
 
@@ -229,6 +232,13 @@ def bad_combination():
         st.builds(lambda p: ("dispatch_route", {"method": "dispatch", "dispatch_route": "vote", "dispatch_replication": p}),
                   st.just(1)),
         st.builds(lambda m: ("dispatch_balanced", {"method": m, "dispatch_balanced": False}), st.sampled_from(["qdata", "sgd"])),
+        # Sequential split learning: its turn needs it, it needs split, and it is built without U-shape or integrity.
+        st.builds(lambda k: ("split_turn", {"method": "split", "split_turn": k}), st.integers(2, 1000)),
+        st.builds(lambda m: ("split_mode", {"method": m, "split_mode": "sequential"}),
+                  st.sampled_from(["qdata", "sgd", "gradient"])),
+        st.builds(lambda h: ("split_top", {"method": "split", "split_mode": "sequential", "model": "mlp:8x6x4",
+                                           "split_top": h}), st.integers(1, 2)),
+        st.just(("integrity", {"method": "split", "split_mode": "sequential", "integrity": True})),
         # A transform code's remaining refusals hold with the coefficient ANS coder as with fixed codes.
         st.builds(lambda t, q, c: ("quantizer", {"transform": t, "sample_bits": 400, "quantizer": q, "coder": c}),
                   st.sampled_from(["dct", "pca"]), st.sampled_from(["nearest", "per_sample"]), st.sampled_from(["fixed", "ans"])),
