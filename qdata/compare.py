@@ -280,6 +280,15 @@ def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: 
             "against_every_member": against_every_member(rows, HEADLINE), "rows": rows}
 
 
+def _headline_line(summary: dict) -> str:
+    ratio, target = summary["best_qdata_ratio"], summary["headline_target"]
+    if ratio["uplink"] is None and ratio["total"] is None:
+        return (f"headline ({target}): no ratio (it needs a qdata run and a gradient compressor that both reach "
+                "the target on every seed)")
+    return (f"headline ({target}): best qdata run / best gradient compressor = {_fmt_ratio(ratio['uplink'])}x "
+            f"fewer uplink bits, {_fmt_ratio(ratio['total'])}x fewer total bits")
+
+
 def against_every_member(rows: list[dict], target: str) -> dict:
     """The stricter yardstick: the best qdata run against the best of *every* swept gradient
     compressor (any member of any family, whatever validation chose) that reaches ``target`` on
@@ -345,7 +354,8 @@ def format_table(summary: dict) -> str:
     best = summary["best_gradient_compressor"]
     lines += ["", "* best of its family (chosen on validation). x up / x total: the best gradient compressor's "
               "bits to the target over this method's (family bests reaching it on every seed: "
-              + "; ".join(f"{k}: {v}" for k, v in best.items()) + ")",
+              + ("; ".join(f"{k}: {v}" for k, v in best.items() if v) if any(best.values()) else
+                 "none: no gradient compressor in this lineup reaches a target on every seed") + ")",
               "bits: exact, read off the packed payloads. Uplink: what a node sends. Downlink (down): model = the "
               "broadcast of w, 32 d a round, to a node that needs it; relay = a gradient compressor's node keeps a "
               "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
@@ -355,9 +365,7 @@ def format_table(summary: dict) -> str:
               "total over the rounds); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
-              f"headline ({summary['headline_target']}): best qdata run / best gradient compressor = "
-              f"{_fmt_ratio(summary['best_qdata_ratio']['uplink'])}x fewer uplink bits, "
-              f"{_fmt_ratio(summary['best_qdata_ratio']['total'])}x fewer total bits"]
+              _headline_line(summary)]
     strict = summary.get("against_every_member") or {}
     lines.append(f"against every swept compressor member reaching {summary['headline_target']} on every seed: "
                  + "; ".join(f"{m}: {v['qdata']} vs {v['compressor']} = {_fmt_ratio(v['ratio'])}x" if v

@@ -153,6 +153,8 @@ def test_default_lineups_load():
                                  ("compare_fashion_mnist_cnn_short.toml", "fashion_mnist", "cnn"),
                                  ("compare_cifar10_resnet20.toml", "cifar10", "resnet20"),
                                  ("study_digits_low_bits.toml", "digits", "mlp"),
+                                 ("study_digits_correction.toml", "digits", "mlp"),
+                                 ("study_fashion_mnist_low_bits.toml", "fashion_mnist", "mlp"),
                                  ("stream_digits.toml", "digits", "mlp"),
                                  ("all_fashion_mnist_mlp.toml", "fashion_mnist", "mlp")):
         lineup = load_lineup(name)
@@ -219,6 +221,11 @@ def test_choices_use_validation_only_and_the_table_arithmetic():
     strict = summary["against_every_member"]["uplink"]
     assert strict["compressor"] == "topk-10%" and strict["ratio"] == pytest.approx(3.6)
     assert "against every swept compressor member" in compare_module.format_table(summary)
+    # A lineup whose compressors reach no target (or that has none) says so instead of "None" and "-x".
+    alone = compare_module.format_table({**summary, "best_qdata_ratio": {"uplink": None, "total": None},
+                                         "best_gradient_compressor": dict.fromkeys(summary["best_gradient_compressor"])})
+    assert "none: no gradient compressor in this lineup reaches a target on every seed" in alone
+    assert "headline (SGD - 1 pt): no ratio" in alone and "None" not in alone and "-x" not in alone
     # A compressor whose relay would cost more than the model (N - 1 = 1 times 1500 > 1024) gets the model.
     header, rounds = _fake([0.5], [0.5], 1500, down=1024)
     assert not compare_module.relays(header, rounds)
