@@ -154,6 +154,7 @@ def test_default_lineups_load():
                                  ("compare_cifar10_resnet20.toml", "cifar10", "resnet20"),
                                  ("study_digits_low_bits.toml", "digits", "mlp"),
                                  ("study_digits_correction.toml", "digits", "mlp"),
+                                 ("study_digits_gate.toml", "digits", "mlp"),
                                  ("study_fashion_mnist_low_bits.toml", "fashion_mnist", "mlp"),
                                  ("stream_digits.toml", "digits", "mlp"),
                                  ("all_fashion_mnist_mlp.toml", "fashion_mnist", "mlp")):
