@@ -3,11 +3,13 @@
 The coordination service of a multi-process run lives in process 0. When process 0 dies, JAX's
 client in every other process aborts that process at once with a C++ fatal log (``F1204 ...``,
 ``*** Check failure stack trace: ***`` and the frames), before :mod:`qdata.peers` can speak; Python
-cannot catch an abort. So the process the user started does not train: it runs the training as a
-child (:func:`supervise`), passes its stdout through and its stderr line by line, holds back the
-C++ fatal-log block (:class:`StderrFilter`) into ``OUT/process-K.crash.log``, and when the child
-ends by a signal or an abort prints one line and exits 2. Any other exit status of the child is
-passed through unchanged (0, or 2 after the child's own error line). SIGINT and SIGTERM are
+cannot catch an abort. So the process the user started (``qdata train`` or ``qdata compare``) does
+not do the work: it runs it as a child (:func:`supervise`), passes its stdout through and its
+stderr line by line, holds back JAX's log blocks (:class:`StderrFilter`), and when the child ends
+by a signal or an abort prints one line and exits 2. Any other exit status of the child is passed
+through unchanged (0, or 2 after the child's own error line). What JAX logged goes to
+``OUT/process-K.crash.log`` when the child ends abnormally, and that line, or the child's own,
+names it; after a normal end it is forwarded. SIGINT and SIGTERM are
 forwarded to the child (JAX's preemption notifier catches SIGTERM in the child and goes on, so a
 child still running :data:`TERM_GRACE_SECONDS` later is killed); the child dies with the parent
 (:func:`follow_parent`: Linux's ``PR_SET_PDEATHSIG``), so a parent killed with SIGKILL leaves no
@@ -31,7 +33,8 @@ CHILD_ENV = "QDATA_SUPERVISED_BY"  # set in the child: the parent's pid
 # absl's log line: severity, MMDD, time, thread id, file:line] (what JAX's C++ client writes)
 LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^\s\]]+:\d+\] ")
 LOG_START = re.compile(r"[IWEF]\d")  # where a log line, not yet ended by a newline, may start
-QUIET_SECONDS = 1.0  # a block of non-fatal log lines is forwarded after this long without an F line
+QUIET_SECONDS = 1.0  # a log block ends after this long without a line
+WARNING_HOLD_SECONDS = 10.0  # a block with no fatal line is forwarded once the child has run on this long
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 TERM_GRACE_SECONDS = 5.0  # a child still running this long after a forwarded SIGTERM is killed
 PR_SET_PDEATHSIG = 1
@@ -52,44 +55,60 @@ def follow_parent() -> None:
 
 
 class StderrFilter:
-    """The child's stderr, forwarded as it comes except JAX's C++ fatal-log block.
+    """The child's stderr, forwarded as it comes except JAX's log blocks and the child's last words.
 
-    A line in absl's log format (:data:`LOG_LINE`) and the lines after it are held as a block; the
-    block is forwarded once :data:`QUIET_SECONDS` pass without a fatal (``F``) line, and qdata's own
-    lines (``qdata: ...``) meanwhile at once. A fatal line makes the block and everything after it
-    (the stack trace, the frames, and the child's own error line if its Python ended it in the same
-    instant) the crash log. Text that ends without a newline (a progress bar) is forwarded at once
+    A line in absl's log format (:data:`LOG_LINE`) and the lines after it are a block, ended by
+    :data:`QUIET_SECONDS` without a line. A fatal (``F``) line makes the blocks held so far, its own
+    and everything after it (the stack trace, the frames, and the child's own error line if its
+    Python ended it in the same instant) the crash log (:attr:`held`). A block without a fatal line
+    is held too (:attr:`waiting`): JAX's warnings are worth reading in a run that goes on and are
+    noise beside an abort's one line, so they are forwarded once the child shows it goes on (other
+    text from it, or :data:`WARNING_HOLD_SECONDS` more of running) or at its end by :meth:`release`
+    (the supervisor calls it after a normal end; after an abnormal one they join the crash log).
+    The child's own error line (``qdata: error: ...``, its last word) is held to its end
+    (:attr:`last_words`), so that the line the user reads can name the crash log; qdata's other
+    lines pass at once. Text that ends without a newline (a progress bar) is forwarded at once
     unless it could be the start of a log line.
     """
 
     def __init__(self):
         self.partial = ""  # the text after the last newline
-        self.pending: list[str] = []  # a log block not yet known to be fatal
+        self.pending: list[str] = []  # the log block still growing, not yet known to be fatal
+        self.waiting: list[str] = []  # ended blocks with no fatal line, not yet forwarded
+        self.waiting_since = 0.0  # when the oldest waiting block ended
         self.held: list[str] = []  # the fatal block and all after it: the crash log
         self.fatal: str | None = None  # the first fatal line
-        self.last = 0.0  # when the pending block last grew
-        self.worded = False  # whether the child's own error line was forwarded
+        self.last_words: list[str] = []  # the child's own error line, before any fatal line
+        self.last = 0.0  # when the pending block or the partial text last grew
+
+    def _text(self, text: str, out: list) -> None:
+        """Plain text from the child: it goes on, so the blocks held so far go first."""
+        if text:
+            out.extend(self.waiting)
+            self.waiting = []
+            out.append(text)
 
     def _line(self, line: str, now: float, out: list) -> None:
         if self.fatal is not None:
             self.held.append(line)
-            return
-        if line.startswith("qdata: "):
-            self.worded = self.worded or line.startswith("qdata: error: ")
+        elif line.startswith("qdata: error: "):
+            self.last_words.append(line)
+        elif line.startswith("qdata: "):
             out.append(line)
-            return
-        found = LOG_LINE.search(line)
-        if found:  # a log line, perhaps after a progress bar's text on the same line
-            out.append(line[:found.start()])
+        elif found := LOG_LINE.search(line):  # a log line, perhaps after a progress bar's text on the same line
+            self._text(line[:found.start()], out)
             line = line[found.start():]
             if line.startswith("F"):
-                self.fatal, self.held, self.pending = line.strip(), self.pending + [line], []
-                return
-        if found or self.pending:
+                self.fatal, self.held = line.strip(), self.waiting + self.pending + [line]
+                self.waiting, self.pending = [], []
+            else:
+                self.pending.append(line)
+                self.last = now
+        elif self.pending:
             self.pending.append(line)
             self.last = now
         else:
-            out.append(line)
+            self._text(line, out)
 
     def feed(self, text: str, now: float) -> str:
         """Take the next text the child wrote at time ``now``; returns the text to forward now."""
@@ -100,27 +119,50 @@ class StderrFilter:
         if self.fatal is None and not self.pending and self.partial:
             cut = LOG_START.search(self.partial)
             keep = cut.start() if cut else len(self.partial)
-            out.append(self.partial[:keep])
+            self._text(self.partial[:keep], out)
             self.partial = self.partial[keep:]
             self.last = now
         return "".join(out)
 
+    def _end_block(self, now: float) -> None:
+        if not self.waiting:
+            self.waiting_since = now
+        self.waiting, self.pending = self.waiting + self.pending, []
+
     def tick(self, now: float) -> str:
-        """The text to forward at ``now`` for the time that passed: a quiet, non-fatal block."""
-        if self.fatal is not None or not (self.pending or self.partial) or now - self.last < QUIET_SECONDS:
-            return ""
-        out, self.pending, self.partial = "".join(self.pending) + self.partial, [], ""
-        return out
+        """The text to forward at ``now`` for the time that passed: a partial text that turned out
+        not to start a log line, or the held blocks of a child that went on running."""
+        out: list[str] = []
+        if self.fatal is None and now - self.last >= QUIET_SECONDS:
+            if self.pending:
+                self.pending += [self.partial] if self.partial else []
+                self._end_block(now)
+            else:
+                self._text(self.partial, out)
+            self.partial = ""
+        if self.waiting and now - self.waiting_since >= WARNING_HOLD_SECONDS:
+            out, self.waiting = self.waiting + out, []
+        return "".join(out)
 
     def finish(self) -> str:
-        """At the child's end: the text still to forward (the crash log stays in :attr:`held`)."""
+        """At the child's end: the plain text still to forward (the blocks stay held)."""
         out: list[str] = []
         if self.partial:
             self._line(self.partial, self.last, out)
             self.partial = ""
-        if self.fatal is None:
-            out, self.pending = out + self.pending, []
+        if self.pending:
+            self._end_block(self.last)
         return "".join(out)
+
+    def release(self) -> str:
+        """After a normal end: the held blocks without a fatal line, to forward."""
+        out, self.waiting = "".join(self.waiting), []
+        return out
+
+    def crash_log(self) -> str:
+        """What JAX logged that was not forwarded: the fatal block and all after it, or the blocks
+        still held at an abnormal end."""
+        return "".join(self.held + self.waiting)
 
 
 def _pump(stream, write: Callable[[str], None], tick: Callable[[float], None]) -> StderrFilter:
@@ -157,12 +199,12 @@ def _kill_if_deaf(child: subprocess.Popen, forwarded: list, now: float) -> None:
         child.kill()
 
 
-def _write_crash_log(path: Path, held: list[str]) -> str:
-    """Write the held fatal-log block; the clause naming it (or saying why it could not be written)."""
+def _write_crash_log(path: Path, text: str) -> str:
+    """Write what JAX logged; the clause naming the file (or saying why it could not be written)."""
     try:
-        path.write_text("".join(held))
+        path.write_text(text)
     except OSError as err:
-        return f"JAX's fatal log could not be kept in {path} ({err.strerror})"
+        return f"JAX's log could not be kept in {path} ({err.strerror})"
     return f"the crash log is {path}"
 
 
@@ -180,15 +222,53 @@ def _abort_reason(process_id: int, returncode: int, fatal: str | None) -> str:
     return f"JAX aborted this process ({' '.join(message.split()[:16])})"
 
 
+def with_crash_log(line: str, describe: Callable[[str | None], str], logged: str | None) -> str:
+    """The child's own error line, naming the crash log where one was written: its closing note
+    (``describe(None)``, as the child wrote it) told again with the crash log's clause, or the
+    clause added at the end."""
+    line = line.rstrip("\n")
+    if logged is None:
+        return line
+    note = describe(None)
+    if note and line.endswith(note):
+        return line[:-len(note)] + describe(logged)
+    return f"{line}; {logged}"
+
+
+def _aborted(kept: StderrFilter, returncode: int) -> bool:
+    """Whether the child was ended by a signal or an abort (JAX's fatal log), not by its own exit."""
+    return returncode < 0 or returncode == 134 or (returncode != 0 and kept.fatal is not None)
+
+
+def _end_line(kept: StderrFilter, returncode: int, stopped: bool, process_id: int, num_processes: int,
+              describe: Callable[[str | None], str], crash_log: Path) -> str | None:
+    """At the child's end, with the text it wrote forwarded: what JAX logged goes to ``crash_log``
+    (or, after a normal end, to stderr); returns the line that says how the child ended, if one is
+    due (none for a child ``stopped`` by a signal forwarded to it)."""
+    aborted = not stopped and _aborted(kept, returncode)
+    if not (aborted or kept.last_words):  # a normal end, or one its own output explains (a traceback)
+        sys.stderr.write(kept.release())
+    text = kept.crash_log()
+    logged = _write_crash_log(crash_log, text) if text else None
+    if kept.last_words:  # the child's own error line said it
+        *before, last = kept.last_words
+        return "".join(before) + with_crash_log(last, describe, logged)
+    if aborted:
+        reason = _abort_reason(process_id, returncode, kept.fatal)
+        return f"qdata: error: process {process_id} of {num_processes}: {reason}; {describe(logged)}"
+    return None
+
+
 def supervise(command: list[str], process_id: int, num_processes: int, crash_log: Path,
               describe: Callable[[str | None], str]) -> int:
-    """Run ``command`` (this process's training) as a child and word how it ends (module docstring).
+    """Run ``command`` (this process's work) as a child and word how it ends (module docstring).
 
     Args:
-      command: the child's command line (the same ``qdata train`` arguments).
+      command: the child's command line (the same ``qdata train`` or ``qdata compare`` arguments).
       process_id, num_processes: this process and the run's size, for the message.
-      crash_log: where JAX's fatal-log block goes, if the child writes one.
-      describe: the rest of the message (the last checkpoint, how to resume), given the crash log's clause.
+      crash_log: where what JAX logged goes, if the child ends abnormally after logging.
+      describe: the rest of the message (what is kept, how to resume), given the crash log's clause
+        (None where none was written).
 
     Returns:
       The exit status for this process: the child's, or 2 after an abort (with one line on stderr).
@@ -205,16 +285,13 @@ def supervise(command: list[str], process_id: int, num_processes: int, crash_log
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    logged = _write_crash_log(crash_log, kept.held) if kept.held else None
-    if forwarded and returncode < 0:  # stopped as asked: end by the signal that asked
+    stopped = bool(forwarded) and returncode < 0
+    line = _end_line(kept, returncode, stopped, process_id, num_processes, describe, crash_log)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    if stopped:  # stopped as asked: end by the signal that asked
         signum = forwarded[-1][0]
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return 128 + signum
-    aborted = returncode < 0 or returncode == 134 or (returncode != 0 and kept.fatal is not None)
-    if not aborted or kept.worded:  # the child's own status, or its own error line said it
-        return 2 if aborted else returncode
-    reason = _abort_reason(process_id, returncode, kept.fatal)
-    print(f"qdata: error: process {process_id} of {num_processes}: {reason}; {describe(logged)}",
-          file=sys.stderr, flush=True)
-    return 2
+    return 2 if _aborted(kept, returncode) else returncode

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from qdata.supervise import QUIET_SECONDS, TERM_GRACE_SECONDS, StderrFilter
+from qdata.supervise import QUIET_SECONDS, TERM_GRACE_SECONDS, WARNING_HOLD_SECONDS, StderrFilter, with_crash_log
 from tests import processes
 
 FATAL_BLOCK = (
@@ -32,29 +32,54 @@ def test_lines_pass_at_once_and_the_fatal_block_is_held_with_all_after_it():
     assert kept.feed(FATAL_BLOCK[40:], 0.3) == ""
     assert kept.feed("qdata: error: process 1 of 2: a step with the other processes failed\n", 0.4) == ""
     assert kept.tick(10.0) == "" and kept.finish() == ""
-    assert kept.fatal.startswith("F1204 14:03:22.123510") and not kept.worded
+    assert kept.fatal.startswith("F1204 14:03:22.123510") and not kept.last_words
     held = "".join(kept.held)
     assert held.startswith("W1204 ") and "*** Check failure stack trace: ***" in held and "(unknown)\n" in held
     assert held.endswith("qdata: error: process 1 of 2: a step with the other processes failed\n")
 
 
-def test_a_log_block_without_a_fatal_line_passes_after_the_quiet_time():
+WARNING = FATAL_BLOCK.split("E1204")[0]  # a W line and its continuation: no fatal line
+NOTE = "the last finished checkpoint in out (round 6) is intact; run again with --resume"
+OWN_LINE = f"qdata: error: process 1 of 2: a step with the other processes failed; {NOTE}\n"
+
+
+def _note(crash_log):
+    return NOTE.replace("; run", f"; {crash_log}; run") if crash_log else NOTE
+
+
+def test_a_warning_block_is_held_until_the_child_goes_on_and_forwarded_then():
     kept = StderrFilter()
-    warning = FATAL_BLOCK.split("E1204")[0]  # the W line and its continuation
-    assert kept.feed(warning, 1.0) == ""
-    assert kept.feed("qdata: error: process 0 of 2: process 1 stopped answering\n", 1.1).startswith("qdata: error:")
-    assert kept.tick(1.0 + QUIET_SECONDS / 2) == ""
-    assert kept.tick(1.1 + QUIET_SECONDS) == warning and kept.held == [] and kept.worded
-    assert kept.feed("E1204 14:03:22.1 1 x.cc:2] last words", 5.0) == "" and kept.finish() == \
-        "E1204 14:03:22.1 1 x.cc:2] last words"  # the child ended: what was not fatal passes
+    assert kept.feed(WARNING, 1.0) == "" and kept.tick(1.0 + QUIET_SECONDS / 2) == ""
+    assert kept.tick(1.0 + QUIET_SECONDS) == ""  # the block has ended; still held, the child may yet abort
+    assert kept.feed("qdata: warning: a torn results line dropped\n", 3.0) == \
+        "qdata: warning: a torn results line dropped\n"  # qdata's lines pass at once, the block waits
+    assert kept.feed("round 8 done\n", 4.0) == WARNING + "round 8 done\n"  # it goes on: the block first
+    assert kept.feed(WARNING, 5.0) == "" and kept.tick(5.0 + QUIET_SECONDS) == ""
+    assert kept.tick(5.0 + QUIET_SECONDS + WARNING_HOLD_SECONDS) == WARNING  # it ran on for the hold time
+    assert kept.feed("E1204 14:03:22.1 1 x.cc:2] last words", 30.0) == "" and kept.finish() == ""
+    assert kept.release() == "E1204 14:03:22.1 1 x.cc:2] last words"  # a normal end: what was held passes
+    assert kept.crash_log() == "" and kept.held == [] and not kept.last_words
+
+
+def test_the_childs_own_error_line_is_held_to_its_end_and_names_the_crash_log():
+    kept = StderrFilter()  # the child's own line wins the race against JAX's abort
+    assert kept.feed(WARNING + OWN_LINE, 1.0) == "" and kept.tick(1.0 + QUIET_SECONDS + WARNING_HOLD_SECONDS / 2) == ""
+    assert kept.feed(FATAL_BLOCK[len(WARNING):], 1.2) == "" and kept.finish() == ""
+    assert kept.last_words == [OWN_LINE] and kept.crash_log() == FATAL_BLOCK  # the warning before it too
+    logged = "the crash log is out/process-1.crash.log"
+    assert with_crash_log(OWN_LINE, _note, logged) == OWN_LINE.replace(NOTE, _note(logged)).rstrip("\n")
+    assert with_crash_log(OWN_LINE, _note, None) == OWN_LINE.rstrip("\n")
+    other = "qdata: error: process 1 of 2: not every process joined the run\n"  # no closing note: the clause is added
+    assert with_crash_log(other, _note, logged) == f"{other.rstrip()}; {logged}"
 
 
 CHILD = r"""
 import os, sys
 sys.stderr.write("qdata: warning: before\n"); sys.stderr.flush()
 print("on stdout", flush=True)
-if sys.argv[1] == "abort":
+if len(sys.argv) > 2:
     os.write(2, sys.argv[2].encode())
+if sys.argv[1] == "abort":
     os.abort()
 sys.exit(int(sys.argv[1]))
 """
@@ -63,7 +88,7 @@ sys.exit(int(sys.argv[1]))
 def _supervised(tmp_path, *child_args, process_id=1):
     script = ("import sys; from pathlib import Path; from qdata import supervise; "
               f"sys.exit(supervise.supervise(sys.argv[1:], {process_id}, 2, Path({str(tmp_path)!r}) / 'crash.log', "
-              "lambda log: f'checkpoint note; {log}; resume'))")
+              "lambda log: 'checkpoint note; ' + (log + '; ' if log else '') + 'resume'))")
     return subprocess.run([sys.executable, "-c", script, sys.executable, "-c", CHILD, *child_args],
                           capture_output=True, text=True, timeout=60)
 
@@ -90,6 +115,21 @@ def test_a_childs_own_exit_status_passes_through(tmp_path):
         assert done.returncode == status and done.stderr == "qdata: warning: before\n", done.stderr
     assert not (tmp_path / "crash.log").exists()
 
+
+
+def test_jaxs_warnings_are_forwarded_after_a_normal_end_and_kept_in_the_crash_log_after_an_error(tmp_path):
+    done = _supervised(tmp_path, "0", WARNING)
+    assert done.returncode == 0 and done.stderr == "qdata: warning: before\n" + WARNING, done.stderr
+    assert not (tmp_path / "crash.log").exists()
+    own = "qdata: error: process 1 of 2: a step with the other processes failed; checkpoint note; resume\n"
+    done = _supervised(tmp_path, "2", WARNING + own)  # the child's own line, JAX's warning before it
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "qdata: warning: before", own.replace("note; ", f"note; the crash log is {tmp_path / 'crash.log'}; ").strip()]
+    assert (tmp_path / "crash.log").read_text() == WARNING
+    done = _supervised(tmp_path, "abort", WARNING + own + FATAL_BLOCK[len(WARNING):])  # its line, then JAX's abort
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == \
+        own.replace("note; ", f"note; the crash log is {tmp_path / 'crash.log'}; ").strip(), done.stderr
+    assert (tmp_path / "crash.log").read_text() == FATAL_BLOCK
 
 SLEEPER = r"""
 import signal, sys, time
