@@ -249,6 +249,26 @@ def _train_checkpoint_note(out: str, crash_log: str | None = None) -> str:
     return f"{where}; {crash_log + '; ' if crash_log else ''}run again with --resume once every process can start"
 
 
+def _compare_note(out: str, crash_log: str | None = None) -> str:
+    """The end of a multi-process comparison's error line: what is kept, the crash log's clause if
+    there is one (:mod:`qdata.supervise`), and how to go on."""
+    return (f"the finished runs in {out} are kept (each run's last finished checkpoint too); "
+            f"{crash_log + '; ' if crash_log else ''}continue with --resume --out {out} once every process can start")
+
+
+def _supervised(args: argparse.Namespace, argv: list[str], out: str, note) -> int | None:
+    """In the process the user started of a multi-process run: do the work (the same command line)
+    in a child under a supervising parent that words JAX's abort of it (:mod:`qdata.supervise`);
+    returns the exit status. None where this process does the work itself (one process, or the child).
+
+    ``note(crash_log)``: the error line's end (what is kept in ``out``, how to go on)."""
+    if args.num_processes <= 1 or supervise.is_child():
+        return None
+    process_id = args.process_id or 0
+    return supervise.supervise([sys.executable, "-m", "qdata", *argv], process_id, args.num_processes,
+                               Path(out) / f"process-{process_id}.crash.log", note)
+
+
 def _maybe_distributed(args: argparse.Namespace, describe=lambda: "") -> None:
     if args.num_processes > 1:
         _join_processes(args)
@@ -298,11 +318,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     out = args.out or os.path.join("runs", config.name)
     _check_processes(args)
     _check_out(out)
-    if args.num_processes > 1 and not supervise.is_child():  # train in a child; word JAX's abort of it
-        process_id = args.process_id or 0
-        return supervise.supervise([sys.executable, "-m", "qdata", *argv], process_id, args.num_processes,
-                                   Path(out) / f"process-{process_id}.crash.log",
-                                   lambda crash_log: _train_checkpoint_note(out, crash_log))
+    status = _supervised(args, argv, out, lambda crash_log: _train_checkpoint_note(out, crash_log))
+    if status is not None:
+        return status
     _maybe_distributed(args, lambda: _train_checkpoint_note(out))
     record = train(config, out, resume=args.resume, progress=not args.no_progress)
     print(f"{config.name}: round {record['round']}, test accuracy {record['test_accuracy']:.4f}, "
@@ -310,21 +328,28 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> None:
-    from qdata.compare import DEFAULT_LINEUP, compare
+def _compare(args: argparse.Namespace, argv: list[str]) -> int:
+    from qdata.compare import DEFAULT_LINEUP, compare, default_out_dir
     from qdata.lineup import load_lineup, with_overrides
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out, the directory of the comparison to continue")
     lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
     _check_processes(args)
-    if args.out:
-        _check_out(args.out)
-    _maybe_distributed(args, lambda: f"the finished runs in {args.out or 'the comparison directory'} are kept (each "
-                       "run's last finished checkpoint too); continue with --resume once every process can start")
-    summary = compare(lineup, args.out, progress=not args.no_progress, resume=args.resume)
+    out = args.out
+    if out is None and args.num_processes > 1:  # the crash log's directory: the child is told it
+        out = str(default_out_dir())
+        argv = [*argv, "--out", out]
+    if out:
+        _check_out(out)
+    status = _supervised(args, argv, out, lambda crash_log: _compare_note(out, crash_log))
+    if status is not None:
+        return status
+    _maybe_distributed(args, lambda: _compare_note(out))
+    summary = compare(lineup, out, progress=not args.no_progress, resume=args.resume)
     print(summary["table"])
     print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
+    return 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -343,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             if args.command == "train":
                 return _train(args, argv)
-            _compare(args)
+            return _compare(args, argv)
     except (ValueError, FileExistsError) as err:
         return _fail(' '.join(str(err).splitlines()))
     except OSError as err:  # a file or directory the run reads or writes
@@ -352,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         if not peers.watching():
             raise
         return _fail(peers.collective_failed(err))  # not a traceback, and not JAX's abort at exit
-    return 0
 
 
 def _fail(message: str) -> int:

@@ -176,16 +176,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start_two_processes(out):
-    """A 2-process run on loopback (digits, a checkpoint every 2 rounds, 4 s peer timeout), each process
-    as the user starts it (``qdata train``: a supervising parent and its training child)."""
-    flags = ["--dataset", "digits", "--model", "logreg", "--num-nodes", "4", "--batch-size", "8", "--rounds", "4000",
-             "--eval-every", "2", "--checkpoint-every", "2", "--seed", "1", "--method", "sgd", "--no-progress",
-             "--num-devices", "4", "--local-devices", "2", "--num-processes", "2", "--peer-timeout", "4",
-             "--coordinator", f"127.0.0.1:{_free_port()}", "--out", str(out)]
+def _start_two(command, flags):
+    """Two processes of a run on loopback, each as the user starts it (``qdata train`` or ``qdata compare``:
+    a supervising parent and its child), 2 devices each and a 4 s peer timeout."""
+    flags = [*flags, "--no-progress", "--num-devices", "4", "--local-devices", "2", "--num-processes", "2",
+             "--peer-timeout", "4", "--coordinator", f"127.0.0.1:{_free_port()}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return [subprocess.Popen([sys.executable, "-m", "qdata.cli", "train", *flags, "--process-id", str(i)], env=env,
+    return [subprocess.Popen([sys.executable, "-m", "qdata.cli", command, *flags, "--process-id", str(i)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def _start_two_processes(out):
+    """A 2-process training run (digits, a checkpoint every 2 rounds)."""
+    return _start_two("train", ["--dataset", "digits", "--model", "logreg", "--num-nodes", "4", "--batch-size", "8",
+                                "--rounds", "4000", "--eval-every", "2", "--checkpoint-every", "2", "--seed", "1",
+                                "--method", "sgd", "--out", str(out)])
 
 
 def _wait_for_checkpoint(out, step, within=240):
@@ -244,40 +249,85 @@ def test_a_peer_dying_mid_run_is_a_clear_error_within_the_timeout_and_the_last_c
     _newest_checkpoint_restores(out, steps)
 
 
-def test_process_0_dying_is_one_worded_line_not_jaxs_abort_and_the_last_checkpoint_is_intact(tmp_path):
-    """Process 0 hosts JAX's coordination service: when it dies, JAX's client aborts the training in
-    process 1 with a C++ fatal log; process 1's supervising parent (qdata.supervise) words it."""
+def _kill_process_0(procs):
+    """SIGKILL process 0 as the user started it (its child goes with it); process 1's stderr, the
+    seconds it took to end, and its qdata lines."""
     import signal
     import time
 
-    from qdata import checkpoints
     from tests import processes
 
-    out = tmp_path / "run"
-    procs = _start_two_processes(out)
-    _wait_for_checkpoint(out, 6)
-    (trainer,) = processes.children(procs[0].pid)
-    procs[0].send_signal(signal.SIGKILL)  # process 0 as the user started it; its training child goes with it
+    (child,) = processes.children(procs[0].pid)
+    procs[0].send_signal(signal.SIGKILL)
     killed = time.time()
     _, err = procs[1].communicate(timeout=60)
     waited = time.time() - killed
     procs[0].communicate(timeout=60)
-    assert processes.gone(trainer, within=10)  # no orphan training on without its parent
-    # qdata's own lines (a JAX warning block with no fatal line is forwarded after 1 s of quiet: seen)
-    said = [line for line in err.strip().splitlines() if line.startswith("qdata:")]
-    assert procs[1].returncode == 2 and len(said) == 1, err[-3000:]
+    assert processes.gone(child, within=10)  # no orphan work goes on without its parent
+    return err, waited, [line for line in err.strip().splitlines() if line.startswith("qdata:")]
+
+
+def _assert_one_worded_line(proc, err, waited, said, crash_log):
+    """Process 1's end: exit 2, one qdata line and no JAX log on stderr; the crash log, if written, named."""
+    assert proc.returncode == 2 and len(said) == 1, err[-3000:]
     # JAX's abort (the parent's line) or, when the collective process 1 waited in failed first, the
-    # child's own line: either way one line, and JAX's fatal log is not on stderr.
+    # child's own line: either way one line, and JAX's log is not on stderr.
     assert said[0].startswith(("qdata: error: process 1 of 2: the coordinator (process 0) stopped answering",
                                "qdata: error: process 1 of 2: a step with the other processes failed")), said[0]
-    assert "Check failure" not in err and waited < 30, (waited, err[-3000:])
-    if "the coordinator" in said[0]:
-        crash_log = out / "process-1.crash.log"
-        assert f"the crash log is {crash_log}; run again with --resume" in said[0]
-        # What JAX logged was kept there, not lost: absl-format lines (its fatal block with or without the
-        # stack trace, or under load only a warning before the child's own line: all seen).
+    assert "Check failure" not in err and not re.search(r"^[IWEF]\d{4} ", err, re.M), err[-3000:]
+    assert waited < 30, (waited, err[-3000:])
+    assert (f"the crash log is {crash_log}; " in said[0]) == crash_log.exists(), said[0]
+    if crash_log.exists():  # what JAX logged was kept there, not lost: absl-format lines
         held = crash_log.read_text()
         assert any(re.match(r"[IWEF]\d{4} ", line) for line in held.splitlines()), held
+
+
+def test_process_0_dying_is_one_worded_line_not_jaxs_abort_and_the_last_checkpoint_is_intact(tmp_path):
+    """Process 0 hosts JAX's coordination service: when it dies, JAX's client aborts the training in
+    process 1 with a C++ fatal log; process 1's supervising parent (qdata.supervise) words it."""
+    from qdata import checkpoints
+
+    out = tmp_path / "run"
+    procs = _start_two_processes(out)
+    _wait_for_checkpoint(out, 6)
+    err, waited, said = _kill_process_0(procs)
+    _assert_one_worded_line(procs[1], err, waited, said, out / "process-1.crash.log")
+    assert "; run again with --resume" in said[0]
     steps = checkpoints.saved_steps(out)
     assert steps and steps[-1] >= 6 and f"(round {steps[-1]}) is intact" in said[0]
     _newest_checkpoint_restores(out, steps)
+
+
+COMPARE_LINEUP = """
+seeds = [0]
+lr_grid = [0.1]
+[base]
+dataset = "digits"
+model = "logreg"
+num_nodes = 4
+batch_size = 8
+rounds = 4000
+eval_every = 2
+checkpoint_every = 2
+validation = 0.1
+[[run]]
+label = "sgd"
+method = "sgd"
+"""
+
+
+def test_process_0_dying_in_a_comparison_is_one_worded_line_naming_the_comparison(tmp_path):
+    """``qdata compare`` over two processes is supervised as ``train`` is: process 1 ends with one line
+    that says the finished runs are kept and how to continue."""
+    from qdata import checkpoints
+
+    (tmp_path / "lineup.toml").write_text(COMPARE_LINEUP)
+    out = tmp_path / "cmp"
+    procs = _start_two("compare", ["--config", str(tmp_path / "lineup.toml"), "--out", str(out)])
+    _wait_for_checkpoint(out / "sgd" / "lr0.1" / "seed0", 4)
+    err, waited, said = _kill_process_0(procs)
+    _assert_one_worded_line(procs[1], err, waited, said, out / "process-1.crash.log")
+    assert said[0].endswith(f"the finished runs in {out} are kept (each run's last finished checkpoint too); "
+                            f"{'the crash log is ' + str(out / 'process-1.crash.log') + '; ' if 'crash' in said[0] else ''}"
+                            f"continue with --resume --out {out} once every process can start"), said[0]
+    assert max(checkpoints.saved_steps(out / "sgd" / "lr0.1" / "seed0")) >= 4
