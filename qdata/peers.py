@@ -13,8 +13,9 @@ The coordination service lives in process 0. When process 0 dies (or leaves the 
 error), JAX's client in every other process finds the service gone at once and aborts that process
 with its C++ fatal log before this watch can speak (the client takes a ``missed_heartbeat_callback``,
 but its Python binding cannot pass the status: ``std::bad_cast``, jax 0.10.2). That abort is worded
-from outside the process: ``qdata train`` trains in a child process under a supervising parent
-(:mod:`qdata.supervise`), which keeps JAX's fatal log in ``OUT/process-K.crash.log`` and prints one line.
+from outside the process: ``qdata train`` and ``qdata compare`` work in a child process under a
+supervising parent (:mod:`qdata.supervise`), which keeps JAX's log in ``OUT/process-K.crash.log``
+and prints one line.
 """
 from __future__ import annotations
 

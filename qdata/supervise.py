@@ -34,7 +34,7 @@ CHILD_ENV = "QDATA_SUPERVISED_BY"  # set in the child: the parent's pid
 LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^\s\]]+:\d+\] ")
 LOG_START = re.compile(r"[IWEF]\d")  # where a log line, not yet ended by a newline, may start
 QUIET_SECONDS = 1.0  # a log block ends after this long without a line
-WARNING_HOLD_SECONDS = 10.0  # a block with no fatal line is forwarded once the child has run on this long
+HOLD_SECONDS = 10.0  # what is held for the child's end is forwarded once the child has run on this long
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
 TERM_GRACE_SECONDS = 5.0  # a child still running this long after a forwarded SIGTERM is killed
 PR_SET_PDEATHSIG = 1
@@ -63,12 +63,13 @@ class StderrFilter:
     Python ended it in the same instant) the crash log (:attr:`held`). A block without a fatal line
     is held too (:attr:`waiting`): JAX's warnings are worth reading in a run that goes on and are
     noise beside an abort's one line, so they are forwarded once the child shows it goes on (other
-    text from it, or :data:`WARNING_HOLD_SECONDS` more of running) or at its end by :meth:`release`
+    text from it, or :data:`HOLD_SECONDS` more of running) or at its end by :meth:`release`
     (the supervisor calls it after a normal end; after an abnormal one they join the crash log).
-    The child's own error line (``qdata: error: ...``, its last word) is held to its end
-    (:attr:`last_words`), so that the line the user reads can name the crash log; qdata's other
-    lines pass at once. Text that ends without a newline (a progress bar) is forwarded at once
-    unless it could be the start of a log line.
+    The child's own error line (``qdata: error: ...``, its last word: it exits right after) is held
+    to its end (:attr:`last_words`), so that the line the user reads can name the crash log, or
+    forwarded after :data:`HOLD_SECONDS` should the child linger; qdata's other lines pass at once.
+    Text that ends without a newline (a progress bar) is forwarded at once unless it could be the
+    start of a log line.
     """
 
     def __init__(self):
@@ -78,7 +79,8 @@ class StderrFilter:
         self.waiting_since = 0.0  # when the oldest waiting block ended
         self.held: list[str] = []  # the fatal block and all after it: the crash log
         self.fatal: str | None = None  # the first fatal line
-        self.last_words: list[str] = []  # the child's own error line, before any fatal line
+        self.last_words: list[str] = []  # the child's own error line (before any fatal line), not yet forwarded
+        self.worded_at: float | None = None  # when the child wrote it
         self.last = 0.0  # when the pending block or the partial text last grew
 
     def _text(self, text: str, out: list) -> None:
@@ -93,6 +95,7 @@ class StderrFilter:
             self.held.append(line)
         elif line.startswith("qdata: error: "):
             self.last_words.append(line)
+            self.worded_at = now if self.worded_at is None else self.worded_at
         elif line.startswith("qdata: "):
             out.append(line)
         elif found := LOG_LINE.search(line):  # a log line, perhaps after a progress bar's text on the same line
@@ -131,7 +134,8 @@ class StderrFilter:
 
     def tick(self, now: float) -> str:
         """The text to forward at ``now`` for the time that passed: a partial text that turned out
-        not to start a log line, or the held blocks of a child that went on running."""
+        not to start a log line, the held blocks of a child that went on running, the error line
+        of one that lingers."""
         out: list[str] = []
         if self.fatal is None and now - self.last >= QUIET_SECONDS:
             if self.pending:
@@ -140,8 +144,10 @@ class StderrFilter:
             else:
                 self._text(self.partial, out)
             self.partial = ""
-        if self.waiting and now - self.waiting_since >= WARNING_HOLD_SECONDS:
+        if self.waiting and now - self.waiting_since >= HOLD_SECONDS:
             out, self.waiting = self.waiting + out, []
+        if self.last_words and now - self.worded_at >= HOLD_SECONDS:  # a child that lingers after its words
+            out, self.last_words = out + self.last_words, []
         return "".join(out)
 
     def finish(self) -> str:
@@ -245,14 +251,14 @@ def _end_line(kept: StderrFilter, returncode: int, stopped: bool, process_id: in
     """At the child's end, with the text it wrote forwarded: what JAX logged goes to ``crash_log``
     (or, after a normal end, to stderr); returns the line that says how the child ended, if one is
     due (none for a child ``stopped`` by a signal forwarded to it)."""
-    aborted = not stopped and _aborted(kept, returncode)
-    if not (aborted or kept.last_words):  # a normal end, or one its own output explains (a traceback)
+    aborted, worded = not stopped and _aborted(kept, returncode), kept.worded_at is not None
+    if not (aborted or worded):  # a normal end, or one its own output explains (a traceback)
         sys.stderr.write(kept.release())
     text = kept.crash_log()
     logged = _write_crash_log(crash_log, text) if text else None
-    if kept.last_words:  # the child's own error line said it
-        *before, last = kept.last_words
-        return "".join(before) + with_crash_log(last, describe, logged)
+    if worded:  # the child's own error line said it (forwarded already if it lingered after it)
+        *before, last = kept.last_words or [None]
+        return None if last is None else "".join(before) + with_crash_log(last, describe, logged)
     if aborted:
         reason = _abort_reason(process_id, returncode, kept.fatal)
         return f"qdata: error: process {process_id} of {num_processes}: {reason}; {describe(logged)}"

@@ -327,7 +327,8 @@ def test_process_0_dying_in_a_comparison_is_one_worded_line_naming_the_compariso
     _wait_for_checkpoint(out / "sgd" / "lr0.1" / "seed0", 4)
     err, waited, said = _kill_process_0(procs)
     _assert_one_worded_line(procs[1], err, waited, said, out / "process-1.crash.log")
+    crash_log = out / "process-1.crash.log"
     assert said[0].endswith(f"the finished runs in {out} are kept (each run's last finished checkpoint too); "
-                            f"{'the crash log is ' + str(out / 'process-1.crash.log') + '; ' if 'crash' in said[0] else ''}"
+                            f"{f'the crash log is {crash_log}; ' if crash_log.exists() else ''}"
                             f"continue with --resume --out {out} once every process can start"), said[0]
     assert max(checkpoints.saved_steps(out / "sgd" / "lr0.1" / "seed0")) >= 4

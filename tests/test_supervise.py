@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from qdata.supervise import QUIET_SECONDS, TERM_GRACE_SECONDS, WARNING_HOLD_SECONDS, StderrFilter, with_crash_log
+from qdata.supervise import QUIET_SECONDS, TERM_GRACE_SECONDS, HOLD_SECONDS, StderrFilter, with_crash_log
 from tests import processes
 
 FATAL_BLOCK = (
@@ -32,7 +32,7 @@ def test_lines_pass_at_once_and_the_fatal_block_is_held_with_all_after_it():
     assert kept.feed(FATAL_BLOCK[40:], 0.3) == ""
     assert kept.feed("qdata: error: process 1 of 2: a step with the other processes failed\n", 0.4) == ""
     assert kept.tick(10.0) == "" and kept.finish() == ""
-    assert kept.fatal.startswith("F1204 14:03:22.123510") and not kept.last_words
+    assert kept.fatal.startswith("F1204 14:03:22.123510") and kept.worded_at is None
     held = "".join(kept.held)
     assert held.startswith("W1204 ") and "*** Check failure stack trace: ***" in held and "(unknown)\n" in held
     assert held.endswith("qdata: error: process 1 of 2: a step with the other processes failed\n")
@@ -55,15 +55,15 @@ def test_a_warning_block_is_held_until_the_child_goes_on_and_forwarded_then():
         "qdata: warning: a torn results line dropped\n"  # qdata's lines pass at once, the block waits
     assert kept.feed("round 8 done\n", 4.0) == WARNING + "round 8 done\n"  # it goes on: the block first
     assert kept.feed(WARNING, 5.0) == "" and kept.tick(5.0 + QUIET_SECONDS) == ""
-    assert kept.tick(5.0 + QUIET_SECONDS + WARNING_HOLD_SECONDS) == WARNING  # it ran on for the hold time
+    assert kept.tick(5.0 + QUIET_SECONDS + HOLD_SECONDS) == WARNING  # it ran on for the hold time
     assert kept.feed("E1204 14:03:22.1 1 x.cc:2] last words", 30.0) == "" and kept.finish() == ""
     assert kept.release() == "E1204 14:03:22.1 1 x.cc:2] last words"  # a normal end: what was held passes
-    assert kept.crash_log() == "" and kept.held == [] and not kept.last_words
+    assert kept.crash_log() == "" and kept.held == [] and kept.worded_at is None
 
 
 def test_the_childs_own_error_line_is_held_to_its_end_and_names_the_crash_log():
     kept = StderrFilter()  # the child's own line wins the race against JAX's abort
-    assert kept.feed(WARNING + OWN_LINE, 1.0) == "" and kept.tick(1.0 + QUIET_SECONDS + WARNING_HOLD_SECONDS / 2) == ""
+    assert kept.feed(WARNING + OWN_LINE, 1.0) == "" and kept.tick(1.0 + QUIET_SECONDS + HOLD_SECONDS / 2) == ""
     assert kept.feed(FATAL_BLOCK[len(WARNING):], 1.2) == "" and kept.finish() == ""
     assert kept.last_words == [OWN_LINE] and kept.crash_log() == FATAL_BLOCK  # the warning before it too
     logged = "the crash log is out/process-1.crash.log"
@@ -71,6 +71,9 @@ def test_the_childs_own_error_line_is_held_to_its_end_and_names_the_crash_log():
     assert with_crash_log(OWN_LINE, _note, None) == OWN_LINE.rstrip("\n")
     other = "qdata: error: process 1 of 2: not every process joined the run\n"  # no closing note: the clause is added
     assert with_crash_log(other, _note, logged) == f"{other.rstrip()}; {logged}"
+    lingers = StderrFilter()  # a child still running long after its last words: they are forwarded
+    assert lingers.feed(OWN_LINE, 1.0) == "" and lingers.tick(1.0 + HOLD_SECONDS / 2) == ""
+    assert lingers.tick(1.0 + HOLD_SECONDS) == OWN_LINE and lingers.last_words == [] and lingers.worded_at == 1.0
 
 
 CHILD = r"""
