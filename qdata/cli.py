@@ -329,7 +329,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace, argv: list[str]) -> int:
-    from qdata.compare import DEFAULT_LINEUP, compare, default_out_dir
+    from qdata.compare import DEFAULT_LINEUP, compare
     from qdata.lineup import load_lineup, with_overrides
 
     if args.resume and not args.out:
@@ -337,9 +337,9 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
     lineup = with_overrides(load_lineup(args.config or DEFAULT_LINEUP), _compare_changes(args))
     _check_processes(args)
     out = args.out
-    if out is None and args.num_processes > 1:  # the crash log's directory: the child is told it
-        out = str(default_out_dir())
-        argv = [*argv, "--out", out]
+    if out is None and args.num_processes > 1:  # each process would pick its own timestamped directory
+        raise ValueError(f"--num-processes {args.num_processes} needs --out, the one directory of the comparison "
+                         "that every process is given (its runs, checkpoints and crash logs)")
     if out:
         _check_out(out)
     status = _supervised(args, argv, out, lambda crash_log: _compare_note(out, crash_log))
@@ -347,8 +347,11 @@ def _compare(args: argparse.Namespace, argv: list[str]) -> int:
         return status
     _maybe_distributed(args, lambda: _compare_note(out))
     summary = compare(lineup, out, progress=not args.no_progress, resume=args.resume)
-    print(summary["table"])
-    print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
+    import jax
+
+    if jax.process_index() == 0:  # the one that wrote them
+        print(summary["table"])
+        print(f"\nwritten: {summary['out_dir']}/table.txt, summary.json, accuracy_vs_bits.png")
     return 0
 
 

@@ -32,6 +32,8 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
+
 from qdata import results as qresults
 from qdata.lineup import Lineup, load_lineup
 from qdata.run import phase_seconds, train
@@ -420,7 +422,8 @@ def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = No
         found = _floor_runs(lineup, out, chosen[lineup.reference.label], progress, resume)
         summary["floors"] = _floor_summary(found, summary["sgd_final_test_accuracy"])
     table = format_table(summary)
-    (out / "table.txt").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    draw_figure(summary, out, out / "accuracy_vs_bits.png")
+    if jax.process_index() == 0:  # one writer of the shared directory, as for a run's results file
+        (out / "table.txt").write_text(table + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        draw_figure(summary, out, out / "accuracy_vs_bits.png")
     return {**summary, "out_dir": str(out), "table": table}

@@ -149,5 +149,7 @@ def test_cli_batch_larger_than_a_shard_is_refused_before_compiling(tmp_path, cap
 def test_compare_flag_errors_are_one_line(tmp_path, capsys):
     line = _cli_error(capsys, ["compare", "--resume", "--no-progress"])
     assert "--resume needs --out" in line
+    line = _cli_error(capsys, ["compare", "--num-processes", "2", "--no-progress"])
+    assert "--num-processes 2 needs --out, the one directory of the comparison that every process is given" in line
     line = _cli_error(capsys, ["compare", "--bits", "3", "--out", str(tmp_path / "c"), "--no-progress"])
     assert "--bits" in line
