@@ -798,9 +798,6 @@ def similarity_clusters(x, num_nodes: int, seed: int, *, balanced: bool = True, 
     Returns:
       The :class:`Clusters`: each cluster's members and the K centres.
     """
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
     x = np.asarray(x)
     if x.ndim < 2:
         raise ValueError(f"x must hold samples on the leading axis, got shape {x.shape}")
@@ -812,14 +809,7 @@ def similarity_clusters(x, num_nodes: int, seed: int, *, balanced: bool = True, 
     if pca_dim is not None:
         pca_dim = _check_int(pca_dim, "pca_dim", minimum=1)
     check_finite(x, name="x")
-    flat = x.reshape(x.shape[0], -1).astype(np.float32)
-    pca = None
-    if pca_dim is not None and flat.shape[1] > pca_dim and flat.shape[0] > pca_dim:
-        pca = PCA(n_components=pca_dim, random_state=seed)
-        flat = pca.fit_transform(flat)
-    kmeans = KMeans(n_clusters=num_nodes, n_init=1, random_state=seed).fit(flat)
-    centres = kmeans.cluster_centers_ if pca is None else pca.inverse_transform(kmeans.cluster_centers_)
-    centres = np.asarray(centres, np.float32)
+    flat, kmeans, centres = _fit_kmeans(x, num_nodes, seed, pca_dim)
     rng = np.random.default_rng(seed)
     if not balanced:
         if replication == 1:
@@ -828,7 +818,7 @@ def similarity_clusters(x, num_nodes: int, seed: int, *, balanced: bool = True, 
             assign = np.argsort(kmeans.transform(flat), axis=1, kind="stable")[:, :replication]
         nodes = [np.flatnonzero((assign.reshape(len(flat), -1) == k).any(axis=1)) for k in range(num_nodes)]
         return Clusters(_shuffled(_fill_empty(nodes, rng), rng), centres)
-    held = _balanced_assignment(kmeans.transform(flat), replication)
+    held = balanced_assignment(kmeans.transform(flat), replication)
     return Clusters(_shuffled([np.flatnonzero(held[:, k]) for k in range(num_nodes)], rng), centres)
 
 
@@ -854,16 +844,61 @@ def partition_similarity(x, num_nodes: int, seed: int, *, balanced: bool = True,
     return similarity_clusters(x, num_nodes, seed, balanced=balanced, pca_dim=pca_dim).members
 
 
+def _fit_kmeans(x, num_centres: int, seed: int, pca_dim: int | None):
+    """k-means (scikit-learn ``KMeans``, k-means++ seeding, one start) of the flattened samples ``x``,
+    on their top ``pca_dim`` principal components when n and the sample count exceed it. Returns the
+    fitted space's points, the fitted ``KMeans`` and the (k, n) float32 centres mapped back to the
+    samples' float space."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    flat = np.asarray(x).reshape(len(x), -1).astype(np.float32)
+    pca = None
+    if pca_dim is not None and flat.shape[1] > pca_dim and flat.shape[0] > pca_dim:
+        pca = PCA(n_components=pca_dim, random_state=seed)
+        flat = pca.fit_transform(flat)
+    kmeans = KMeans(n_clusters=num_centres, n_init=1, random_state=seed).fit(flat)
+    centres = kmeans.cluster_centers_ if pca is None else pca.inverse_transform(kmeans.cluster_centers_)
+    return flat, kmeans, np.asarray(centres, np.float32)
+
+
+def fit_centres(x, num_centres: int, seed: int, pca_dim: int | None = 50) -> np.ndarray:
+    """(k, n) float32: the k-means centres of the samples ``x`` (the clustering of
+    :func:`similarity_clusters`, fitted on ``x`` alone), in the samples' float space.
+
+    Args:
+      x: (m, *sample_shape) the samples to fit on, m >= k.
+      num_centres: k.
+      seed: seed of the PCA and k-means.
+      pca_dim: dimension the samples are projected to before clustering; None keeps all n.
+    """
+    x = np.asarray(x)
+    if x.ndim < 2 or len(x) < num_centres:
+        raise ValueError(f"fitting {num_centres} centres needs at least {num_centres} samples on the leading axis, "
+                         f"got shape {x.shape}")
+    check_finite(x, name="x")
+    return _fit_kmeans(x, num_centres, seed, pca_dim)[2]
+
+
+def _squared_distances(x, centres: np.ndarray) -> np.ndarray:
+    """(m, k) float64 squared Euclidean distances of the m flattened points ``x`` to the k centres."""
+    flat = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float64)
+    c = np.asarray(centres, np.float64)
+    return (flat**2).sum(1, keepdims=True) - 2.0 * flat @ c.T + (c**2).sum(1)[None, :]
+
+
+def centre_distances(x, centres: np.ndarray) -> np.ndarray:
+    """(m, k) float32 Euclidean distances of the m points ``x`` (flattened float values) to the k centres."""
+    return np.sqrt(np.maximum(_squared_distances(x, centres), 0.0)).astype(np.float32)
+
+
 def nearest_centres(x, centres: np.ndarray, count: int = 1) -> np.ndarray:
     """(m, count) int32: the indices of the ``count`` centres nearest to each of the m points ``x``
     (flattened float values), nearest first (squared Euclidean distance)."""
-    flat = np.asarray(x, np.float32).reshape(len(x), -1).astype(np.float64)
-    c = np.asarray(centres, np.float64)
-    dist = (flat**2).sum(1, keepdims=True) - 2.0 * flat @ c.T + (c**2).sum(1)[None, :]
-    return np.argsort(dist, axis=1, kind="stable")[:, :count].astype(np.int32)
+    return np.argsort(_squared_distances(x, centres), axis=1, kind="stable")[:, :count].astype(np.int32)
 
 
-def _balanced_assignment(dist: np.ndarray, replication: int = 1) -> np.ndarray:
+def balanced_assignment(dist: np.ndarray, replication: int = 1) -> np.ndarray:
     """(N, K) bool: which of K centroids each of N points is assigned to, ``replication`` distinct
     ones each, centroid k holding floor(N p / K) or ceil(N p / K) points, preferring near centroids
     (the proposal rounds and the repair of :func:`similarity_clusters`)."""

@@ -465,7 +465,7 @@ def test_balanced_assignment_prefers_near_centroids():
     pts = np.concatenate([np.zeros((4, 2)), np.ones((4, 2)) * 10]) + np.arange(8)[:, None] * 0.01
     centers = np.array([[0.0, 0.0], [10.0, 10.0]])
     dist = np.sqrt(((pts[:, None] - centers[None]) ** 2).sum(-1))
-    held = data._balanced_assignment(dist)  # (points, centroids) membership, one centroid each at p = 1
+    held = data.balanced_assignment(dist)  # (points, centroids) membership, one centroid each at p = 1
     np.testing.assert_array_equal(held.sum(axis=1), 1)
     np.testing.assert_array_equal(held.argmax(axis=1), [0] * 4 + [1] * 4)
 

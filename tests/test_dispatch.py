@@ -21,7 +21,7 @@ def test_replicated_assignment_fills_exact_shares_with_distinct_clusters(n, k, p
     p = min(p, k)
     rng = np.random.default_rng(seed)
     dist = rng.integers(0, 4, size=(n, k)).astype(float)  # small integers: many ties
-    held = qdata_data._balanced_assignment(dist, p)
+    held = qdata_data.balanced_assignment(dist, p)
     assert (held.sum(axis=1) == p).all()
     sizes = held.sum(axis=0)
     assert sizes.sum() == n * p and sizes.max() - sizes.min() <= 1 and sizes.max() == -(-n * p // k)
