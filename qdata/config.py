@@ -103,6 +103,7 @@ class RunConfig:
     dispatch_replication: int = 1  # p, in 1..num_nodes
     dispatch_balanced: bool = True  # cluster sizes bounded (floor or ceil of N p / k), else raw k-means
     dispatch_route: str = "nearest"  # "vote": the p nearest centres' models average their probabilities
+    dispatch_fit_samples: int = 64  # m: raw samples each node sends for the k-means fit (all of a smaller shard)
     # split learning (method "split"; qdata.methods.split): layers at the node, activation bits (0: fp32)
     split_cut: int = 1
     split_bits: int = 0
@@ -255,6 +256,7 @@ FIELD_RULES: dict[str, Rule] = {
     "dispatch_replication": _ints(1),
     "dispatch_balanced": Rule(bool, "true or false"),
     "dispatch_route": _one_of(DISPATCH_ROUTES),
+    "dispatch_fit_samples": _ints(1),
     "split_cut": _ints(1),
     "split_bits": _ints(0, 16),
     "split_top": _ints(0),
@@ -455,7 +457,7 @@ _USED_WHEN = {
                     "method='qdata' and transform='dct' or 'pca'"),
     **{name: (lambda c: c.method == "dca", "method='dca'") for name in ("dca_dim", "dca_anchors", "dca_values")},
     **{name: (lambda c: c.method == "dispatch", "method='dispatch'")
-       for name in ("dispatch_replication", "dispatch_balanced", "dispatch_route")},
+       for name in ("dispatch_replication", "dispatch_balanced", "dispatch_route", "dispatch_fit_samples")},
     **{name: (lambda c: c.method == "split", "method='split'")
        for name in ("split_cut", "split_bits", "split_top", "split_mode")},
     "split_turn": (lambda c: c.method == "split" and c.split_mode == "sequential",

@@ -56,48 +56,123 @@ def _tiny(num_classes=2):
 
 def test_bits_by_hand_on_twelve_samples_and_two_nodes():
     ds, index, count = _tiny()
-    plan = dispatch.dispatch_plan(ds.to_float(ds.x_train), index, count, seed=0)
+    plan = dispatch.dispatch_plan(ds.to_float(ds.x_train), index, count, seed=0)  # m = 64: every row is fitted on
     # Cluster A goes to node 0 (it holds 4 of A's 6), B to node 1: rows 4, 5 move 0 -> 1, rows 8, 9 move 1 -> 0.
     assert sorted(plan.shards[0].tolist()) == [0, 1, 2, 3, 8, 9] and sorted(plan.shards[1].tolist()) == [4, 5, 6, 7, 10, 11]
     np.testing.assert_array_equal(plan.moves, [[0, 2], [2, 0]])
     for i in range(2):
-        up = dispatch.message_bits(dispatch.encode_outgoing(ds, plan, i))
-        # 2 samples x 2 pixels x 8 bits; 2 labels of ceil(log2 2) = 1 bit in one byte; one int32 count (N - 1 = 1).
-        assert up == {"samples": 32, "labels": 8, "counts": 32, "total": 72}
-        down = dispatch.message_bits(dispatch.encode_incoming(ds, plan, i))
-        # The same 2 samples and labels relayed, one int32 count, the 2 x 2 float32 centres.
-        assert down == {"samples": 32, "labels": 8, "count": 32, "centres": 128, "total": 200}
+        up = dispatch.messages_bits(dispatch.node_uplink(ds, plan, i))
+        # The fit sample: 6 samples x 2 pixels x 8 bits; the balanced assignment's distances: 6 samples x 2
+        # centres x float32; then the moved 2 samples x 2 pixels x 8 bits, 2 labels of ceil(log2 2) = 1 bit in
+        # one byte, one int32 count (N - 1 = 1).
+        assert up == {"fit_samples": 96, "distances": 384, "samples": 32, "labels": 8, "counts": 32, "total": 552}
+        down = dispatch.messages_bits(dispatch.node_downlink(ds, plan, i))
+        # The 2 x 2 float32 centres; 6 destinations of ceil(log2 2) = 1 bit in one byte; the 2 samples and labels
+        # relayed, one int32 count.
+        assert down == {"centres": 128, "destinations": 8, "samples": 32, "labels": 8, "count": 32, "total": 208}
     x, y = dispatch.decode_samples(dispatch.encode_incoming(ds, plan, 0))
     np.testing.assert_array_equal(x, ds.x_train[[8, 9]])
     np.testing.assert_array_equal(y, [0, 0])
     # With 3 classes a label takes 2 bits: still one byte for 2 labels. With p = 2 every sample is
-    # on both nodes: each node sends its 6 samples (6 x 16 bits, 6 labels of 1 bit in a byte).
+    # on both nodes: each node sends its 6 samples (6 x 16 bits, 6 labels of 1 bit in a byte) and
+    # receives 12 destinations (1 bit each: two bytes).
     plan2 = dispatch.dispatch_plan(ds.to_float(ds.x_train), index, count, replication=2, seed=0)
-    up = dispatch.message_bits(dispatch.encode_outgoing(ds, plan2, 0))
-    assert up == {"samples": 96, "labels": 8, "counts": 32, "total": 136}
+    up = dispatch.messages_bits(dispatch.node_uplink(ds, plan2, 0))
+    assert up == {"fit_samples": 96, "distances": 384, "samples": 96, "labels": 8, "counts": 32, "total": 616}
+    assert dispatch.message_bits(dispatch.encode_destinations(plan2, 0)) == {"destinations": 16, "total": 16}
+    np.testing.assert_array_equal(dispatch.decode_destinations(dispatch.encode_destinations(plan2, 0)), [0, 1] * 6)
+
+
+def test_what_the_dispatcher_decodes_is_what_it_used():
+    """The centres are fitted on the decoded fit samples only, the balanced assignment is solved on the
+    decoded distances, and each node reads its samples' destinations off its message."""
+    ds, index, count = _tiny()
+    x_float = ds.to_float(ds.x_train)
+    plan = dispatch.dispatch_plan(x_float, index, count, seed=0, fit_samples=4)
+    fitted = [dispatch.encode_fit_sample(ds, plan, i).arrays["fit_samples"] for i in range(2)]
+    for i, rows in enumerate(plan.fit_rows):
+        assert len(rows) == 4 and set(rows.tolist()) <= set(range(6 * i, 6 * i + 6))
+        np.testing.assert_array_equal(fitted[i], ds.x_train[rows])  # raw, as stored (uint8)
+    assert dispatch.message_bits(dispatch.encode_fit_sample(ds, plan, 0)) == {"fit_samples": 4 * 2 * 8, "total": 64}
+    np.testing.assert_array_equal(
+        plan.clusters.centres, qdata_data.fit_centres(ds.to_float(ds.x_train[np.sort(np.concatenate(plan.fit_rows))]), 2, 0))
+    received = np.concatenate([dispatch.encode_affinities(plan, i).arrays["distances"] for i in range(2)])
+    assert received.dtype == np.float32
+    np.testing.assert_array_equal(received, qdata_data.centre_distances(x_float, plan.clusters.centres))
+    held = qdata_data.balanced_assignment(received)
+    for i in range(2):
+        rows = np.arange(6 * i, 6 * i + 6)
+        np.testing.assert_array_equal(dispatch.decode_destinations(dispatch.encode_destinations(plan, i)),
+                                      plan.node_of_cluster[held[rows].argmax(1)])
+    # The same seed, the same fit sample and plan; the balanced plan's destinations are the ones the rows went to.
+    again = dispatch.dispatch_plan(x_float, index, count, seed=0, fit_samples=4)
+    assert all((a == b).all() for a, b in zip(again.fit_rows, plan.fit_rows))
+    for j, shard in enumerate(plan.shards):
+        assert (plan.destinations[shard] == j).any(axis=1).all()
+
+
+def test_unbalanced_dispatch_sends_cluster_counts_and_receives_the_matching():
+    """Without capacities a node finds its samples' nearest centres itself: it sends k int32 counts
+    (its copies per cluster) and every node receives the node of each cluster (k codes of ceil(log2 N) bits)."""
+    ds, index, count = _tiny()
+    plan = dispatch.dispatch_plan(ds.to_float(ds.x_train), index, count, balanced=False, seed=0)
+    assert plan.distances is None
+    np.testing.assert_array_equal(plan.moves, [[0, 2], [2, 0]])  # the blobs are the nearest-centre clusters too
+    for i in range(2):
+        messages = dispatch.node_uplink(ds, plan, i)
+        assert sorted(messages[1].arrays["cluster_counts"].tolist()) == [2, 4]  # 4 of its own blob, 2 of the other
+        assert dispatch.messages_bits(messages) == {"fit_samples": 96, "cluster_counts": 64, "samples": 32,
+                                                    "labels": 8, "counts": 32, "total": 232}
+        down = dispatch.node_downlink(ds, plan, i)
+        assert dispatch.messages_bits(down) == {"centres": 128, "node_of_cluster": 8, "samples": 32, "labels": 8,
+                                                "count": 32, "total": 208}
+        np.testing.assert_array_equal(dispatch.decode_destinations(down[1]), plan.node_of_cluster)
+    # The matching sends each cluster to the node holding most of it.
+    counts = np.stack([dispatch.encode_affinities(plan, i).arrays["cluster_counts"] for i in range(2)])
+    np.testing.assert_array_equal(counts.argmax(0), plan.node_of_cluster)
 
 
 def test_samples_at_their_clusters_node_cost_nothing_and_the_results_file_charges_the_messages(tmp_path):
     ds = qdata_data.load_dataset("digits")
+    n, fit_all = ds.n, 10_000
     config = RunConfig(method="dispatch", dataset="digits", model="mlp:32", num_nodes=4, batch_size=16, rounds=20,
-                       eval_every=10, checkpoint_every=0, partition="similarity")
-    train(config, tmp_path / "sim")  # the base partition is the dispatch's own clustering: nothing moves
+                       eval_every=10, checkpoint_every=0, partition="similarity:unbalanced", dispatch_balanced=False,
+                       dispatch_fit_samples=fit_all)
+    # The base partition is the dispatch's own clustering (its k-means fitted on every sample): nothing moves.
+    train(config, tmp_path / "sim")
     header, rounds = qresults.load(tmp_path / "sim")
     assert header["one_shot"]["moved_per_node"] == [0, 0, 0, 0]
-    assert header["one_shot"]["parts"] == {"samples": 0, "labels": 0, "counts": 4 * 3 * 32, "total": 4 * 3 * 32}
-    assert header["one_shot"]["downlink_bits_per_node"] == [32 + 4 * ds.n * 32] * 4
-    iid = config.replace(partition="iid")
+    assert sum(header["one_shot"]["fit_samples_per_node"]) == ds.num_train
+    assert header["one_shot"]["parts"] == {"fit_samples": ds.num_train * n * 8, "cluster_counts": 4 * 4 * 32,
+                                           "samples": 0, "labels": 0, "counts": 4 * 3 * 32,
+                                           "total": ds.num_train * n * 8 + 4 * 4 * 32 + 4 * 3 * 32}
+    # The 4 x n float32 centres, the 4 clusters' nodes at 2 bits in one byte, one int32 count.
+    assert header["one_shot"]["downlink_bits_per_node"] == [4 * n * 32 + 8 + 32] * 4
+    iid = config.replace(partition="iid", dispatch_balanced=True, dispatch_fit_samples=64)
     train(iid, tmp_path / "iid")
     header, rounds = qresults.load(tmp_path / "iid")
-    moved = sum(header["one_shot"]["moved_per_node"])
-    assert header["one_shot"]["parts"]["samples"] == moved * ds.n * 8 and header["one_shot"]["sample_bits"] == 8 * ds.n
+    moved, parts = sum(header["one_shot"]["moved_per_node"]), header["one_shot"]["parts"]
+    assert header["one_shot"]["fit_samples_per_node"] == [64] * 4
+    assert parts["fit_samples"] == 4 * 64 * n * 8 and parts["distances"] == ds.num_train * 4 * 32
+    assert parts["samples"] == moved * n * 8 and header["one_shot"]["sample_bits"] == 8 * n
     assert rounds[0]["cumulative_uplink_bits_per_node"] == rounds[-1]["cumulative_uplink_bits_per_node"] \
-        == header["one_shot"]["parts"]["total"] / 4
+        == parts["total"] / 4
     assert rounds[-1]["cumulative_downlink_bits"] == sum(header["one_shot"]["downlink_bits_per_node"])
+    assert header["one_shot"]["downlink_parts"]["destinations"] == 8 * sum(-(-c * 2 // 8) for c in
+                                                                          np.bincount(_homes(iid, ds), minlength=4))
     from qdata import compare
 
     assert compare._downlink_kind(header, rounds) == "one-shot"
     assert compare._downlink(header, rounds, 20, 0.0) == sum(header["one_shot"]["downlink_bits_per_node"]) / 4
+
+
+def _homes(config, ds):
+    """The node each training row sits at under ``config``'s base partition."""
+    parts = qdata_data.partition(config.partition, ds, config.num_nodes, config.seed)
+    home = np.empty(ds.num_train, np.int64)
+    for i, rows in enumerate(parts):
+        home[rows] = i
+    return home
 
 
 def test_points_go_to_their_nearest_centres_model():
@@ -160,6 +235,10 @@ def test_bad_settings_are_refused():
         RunConfig(method="dispatch", dispatch_route="vote")
     with pytest.raises(ValueError, match="one-shot"):
         RunConfig(method="dispatch", stream_start=0.5)
+    with pytest.raises(ValueError, match=r"dispatch_fit_samples must be an integer in 1\.\."):
+        RunConfig(method="dispatch", dispatch_fit_samples=0)
+    with pytest.raises(ValueError, match="dispatch_fit_samples=8 is used only with method='dispatch'"):
+        RunConfig(method="sgd", dispatch_fit_samples=8)
     with pytest.raises(ValueError, match="faults='none', integrity=false and num_devices=1"):
         RunConfig(method="dispatch", integrity=True)
     with pytest.raises(ValueError, match="replication=3 exceeds num_nodes=2"):

@@ -66,21 +66,29 @@ import optax
 
 from qdata.codecs import packing
 from qdata.codecs.payloads import Payload, payload_bits
-from qdata.data import Clusters, Dataset, nearest_centres, similarity_clusters, stack_nodes
+from qdata.data import (Clusters, Dataset, balanced_assignment, centre_distances, fit_centres, nearest_centres,
+                        stack_nodes)
 
 ROUTES = ("nearest", "vote")
 
 
 class Plan(NamedTuple):
-    """Where every sample copy goes.
+    """Where every sample copy goes, and what the dispatch's coordination carried.
 
     Attributes:
-      clusters: the :class:`~qdata.data.Clusters` (members per cluster, the k centres).
+      clusters: the :class:`~qdata.data.Clusters`: members per cluster (ascending rows), the k
+        centres in cluster order (what is broadcast, and what the nodes measure distances to).
       node_of_cluster: (k,) the node that receives cluster k.
-      home: (num_train,) the node each training sample sits at before the dispatch (-1: at none).
+      home: (num_train,) the node each training sample sits at before the dispatch.
       shards: per node, the training rows it holds after the dispatch, its kept samples first.
       moves: (N, N) int64, ``moves[i, j]`` the sample copies node i sends to node j (diagonal 0).
-      centres: (N, n) float32, node j's cluster's centre in row j (what is broadcast, and routes by).
+      centres: (N, n) float32, node j's cluster's centre in row j (what routes test points).
+      fit_rows: per node, the rows it sends for the k-means fit (ascending).
+      distances: (num_train, k) float32 distances of every sample to the k centres, as the nodes
+        send them (balanced only; None without the capacities).
+      destinations: (num_train, p) int64, the nodes each sample's copies go to, ascending.
+      cluster_counts: (N, k) int64, node i's sample copies in cluster k (its nearest centres'
+        counts: what an unbalanced dispatch's node sends for the matching).
     """
 
     clusters: Clusters
@@ -89,45 +97,82 @@ class Plan(NamedTuple):
     shards: list
     moves: np.ndarray
     centres: np.ndarray
+    fit_rows: list
+    distances: np.ndarray | None
+    destinations: np.ndarray
+    cluster_counts: np.ndarray
 
 
-def dispatch_plan(x_float, index, count, *, replication: int = 1, balanced: bool = True, seed: int = 0) -> Plan:
-    """The dispatch of a training set held as ``index``/``count`` (:func:`qdata.data.stack_nodes`).
-
-    Args:
-      x_float: (num_train, ...) the training samples' float values (what k-means clusters).
-      index, count: where the samples sit: node i holds rows ``index[i, :count[i]]``.
-      replication: p, the clusters each sample goes to.
-      balanced: bounded cluster sizes (:func:`qdata.data.similarity_clusters`).
-      seed: the clustering's seed.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    index, count = np.asarray(index), np.asarray(count).reshape(-1)
-    nodes = len(count)
-    home = np.full(len(x_float), -1, np.int64)
+def _homes(index, count, num_train: int) -> np.ndarray:
+    """(num_train,) the node holding each training row; every row must sit at one."""
+    home = np.full(num_train, -1, np.int64)
     for i, (rows, c) in enumerate(zip(index, count)):
         home[rows[:c]] = i
     if (home < 0).any():
         raise ValueError(f"{int((home < 0).sum())} training samples sit at no node: the dispatch moves samples from "
                          "where a partition of the whole training set put them")
-    clusters = similarity_clusters(x_float, nodes, seed, balanced=balanced, replication=replication)
-    overlap = np.zeros((nodes, nodes), np.int64)  # overlap[k, i]: cluster k's members at node i
-    for k, members in enumerate(clusters.members):
-        at = home[members]
-        np.add.at(overlap[k], at[at >= 0], 1)
-    rows, cols = linear_sum_assignment(-overlap)
+    return home
+
+
+def fit_sample(index, count, per_node: int, seed: int) -> list[np.ndarray]:
+    """Per node, the rows it sends to the dispatcher for the k-means fit: ``min(per_node, c_i)`` of
+    its ``c_i`` rows, drawn without replacement with the run's seed, ascending."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(rows[:c], size=min(per_node, int(c)), replace=False)) for rows, c in zip(index, count)]
+
+
+def _memberships(x_float, centres: np.ndarray, distances, replication: int) -> np.ndarray:
+    """(num_train, k) bool, the clusters each sample is in: the capacitated assignment solved on the
+    distances the nodes sent (:func:`qdata.data.balanced_assignment`), or, without distances, each
+    sample's p nearest centres (computed at its node)."""
+    if distances is not None:
+        return balanced_assignment(distances, replication)
+    held = np.zeros((len(x_float), len(centres)), bool)
+    np.put_along_axis(held, nearest_centres(x_float, centres, replication), True, axis=1)
+    if not held.any(axis=0).all():
+        raise ValueError(f"clusters {np.flatnonzero(~held.any(axis=0)).tolist()} are nobody's nearest centre: an "
+                         "unbalanced dispatch would leave their nodes without data (use dispatch_balanced=True)")
+    return held
+
+
+def dispatch_plan(x_float, index, count, *, replication: int = 1, balanced: bool = True, seed: int = 0,
+                  fit_samples: int = 64) -> Plan:
+    """The dispatch of a training set held as ``index``/``count`` (:func:`qdata.data.stack_nodes`).
+
+    Args:
+      x_float: (num_train, ...) the training samples' float values.
+      index, count: where the samples sit: node i holds rows ``index[i, :count[i]]``.
+      replication: p, the clusters each sample goes to.
+      balanced: bounded cluster sizes, solved at the dispatcher on the nodes' distances.
+      seed: the fit sample's and the clustering's seed.
+      fit_samples: m, the samples each node sends for the fit (all of a smaller shard).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    index, count = np.asarray(index), np.asarray(count).reshape(-1)
+    nodes = len(count)
+    home = _homes(index, count, len(x_float))
+    fit_rows = fit_sample(index, count, fit_samples, seed)
+    # The order the dispatcher stacks the samples in does not change what was sent.
+    cluster_centres = fit_centres(x_float[np.sort(np.concatenate(fit_rows))], nodes, seed)
+    distances = centre_distances(x_float, cluster_centres) if balanced else None
+    held = _memberships(x_float, cluster_centres, distances, replication)
+    cluster_counts = np.zeros((nodes, nodes), np.int64)
+    np.add.at(cluster_counts, home, held.astype(np.int64))
+    clusters_, nodes_ = linear_sum_assignment(-cluster_counts.T)  # the fewest copies move
     node_of_cluster = np.empty(nodes, np.int64)
-    node_of_cluster[rows] = cols
+    node_of_cluster[clusters_] = nodes_
+    destinations = np.sort(node_of_cluster[np.nonzero(held)[1]].reshape(len(held), replication), axis=1)
+    members = [np.flatnonzero(held[:, k]) for k in range(nodes)]
     shards, moves = [None] * nodes, np.zeros((nodes, nodes), np.int64)
-    for k, members in enumerate(clusters.members):
+    for k, rows in enumerate(members):
         j = node_of_cluster[k]
-        kept = members[home[members] == j]
-        shards[j] = np.concatenate([kept, members[home[members] != j]])
-        np.add.at(moves[:, j], home[members][home[members] != j], 1)
-    centres = np.empty_like(clusters.centres)
-    centres[node_of_cluster] = clusters.centres
-    return Plan(clusters, node_of_cluster, home, shards, moves, centres)
+        shards[j] = np.concatenate([rows[home[rows] == j], rows[home[rows] != j]])
+        np.add.at(moves[:, j], home[rows][home[rows] != j], 1)
+    centres = np.empty_like(cluster_centres)
+    centres[node_of_cluster] = cluster_centres
+    return Plan(Clusters(members, cluster_centres), node_of_cluster, home, shards, moves, centres, fit_rows,
+                distances, destinations, cluster_counts)
 
 
 def _incoming(plan: Plan, j: int, source: int | None = None) -> np.ndarray:
@@ -152,18 +197,82 @@ def encode_outgoing(dataset: Dataset, plan: Plan, i: int) -> Payload:
 
 
 def encode_incoming(dataset: Dataset, plan: Plan, j: int) -> Payload:
-    """Node j's one downlink message: the samples relayed to it, their labels packed, one int32
-    count, and the k x n float32 centres (row j: node j's cluster's centre)."""
+    """Node j's last downlink message: the samples relayed to it, their labels packed, one int32 count."""
     rows = _incoming(plan, j)
     return Payload(arrays={"samples": dataset.x_train[rows], "labels": _labels(dataset.y_train[rows], dataset.num_classes),
-                           "count": np.asarray(len(rows), np.int32),
-                           "centres": np.asarray(plan.centres, np.float32)},
+                           "count": np.asarray(len(rows), np.int32)},
                    meta=(dataset.num_classes, packing.index_width(dataset.num_classes)))
+
+
+def _rows_at(plan: Plan, i: int) -> np.ndarray:
+    """Node i's rows in the order both ends index them by (ascending)."""
+    return np.flatnonzero(plan.home == i)
+
+
+def encode_fit_sample(dataset: Dataset, plan: Plan, i: int) -> Payload:
+    """Node i's first uplink message: its fit-sample rows raw, in the dataset's stored type (as the
+    moved samples travel), no labels (k-means needs none)."""
+    return Payload(arrays={"fit_samples": dataset.x_train[plan.fit_rows[i]]})
+
+
+def encode_centres(plan: Plan) -> Payload:
+    """The first downlink message, to every node: the k x n float32 centres, in cluster order."""
+    return Payload(arrays={"centres": np.asarray(plan.clusters.centres, np.float32)})
+
+
+def encode_affinities(plan: Plan, i: int) -> Payload:
+    """Node i's second uplink message. Balanced: each of its samples' k distances to the centres,
+    float32 (the dispatcher solves the capacitated assignment on exactly these values). Unbalanced:
+    k int32 counts, its sample copies per cluster (its samples' nearest centres, computed at the
+    node), from which the dispatcher matches clusters to nodes."""
+    if plan.distances is not None:
+        return Payload(arrays={"distances": plan.distances[_rows_at(plan, i)]})
+    return Payload(arrays={"cluster_counts": plan.cluster_counts[i].astype(np.int32)})
+
+
+def encode_destinations(plan: Plan, j: int) -> Payload:
+    """Node j's second downlink message, codes of ``ceil(log2 N)`` bits packed into bytes. Balanced:
+    each of its samples' p destination nodes (its own: the copy stays), ascending. Unbalanced: the
+    node of each of the k clusters (the matching; the same message to every node)."""
+    width = packing.index_width(len(plan.shards))
+    if plan.distances is not None:
+        codes, name = plan.destinations[_rows_at(plan, j)].reshape(-1), "destinations"
+    else:
+        codes, name = plan.node_of_cluster, "node_of_cluster"
+    return Payload(arrays={name: np.asarray(packing.pack_codes(np.asarray(codes, np.uint32), width))},
+                   meta=(width, len(codes)))
+
+
+def decode_destinations(message: Payload) -> np.ndarray:
+    """The node ids of :func:`encode_destinations`'s message, int64 (``(count_j * p,)`` or ``(k,)``)."""
+    width, count = message.meta
+    (packed,) = message.arrays.values()
+    return np.asarray(packing.unpack_codes(packed, width, count), np.int64)
+
+
+def node_uplink(dataset: Dataset, plan: Plan, i: int) -> list[Payload]:
+    """Node i's uplink messages in the order they are sent: fit sample, affinities, samples."""
+    return [encode_fit_sample(dataset, plan, i), encode_affinities(plan, i), encode_outgoing(dataset, plan, i)]
+
+
+def node_downlink(dataset: Dataset, plan: Plan, j: int) -> list[Payload]:
+    """Node j's downlink messages in the order they arrive: centres, destinations, relayed samples."""
+    return [encode_centres(plan), encode_destinations(plan, j), encode_incoming(dataset, plan, j)]
 
 
 def message_bits(message: Payload) -> dict[str, int]:
     """Exact bits of one message, part by part, read off its arrays."""
     parts = {k: payload_bits(Payload(arrays={k: v})) for k, v in message.arrays.items()}
+    return {**parts, "total": sum(parts.values())}
+
+
+def messages_bits(messages: list[Payload]) -> dict[str, int]:
+    """Exact bits of a node's messages in one direction, part by part (:func:`message_bits`)."""
+    parts: dict[str, int] = {}
+    for message in messages:
+        for k, v in message_bits(message).items():
+            if k != "total":
+                parts[k] = parts.get(k, 0) + v
     return {**parts, "total": sum(parts.values())}
 
 
@@ -276,12 +385,12 @@ def _exchange(config):
     ds = exp.dataset
     start = time.perf_counter()
     plan = dispatch_plan(ds.to_float(ds.x_train), exp.index, exp.count, replication=config.dispatch_replication,
-                         balanced=config.dispatch_balanced, seed=config.seed)
+                         balanced=config.dispatch_balanced, seed=config.seed, fit_samples=config.dispatch_fit_samples)
     learner_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    outgoing = [encode_outgoing(ds, plan, i) for i in range(config.num_nodes)]
+    outgoing = [node_uplink(ds, plan, i) for i in range(config.num_nodes)]
     node_seconds = time.perf_counter() - start
-    incoming = [encode_incoming(ds, plan, j) for j in range(config.num_nodes)]
+    incoming = [node_downlink(ds, plan, j) for j in range(config.num_nodes)]
     return exp, plan, outgoing, incoming, {"node_seconds": node_seconds, "learner_seconds": learner_seconds}
 
 
@@ -308,10 +417,10 @@ def train_dispatch(config, out_dir, *, resume: bool = False, progress: bool = Fa
         return finished
     exp, plan, outgoing, incoming, _ = _exchange(config)
     ds, nodes = exp.dataset, config.num_nodes
-    x, y, index, count = node_datasets(ds, plan, incoming)
+    x, y, index, count = node_datasets(ds, plan, [messages[-1] for messages in incoming])
     check_batch_fits(config, count)
-    up = [message_bits(m) for m in outgoing]
-    down = [message_bits(m) for m in incoming]
+    up = [messages_bits(m) for m in outgoing]
+    down = [messages_bits(m) for m in incoming]
     up_total, down_total = _sum_parts(up), _sum_parts(down)
     header = {**exp.describe(), "config": config.to_dict(),
               "method": f"dispatch:{config.dispatch_replication}:{'balanced' if config.dispatch_balanced else 'unbalanced'}"
@@ -320,6 +429,7 @@ def train_dispatch(config, out_dir, *, resume: bool = False, progress: bool = Fa
               "one_shot": {"bits_per_node": [b["total"] for b in up], "parts": up_total,
                            "downlink_bits_per_node": [b["total"] for b in down], "downlink_parts": down_total,
                            "shard_sizes": [int(c) for c in count], "moved_per_node": plan.moves.sum(1).tolist(),
+                           "fit_samples_per_node": [len(r) for r in plan.fit_rows],
                            "sample_bits": int(8 * ds.x_train.dtype.itemsize * ds.n)}}
     optimizer = make_optimizer(config)
     stacked = stack_params(exp.params, nodes)
