@@ -17,7 +17,10 @@ PARTS = {"data": "data codes", "metadata": "data metadata (ranges, coder model)"
          "weights": "gate weights", "mask": "gate mask", "positions": "cache positions",
          "correction": "corrections", "gradient": "compressed gradient", "integrity": "integrity headers",
          "activations": "cut-layer activations (split)", "node_layers": "node-held layers (split)",
-         "top_gradients": "top-layer gradients (U-shaped split)"}
+         "top_gradients": "top-layer gradients (U-shaped split)",
+         "fit_samples": "k-means fit sample (dispatch)", "distances": "centre distances (balanced dispatch)",
+         "cluster_counts": "cluster counts (unbalanced dispatch)", "samples": "moved samples (dispatch)",
+         "counts": "per-destination counts (dispatch)"}
 
 
 # Greys and black: the right panel's bars are directions, not the left panel's coloured parts.

@@ -363,7 +363,9 @@ def format_table(summary: dict) -> str:
               "replica of the model and receives the other N - 1 nodes' messages instead, where that is smaller; "
               "replies = the learner's replies (PowerSGD as published: P^, then Q and the other leaves; split "
               "learning: the activation gradients and the averaged lower layers); one-shot = paid once before "
-              "training (dispatch: the samples relayed to a node and the k-means centres; shown per round as its "
+              "training (dispatch: the k-means centres, each sample's destinations or the cluster-to-node matching, "
+              "and the samples relayed to a node; its uplink: the k-means fit sample, the centre distances or "
+              "cluster counts, and the moved samples; shown per round as its "
               "total over the rounds); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",

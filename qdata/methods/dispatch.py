@@ -5,23 +5,35 @@ Learning", AISTATS 2017 (arXiv:1512.04848): cluster the data into k balanced clu
 replication p, send each cluster to one machine, train one model per machine on its own data with
 no communication, and predict a point with the model of its nearest cluster centre.
 
-1. **Clustering** (:func:`qdata.data.similarity_clusters`, the k-means of ``partition="similarity"``
-   with replication added): k = N clusters of the training set, each sample assigned to its p
-   nearest centres; with ``dispatch_balanced`` the sizes are bounded, cluster k holding exactly
-   floor(N p / k) or ceil(N p / k) samples (the paper's bounds ``l N <= |C_k| <= L N`` at their
-   tightest), else raw nearest-centre sizes. Cluster k goes to the node that already holds most of
-   its samples (a maximum-weight matching, :func:`scipy.optimize.linear_sum_assignment`), so the
-   fewest samples move.
+1. **Clustering at the dispatcher** (the learner). Each node sends ``dispatch_fit_samples`` = m of
+   its samples (all of a smaller shard; drawn with the run's seed, :func:`fit_sample`), raw in the
+   dataset's stored type, no labels. The dispatcher fits k = N centres on those samples only, with
+   the project's k-means (:func:`qdata.data.fit_centres`: the clustering of
+   ``partition="similarity"``, on the top 50 principal components when n is larger), and sends the
+   k x n float32 centres to every node. The paper clusters a small sample at the dispatcher and
+   extends the rule to the rest (its abstract: "techniques for extending a dispatching rule from a
+   small sample to the entire distribution"); the sample size here, 64 a node by default, is this
+   project's choice, not the paper's. Each sample is assigned to p = ``dispatch_replication``
+   clusters. With ``dispatch_balanced`` the sizes are bounded, cluster k holding exactly
+   floor(N p / k) or ceil(N p / k) copies (the paper's bounds ``l N <= |C_k| <= L N`` at their
+   tightest; :func:`qdata.data.balanced_assignment`): the capacities tie every sample's clusters to
+   the others', so each node sends every sample's k distances to the centres (float32, Euclidean in
+   the samples' float space) and the dispatcher solves the assignment on exactly those values. Else
+   each node takes its samples' p nearest centres itself and sends only its k copy counts per
+   cluster. Cluster k goes to the node that holds most of its copies (a maximum-weight matching,
+   :func:`scipy.optimize.linear_sum_assignment`), so the fewest samples move; the dispatcher sends
+   balanced, each node its samples' destinations (p node ids a sample), unbalanced, every node the
+   node of each cluster.
 2. **Dispatch.** The samples sit where the run's partition (``config.partition``, the base placement:
-   iid unless set) put them. Each sample copy whose cluster's node is not the node holding it moves
+   iid unless set) put them. Each sample copy whose destination is not the node holding it moves
    there, raw, in the dataset's stored type: uint8 for 8-bit images and for digits (whose 0..16
    intensities are stored as uint8: 8 bits a value, as the dataset holds them; 5 would do), float32
    for float data (32 bits a value). Links are the project's node-learner links (DESIGN.md section 1,
    a star): a moved sample crosses its source's uplink and, relayed by the learner, its
-   destination's downlink. Node i's uplink (:func:`encode_outgoing`): its outgoing samples grouped by
-   destination, their labels packed at ``ceil(log2 C)`` bits into bytes, and N - 1 int32 counts (one
-   per other node, zeros included). Node j's downlink (:func:`encode_incoming`): the samples sent to
-   it, their labels, one int32 count, and the k x n float32 centres (broadcast to every node).
+   destination's downlink. Node i's samples message (:func:`encode_outgoing`): its outgoing samples
+   grouped by destination, their labels packed at ``ceil(log2 C)`` bits into bytes, and N - 1 int32
+   counts (one per other node, zeros included). Node j's (:func:`encode_incoming`): the samples sent
+   to it, their labels, one int32 count.
 3. **Local models.** Each node trains its own copy of the model (the run's initial parameters) on
    its own shard only, with the run's optimizer, batch size and rounds (one step a round, a batch of
    ``batch_size`` drawn from its shard), no communication: the N models train together under
@@ -32,22 +44,25 @@ no communication, and predict a point with the model of its nearest cluster cent
    average their softmax probabilities (``"vote"``). The results' ``train_loss`` is the routed
    (nearest) model's mean loss on the first 2048 training samples.
 
-Bits, read off the payloads (:func:`message_bits`); every part per node, exact:
+Bits, read off the payloads (:func:`message_bits`, :func:`messages_bits`); every part per node,
+exact, in the order the messages cross (:func:`node_uplink`, :func:`node_downlink`):
 
-* uplink of node i: ``sum_j m_ij (8 n or 32 n)`` sample bits + ``8 ceil(m_i ceil(log2 C) / 8)``
-  label bits (``m_i = sum_j m_ij`` copies leaving node i) + ``32 (N - 1)`` count bits;
-* downlink of node j: the same sample and label bits for the ``m_j`` copies it receives, 32 count
-  bits, and ``32 k n`` centre bits.
+* uplink of node i (c_i samples, ``m_i = min(m, c_i)`` fitted on, ``s_i`` bits a stored sample:
+  ``8 n`` or ``32 n``): ``m_i s_i`` fit-sample bits (``fit_samples``); balanced, ``32 k c_i``
+  distance bits (``distances``), unbalanced, ``32 k`` cluster-count bits (``cluster_counts``); then
+  ``sum_j m_ij s_i`` moved-sample bits (``samples``) + ``8 ceil(M_i ceil(log2 C) / 8)`` label bits
+  (``M_i = sum_j m_ij`` copies leaving node i) + ``32 (N - 1)`` count bits (``counts``);
+* downlink of node j: ``32 k n`` centre bits (``centres``); balanced, ``8 ceil(c_j p ceil(log2 N) / 8)``
+  destination bits (``destinations``), unbalanced, ``8 ceil(k ceil(log2 N) / 8)`` matching bits
+  (``node_of_cluster``); then the sample and label bits of the copies it receives and 32 count bits.
 
-Samples that already sit at their cluster's node cost nothing. **Not charged**: the clustering
-itself (k-means fitted on the whole training set in one place, as ``partition="similarity"`` does;
-the paper fits it on a small sample at the dispatcher, which would add that sample's raw bits), the
-coordination a balanced assignment needs (the capacities tie every sample's destination to the
-others'; with ``dispatch_balanced=False`` a node computes its samples' destinations from the
-centres alone), and inference routing (the centres and the models at prediction time, as for every
-method). The results file reads like a per-round method's: all of the one-shot traffic is paid
-before the first round, and nothing afterwards; the downlink is recorded in the header's
-``one_shot`` (``downlink_bits_per_node``), which :mod:`qdata.compare` adds to the total.
+A copy that already sits at its cluster's node costs nothing beyond the coordination. **Not
+charged**: inference routing (the centres and the models at prediction time, as for every method),
+and nothing is saved where it could be: a fit sample that must move is sent again (the dispatcher,
+which holds it, could relay it), and the distances travel as float32 (fewer bits would likely do).
+The results file reads like a per-round method's: all of the one-shot traffic is paid before the
+first round, and nothing afterwards; the downlink is recorded in the header's ``one_shot``
+(``downlink_bits_per_node``), which :mod:`qdata.compare` adds to the total.
 """
 
 from __future__ import annotations
