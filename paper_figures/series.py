@@ -12,7 +12,7 @@ import os
 import statistics
 from typing import Callable, NamedTuple
 
-from qdata.compare import relays
+from qdata.compare import _downlink
 from paper_figures import canvas
 from paper_figures.discover import Compare, Found, Run
 
@@ -104,7 +104,7 @@ def groups(found: Found) -> list[Group]:
         if g.methods:
             seen[g.name] = seen.get(g.name, 0) + 1  # two settings of one name (another batch): their own files
             named.append(g if seen[g.name] == 1 else g._replace(name=f"{g.name}_{seen[g.name]}"))
-    return [_say_unfinished(_say_seeds(g)) for g in named]
+    return [_say_one_shot(_say_unfinished(_say_seeds(g))) for g in named]
 
 
 def _say_seeds(group: Group) -> Group:
@@ -125,14 +125,25 @@ def _say_unfinished(group: Group) -> Group:
     return group._replace(methods=methods)
 
 
+def one_shot(run: Run) -> bool:
+    """Whether ``run`` is a one-shot method's (DCA, dispatch): every bit sent before its first round,
+    its rounds then the central (or local) training that follows, at no further cost."""
+    return bool(run.header.get("one_shot"))
+
+
+def _say_one_shot(group: Group) -> Group:
+    """A one-shot method's label says so: its curve is vertical (all its bits before round 1)."""
+    return group._replace(methods={f"{label} (one-shot)" if one_shot(runs[0]) else label: runs
+                                   for label, runs in group.methods.items()})
+
+
 def downlink_per_node(run: Run, record: dict) -> float:
-    """Cumulative downlink bits per node at ``record``, as ``qdata compare`` charges it: the model
-    broadcast and replies every round, or for a gradient compressor the relay of the other nodes'
-    messages where that is cheaper (:func:`qdata.compare.relays`)."""
-    header = run.header
-    if relays(header, run.rounds):
-        return (header["config"]["num_nodes"] - 1) * record["cumulative_uplink_bits_per_node"]
-    return header["downlink_bits_per_node_per_round"] * record["round"]
+    """Cumulative downlink bits per node at ``record``, exactly as ``qdata compare`` charges it
+    (:func:`qdata.compare._downlink`): the model broadcast and replies every round, a one-shot
+    method's downlink paid before its first round, the recorded replies where they vary by round
+    (sequential split learning), or for a gradient compressor the relay of the other nodes'
+    messages where that is cheaper."""
+    return _downlink(run.header, run.rounds, record["round"], record["cumulative_uplink_bits_per_node"])
 
 
 def mean_curve(runs: list[Run], value: Callable[[Run, dict], float]) -> tuple[list[int], list[float]]:
