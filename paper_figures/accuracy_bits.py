@@ -61,6 +61,9 @@ def draw_group(group: series.Group, path: Path) -> canvas.Figure:
     note += ("; targets from SGD's final test accuracy (mean over seeds; of several SGD learning rates, the best "
              "on validation): 95% of it and it minus 1 point"
              if targets else "; no SGD run in this setting, so no targets are marked")
+    if any(series.one_shot(rs[0]) for rs in group.methods.values()):
+        note += ("; a one-shot method (DCA, dispatch) sends all its bits, up and down, before its first round: "
+                 "its curve is vertical, the training that follows costs no bits")
     if group.compare is not None:
         note += "; each method at the learning rate the compare chose on validation"
         if group.compare.summary.get("floors"):

@@ -34,12 +34,21 @@ def pyplot():
 
 
 MARKERS = (".", "x", "^", "s", "v", "D")
+# tab10 without its grey (C7): grey is the reference lines' (targets, the model broadcast), so a
+# method drawn in it would read as one of them.
+METHOD_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
 
 
 def method_style(i: int, qdata: bool) -> dict:
-    """Line style of the i-th method: ten distinct colours, then the next marker; qdata solid, the others dashed."""
-    return {"color": f"C{i % 10}", "marker": MARKERS[(i // 10) % len(MARKERS)], "markersize": 3,
-            "linewidth": 1.2, "linestyle": "-" if qdata else "--"}
+    """Line style of the i-th method: nine distinct colours, then the same colours with the next
+    marker, drawn larger, open and spaced out (a small marker at every evaluation would not tell two
+    lines of one colour apart); qdata solid, the others dashed."""
+    colours, cycle = len(METHOD_COLOURS), i // len(METHOD_COLOURS)
+    style = {"color": METHOD_COLOURS[i % colours], "marker": MARKERS[cycle % len(MARKERS)], "markersize": 3,
+             "linewidth": 1.2, "linestyle": "-" if qdata else "--"}
+    if cycle:
+        style.update(markersize=6, markevery=0.04, markerfacecolor="none", markeredgewidth=1.1)
+    return style
 
 
 def side_legend(fig, ax, right: float) -> None:
