@@ -253,8 +253,9 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results_path: str, figure_path: str) -> None:
-    """Accuracy against bits per sample (log x) from the results file alone."""
+def plot(results_path: str, figure_path: str, caption_line: str | None = None) -> None:
+    """Accuracy against bits per sample (log x) from the results file alone, ``caption_line`` (default
+    :func:`caption`) printed under it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -282,8 +283,9 @@ def plot(results_path: str, figure_path: str) -> None:
     ax.set_xlabel("bits per sample (exact, per-sample payload; setup and model excluded)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, textwrap.fill(caption(results), 140), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    lines = textwrap.wrap(caption_line or caption(results), 140)
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7)
+    fig.tight_layout(rect=(0, max(0.06, (0.13 * len(lines) + 0.05) / 5.5), 1, 1))  # room for every caption line
     fig.savefig(figure_path, dpi=150)
 
 

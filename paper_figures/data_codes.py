@@ -1,6 +1,6 @@
 """The data codes' test accuracy against bits per sample (issue 10: fixed-length and ANS-coded,
 pixel, DCT and PCA bases), redrawn from each ``data_codes.json`` of ``python -m
-experiments.data_codes`` (:func:`experiments.data_codes.plot`, which prints its own caption in the
+experiments.data_codes`` (:func:`experiments.data_codes.plot`, with the caption line printed in the
 figure) into ``OUT/data_codes_<dir>_<file>.png``."""
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def draw(found: Found, out: Path) -> list:
             results = json.loads(path.read_text())
             where = path.parent.relative_to(found.root) if path.parent != found.root else Path(path.parent.name)
             target = out / f"{canvas.slug(f'data_codes_{where}_{path.stem}')}.png"
-            plot(str(path), str(target))
-            items.append(canvas.Figure(target, describe(results, path)))
+            caption = describe(results, path)  # the setting line every figure carries, printed in it too
+            plot(str(path), str(target), caption)
+            items.append(canvas.Figure(target, caption))
         except (ValueError, KeyError, OSError) as err:
             items.append(canvas.Skipped(f"data codes ({path})", f"unreadable: {err}"))
         finally:
