@@ -68,7 +68,7 @@ def directions(run: Run) -> dict[str, float]:
         return {**out, "relay of the other nodes' messages": down}
     if parts and sum(parts.values()) > 0:  # the header's split, scaled to what was charged (replies may vary)
         names = {"model": "model broadcast", "replies": "learner's replies"}
-        return {**out, **{names.get(k, k): down * v / sum(parts.values()) for k, v in parts.items()}}
+        return {**out, **{names.get(k, k): down * v / sum(parts.values()) for k, v in parts.items() if v > 0}}
     return {**out, "downlink": down}
 
 

@@ -103,3 +103,58 @@ def test_a_bad_runs_dir_is_a_one_line_error(tmp_path, capsys, make):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("paper_figures: error:") and str(runs) in err
     assert not (runs / "figures").exists()
+
+
+def _run(method: str, *, one_shot=None, dataset="digits", n=64, params=1000, **header):
+    """A hand-made run (header and two round records) of 2 nodes, 10 rounds: what the figures read."""
+    from paper_figures.discover import Run
+
+    config = {"name": method, "method": method.split(":")[0], "num_nodes": 2, "partition": "iid", "seed": 0,
+              "rounds": 10, "batch_size": 8}
+    head = {"config": config, "method": method, "model": {"name": "mlp", "params": params},
+            "dataset": {"name": dataset, "source": f"source of {dataset}", "synthetic": False, "n": n,
+                        "num_train": 100, "num_test": 20},
+            "downlink_bits_per_node_per_round": 0, **header}
+    if one_shot:
+        head["one_shot"] = one_shot
+    up = {"data": 300, "labels": 100, "total": 400}
+    rounds = [{"round": t, "test_accuracy": 0.5, "cumulative_uplink_bits": up, "cumulative_uplink_bits_per_node": 200.0,
+               "uplink_bits_last_round_per_node": {"total": 0.0}, "cumulative_downlink_bits": 60 * t} for t in (5, 10)]
+    return Run(None, head, rounds)
+
+
+def test_a_one_shot_method_is_charged_its_downlink_and_drawn_once():
+    from paper_figures import breakdown, series
+
+    dispatch = _run("dispatch:1", one_shot={"bits_per_node": [200, 200], "downlink_bits_per_node": [70, 90]})
+    assert series.downlink_per_node(dispatch, dispatch.rounds[-1]) == 80  # paid before round 1, not 0
+    assert breakdown.uplink_parts(dispatch) == {"data": 150, "labels": 50}  # per node, once: not / 10 rounds
+    assert breakdown.directions(dispatch) == {"uplink, paid once (one-shot)": 200, "downlink, paid once (one-shot)": 80}
+    # Sequential split learning's replies vary by round: the recorded downlink, not the header's per-round value.
+    split = _run("split_seq:1", downlink_bits_per_node_per_round=999, downlink_varies_by_round=True,
+                 downlink_parts_per_node_per_round={"model": 0, "replies": 999})
+    assert series.downlink_per_node(split, split.rounds[-1]) == 600 / 2
+    assert breakdown.directions(split) == {"uplink": 20, "learner's replies": 30}
+
+
+def test_every_ledger_part_and_method_has_a_colour_of_its_own():
+    from paper_figures import breakdown, canvas
+
+    parts = [*breakdown.PARTS, "a_new_part"]
+    colours = breakdown.part_colours(canvas.pyplot(), parts)
+    assert len({colours[p] for p in parts}) == len(parts)
+    styles = [canvas.method_style(i, qdata=False) for i in range(27)]
+    assert all(s["color"] != "C7" for s in styles)  # grey: the targets' and references' colour
+    assert len({(s["color"], s["marker"]) for s in styles}) == len(styles)
+
+
+def test_a_one_shot_representation_is_not_captioned_as_another_dataset():
+    from paper_figures import captions
+
+    sgd = _run("sgd", params=85_002)
+    dca = _run("dca:16", dataset="digits, DCA m=16", n=16, params=72_714, one_shot={"bits_per_node": [1, 1]})
+    line = captions.setting_caption([sgd, dca])
+    assert line.startswith("Dataset digits (real data, n=64, 100 train / 20 test); model mlp (d=85,002) "
+                           "(dca:16, one-shot: its mlp (d=72,714) trains on the source of digits, DCA m=16, n=16); "
+                           "nodes 2 (iid)")
+    assert line.count("real data") == 1
