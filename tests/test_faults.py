@@ -76,6 +76,22 @@ def test_a_missing_nodes_state_is_unchanged_and_no_answer_leaves_the_model_as_it
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.parametrize("method", [dict(method="sgd"), dict(method="qdata", bits=4)], ids=["sgd", "qdata"])
+def test_the_update_is_the_mean_over_the_nodes_that_answered(method):
+    # Reweighting (unbiased over the data present): with node 1 gone, one plain SGD step must be the
+    # mean of the steps nodes 0, 2 and 3 take alone (g summed over answers / 3, not / 4). The 1-of-4
+    # accuracy test below cannot see a wrong denominator (it only rescales the learning rate).
+    config = RunConfig(**{**SMALL, "rounds": 1}, **method, momentum=0.0)
+    def step(faults):
+        exp, (state, _, _) = _one_engine_run(config.replace(faults=faults), 1)
+        return [np.asarray(a) - np.asarray(b) for a, b in
+                zip(jax.tree_util.tree_leaves(engine.fetch(state.params)), jax.tree_util.tree_leaves(exp.params))]
+    alone = [step(",".join(f"leave:{j}:0" for j in range(4) if j != i)) for i in (0, 2, 3)]
+    for got, *each in zip(step("leave:1:0"), *alone):
+        assert np.abs(got).max() > 0
+        np.testing.assert_allclose(got, sum(each) / 3, rtol=1e-5, atol=1e-7)
+
+
 # 1 of 4 nodes missing each round with probability 1/2, on digits (test_learns' setting with 4 nodes).
 # Measured (this code, seeds 0 / 1 / 2, test accuracy fault-free -> faulty): SGD 0.950 -> 0.956,
 # 0.942 -> 0.936, 0.956 -> 0.961; qdata-4b with cache 0.950 -> 0.956, 0.933 -> 0.936, 0.947 -> 0.956
