@@ -60,6 +60,16 @@ def _flatten_checked(tree: PyTree) -> tuple[Array, TreeSpec]:
     return base.flatten(tree)
 
 
+def _sent_by(payload, name: str, meta_type, keys: frozenset):
+    """The meta of a payload that ``name`` produced; a ValueError for another codec's payload (issue 12:
+    decoders do not trust their payload)."""
+    meta, arrays = getattr(payload, "meta", None), getattr(payload, "arrays", None)
+    if not isinstance(meta, meta_type) or not isinstance(arrays, dict) or set(arrays) != keys:
+        raise ValueError(f"payload was not produced by {name} (meta {type(meta).__name__}, arrays "
+                         f"{sorted(arrays) if isinstance(arrays, dict) else None}; expected {sorted(keys)})")
+    return meta
+
+
 def _l2_norm(x: Array, axis=None, keepdims=False) -> Array:
     """||x||_2 computed on x / max|x| so that squares of large gradients do not overflow fp32."""
     peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
@@ -88,7 +98,8 @@ def fp32() -> Compressor:
         return Payload(arrays={"values": vec}, meta=spec), state
 
     def decode(payload):
-        return base.unflatten(payload.arrays["values"].astype(jnp.float32), payload.meta)
+        spec = _sent_by(payload, "fp32/fp16", base.TreeSpec, frozenset({"values"}))
+        return base.unflatten(payload.arrays["values"].astype(jnp.float32), spec)
 
     return Compressor(_stateless_init, encode, decode, base.payload_bits, unbiased=True, omega=lambda d: 0.0)
 
@@ -112,7 +123,8 @@ def fp16() -> Compressor:
         return Payload(arrays={"values": jnp.clip(vec, -top, top).astype(jnp.float16)}, meta=spec), state
 
     def decode(payload):
-        return base.unflatten(payload.arrays["values"].astype(jnp.float32), payload.meta)
+        spec = _sent_by(payload, "fp32/fp16", base.TreeSpec, frozenset({"values"}))
+        return base.unflatten(payload.arrays["values"].astype(jnp.float32), spec)
 
     return Compressor(_stateless_init, encode, decode, base.payload_bits, unbiased=False)
 
@@ -160,7 +172,9 @@ def _seeded_indices(seed: Array, d: int, k: int) -> Array:
 
 
 def _sparse_decode(payload: Payload) -> PyTree:
-    meta: SparseMeta = payload.meta
+    meta = getattr(payload, "meta", None)
+    keys = frozenset({"seed" if getattr(meta, "indices", None) == "seed" else "indices", "values"})
+    meta = _sent_by(payload, "randk/topk", SparseMeta, keys)
     d = meta.spec.size
     if meta.indices == "seed":
         idx = _seeded_indices(payload.arrays["seed"], d, meta.k)
@@ -316,7 +330,7 @@ def qsgd(levels: int, *, bucket_size: int | None = None, coding: str = "fixed") 
         return Payload(arrays={"norms": norms, "codes": base.pack_codes(codes, meta.width)}, meta=meta), state
 
     def decode(payload):
-        meta: QSGDMeta = payload.meta
+        meta = _sent_by(payload, "qsgd", QSGDMeta, frozenset({"norms", "codes"}))
         d = meta.spec.size
         codes = base.unpack_codes(payload.arrays["codes"], meta.width, d)
         level = (codes >> 1).astype(jnp.float32)
@@ -381,7 +395,7 @@ def terngrad() -> Compressor:
         return Payload(arrays={"scale": scale, "codes": base.pack_codes(codes, 2)}, meta=spec), state
 
     def decode(payload):
-        spec = payload.meta
+        spec = _sent_by(payload, "terngrad", base.TreeSpec, frozenset({"scale", "codes"}))
         codes = base.unpack_codes(payload.arrays["codes"], 2, spec.size)
         ternary = jnp.where(codes == 1, 1.0, jnp.where(codes == 2, -1.0, 0.0))
         return base.unflatten(payload.arrays["scale"] * ternary, spec)
@@ -408,7 +422,7 @@ def scaled_sign() -> Compressor:
         return Payload(arrays={"scale": scale, "signs": base.pack_codes(vec < 0, 1)}, meta=spec), state
 
     def decode(payload):
-        spec = payload.meta
+        spec = _sent_by(payload, "sign", base.TreeSpec, frozenset({"scale", "signs"}))
         negative = base.unpack_codes(payload.arrays["signs"], 1, spec.size).astype(jnp.float32)
         return base.unflatten(payload.arrays["scale"] * (1.0 - 2.0 * negative), spec)
 
@@ -521,7 +535,7 @@ def powersgd(rank: int, *, seed: int = 0) -> Compressor:
         return payload, PowerSGDState(tuple(qs))
 
     def decode(payload):
-        spec: TreeSpec = payload.meta
+        spec = _sent_by(payload, "powersgd", base.TreeSpec, frozenset({"p", "q", "rest"}))
         mats = [p @ q.T for p, q in zip(payload.arrays["p"], payload.arrays["q"])]
         return join_matrices(mats, payload.arrays["rest"], spec, _matrix_plan(spec.shapes, rank))
 

@@ -114,6 +114,9 @@ def unpack_codes(packed: Array, width: int, count: int) -> Array:
                              f"{width} bits")
         shifts = jnp.arange(32 // width, dtype=jnp.uint32) * width
         return ((packed[..., None] >> shifts) & ((1 << width) - 1)).reshape(*lead, count)
+    if packed.shape[-1] < packed_size(count, width):  # a truncated payload, not zeros to pad it with
+        raise ValueError(f"a packed stream of {packed.shape[-1]} elements is too short for {count} codes "
+                         f"of {width} bits (needs {packed_size(count, width)})")
     if width in (8, 16, 32):
         return packed.astype(jnp.uint32)
     if 8 % width == 0:

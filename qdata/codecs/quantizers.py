@@ -200,8 +200,8 @@ def _count_outside(flat: Array, lo, hi, outside: Array | None = None) -> Array:
     """
     if outside is None:
         low, high = _min_max(flat, tuple(range(flat.ndim)))
-        outside = (low < lo) | (high > hi)
-    return jax.lax.cond(outside, lambda f: jnp.sum((f < lo) | (f > hi), dtype=jnp.int32),
+        outside = ~((low >= lo) & (high <= hi))  # NaN counts as outside (it encodes as lo)
+    return jax.lax.cond(outside, lambda f: jnp.sum(~((f >= lo) & (f <= hi)), dtype=jnp.int32),
                         # Built from f (not a constant) so both branches have f's sharding type
                         # under shard_map.
                         lambda f: jnp.sum(f[:0] < lo, dtype=jnp.int32), flat)
@@ -211,11 +211,17 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _check_meta(payload: Payload, kind: str) -> QuantizerMeta:
-    meta = payload.meta
+def _check_meta(payload: Payload, kind: str, **expected) -> QuantizerMeta:
+    """The payload's meta, refused unless ``kind`` made it with the decoder's own ``expected`` fields
+    (bits, range): codes read under another B or range would decode silently wrong."""
+    meta = getattr(payload, "meta", None)
     if not isinstance(meta, QuantizerMeta) or meta.kind != kind:
         got = meta.kind if isinstance(meta, QuantizerMeta) else type(meta).__name__
         raise ValueError(f"payload was not produced by {kind} (its meta says {got!r})")
+    for name, want in expected.items():
+        if getattr(meta, name) != want:
+            raise ValueError(f"payload was produced by {kind} with {name}={getattr(meta, name)!r}; "
+                             f"this decoder has {name}={want!r}")
     return meta
 
 
@@ -322,7 +328,7 @@ _RULES: dict[str, tuple[Callable, Callable]] = {
 
 
 def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tuple, *, unbiased: bool,
-               delta: float | None) -> Quantizer:
+               delta: float | None, expected: dict) -> Quantizer:
     """The public encode/decode around jitted ones: input checks (and ``on_clip="error"`` against
     ``error_range``) before any work, the payload's kind checked before decoding; bits read off the
     packed arrays (:func:`payloads.payload_bits`)."""
@@ -334,7 +340,7 @@ def _quantizer(kind: str, encode_jit, decode_jit, on_clip: str, error_range: tup
         return encode_jit(key, x)
 
     def decode(payload: Payload) -> Array:
-        _check_meta(payload, kind)
+        _check_meta(payload, kind, **expected)
         return decode_jit(payload)
 
     return Quantizer(encode=encode, decode=decode, bits=payloads.payload_bits, unbiased=unbiased, delta=delta)
@@ -360,7 +366,7 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         codes, arrays = to_codes(key, flat - lo, levels / (hi - lo), levels)
         if packing.flags_fuse(n, bits, words=True):
             # The out-of-range test rides along the packing loop instead of a pass of its own.
-            packed, outside = packing.pack_codes(codes, bits, flags=(flat < lo) | (flat > hi), words=True)
+            packed, outside = packing.pack_codes(codes, bits, flags=~((flat >= lo) & (flat <= hi)), words=True)
             clipped = _count_outside(flat, lo, hi, outside)
         else:
             packed, clipped = packing.pack_codes(codes, bits, words=True), _count_outside(flat, lo, hi)
@@ -376,7 +382,8 @@ def _fixed_range(kind: str, bits, lo, hi, on_clip, unbiased: bool) -> Quantizer:
         x_hat = lo + to_levels(codes, payload.arrays, cdt) * jnp.asarray(delta, cdt)
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
-    return _quantizer(kind, _encode, _decode, on_clip, (lo, hi), unbiased=unbiased, delta=delta)
+    return _quantizer(kind, _encode, _decode, on_clip, (lo, hi), unbiased=unbiased, delta=delta,
+                      expected=dict(bits=bits, lo=lo, hi=hi))
 
 
 def stochastic_rounding(bits: int, lo: float, hi: float, *, on_clip: str = "count") -> Quantizer:
@@ -529,4 +536,4 @@ def per_sample_range(bits: int, *, rounding: str = "stochastic", range_dtype=jnp
         return x_hat.reshape(codes.shape[0], *meta.sample_shape).astype(meta.dtype)
 
     return _quantizer(kind, _encode, _decode, on_clip, (-big, big), unbiased=rounding == "stochastic",
-                      delta=None)
+                      delta=None, expected=dict(bits=bits))
