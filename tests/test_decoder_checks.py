@@ -39,3 +39,18 @@ def test_a_compressor_refuses_another_codecs_payload_and_truncated_codes(make, o
 def test_nan_encoded_under_jit_is_counted_as_clipped():
     payload = jax.jit(Q.stochastic_rounding(4, 0.0, 1.0).encode)(jax.random.PRNGKey(0), X.at[0, 0].set(jnp.nan))
     assert int(payload.info["clipped"].sum()) == 1
+
+
+@pytest.mark.parametrize("make", [C.qsgd(2), C.qsgd(2, bucket_size=2), C.terngrad(), C.qsgd(4, coding="elias")],
+                         ids=["qsgd", "qsgd-buckets", "terngrad", "qsgd-elias"])
+@pytest.mark.parametrize("peak", [9e37, 3e38])
+def test_a_huge_finite_value_is_not_decoded_as_zeros(make, peak):
+    """Above about 8.5e37, 1 / value is subnormal and XLA's division (a multiply by it) flushed it to
+    zero: the whole vector decoded as zeros. The largest value keeps its own magnitude (terngrad sends
+    it exactly; QSGD's 2 levels give norm * l / 2 with l >= 1) and the others stay finite. (A vector
+    whose 2-norm itself exceeds float32's largest value, 3.4e38, cannot be sent as QSGD's fp32 norm.)"""
+    tree = {"w": jnp.array([peak, 1.0, -peak / 3, 0.0], jnp.float32)}
+    for fn in (make.encode, jax.jit(make.encode)):
+        payload, _ = fn(jax.random.PRNGKey(1), tree, make.init(tree))
+        out = make.decode(payload)["w"]
+        assert bool(jnp.all(jnp.isfinite(out))) and float(out[0]) >= peak / 2, out

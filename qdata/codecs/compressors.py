@@ -70,11 +70,22 @@ def _sent_by(payload, name: str, meta_type, keys: frozenset):
     return meta
 
 
+_HUGE = 2.0**124  # above it, 1 / den is under float32's smallest normal number (2^-126)
+
+
+def _divide(num: Array, den: Array) -> Array:
+    """``num / den`` for a positive ``den`` up to float32's largest value. XLA divides by multiplying
+    with ``1 / den``, which CPUs flush to zero once subnormal (``den`` above about 8.5e37): one such
+    value made a whole vector decode as zeros. Both sides are scaled by 2^-4 (exact) first there."""
+    scale = jnp.where(den > _HUGE, 2.0**-4, 1.0).astype(den.dtype)
+    return (num * scale) / (den * scale)
+
+
 def _l2_norm(x: Array, axis=None, keepdims=False) -> Array:
     """||x||_2 computed on x / max|x| so that squares of large gradients do not overflow fp32."""
     peak = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     safe = jnp.where(peak > 0, peak, 1.0)
-    norm = safe * jnp.sqrt(jnp.sum(jnp.square(x / safe), axis=axis, keepdims=True))
+    norm = safe * jnp.sqrt(jnp.sum(jnp.square(_divide(x, safe)), axis=axis, keepdims=True))
     norm = jnp.where(peak > 0, norm, 0.0)
     return norm if keepdims else jnp.squeeze(norm, axis=axis)
 
@@ -320,7 +331,7 @@ def qsgd(levels: int, *, bucket_size: int | None = None, coding: str = "fixed") 
         nb = -(-d // b)
         x = jnp.pad(vec, (0, nb * b - d)).reshape(nb, b)
         norms = _l2_norm(x, axis=1)
-        ratio = s * jnp.abs(x) / jnp.where(norms > 0, norms, 1.0)[:, None]
+        ratio = s * _divide(jnp.abs(x), jnp.where(norms > 0, norms, 1.0)[:, None])
         low = jnp.floor(ratio)
         up = jax.random.uniform(key, x.shape) < ratio - low
         # Clip: rounding can push |x_i| / ||x_B|| a hair above 1.
@@ -336,7 +347,9 @@ def qsgd(levels: int, *, bucket_size: int | None = None, coding: str = "fixed") 
         level = (codes >> 1).astype(jnp.float32)
         sign = 1.0 - 2.0 * (codes & 1).astype(jnp.float32)
         norm = payload.arrays["norms"][jnp.arange(d) // meta.bucket]
-        return base.unflatten(norm * sign * level / meta.levels, meta.spec)
+        # l / s <= 1 first: norm * l would overflow for a norm near float32's largest value (the same
+        # numbers where s is a power of two)
+        return base.unflatten(norm * (sign * level / meta.levels), meta.spec)
 
     bits = elias.qsgd_elias_bits if coding == "elias" else base.payload_bits
     return Compressor(_stateless_init, encode, decode, bits, unbiased=True, omega=omega)
@@ -389,7 +402,7 @@ def terngrad() -> Compressor:
     def encode(key, tree, state):
         vec, spec = _flatten_checked(tree)
         scale = jnp.max(jnp.abs(vec)) if spec.size else jnp.float32(0.0)
-        prob = jnp.abs(vec) / jnp.where(scale > 0, scale, 1.0)
+        prob = _divide(jnp.abs(vec), jnp.where(scale > 0, scale, 1.0))
         keep = jax.random.uniform(key, vec.shape) < prob
         codes = keep.astype(jnp.uint32) * (1 + (vec < 0).astype(jnp.uint32))
         return Payload(arrays={"scale": scale, "codes": base.pack_codes(codes, 2)}, meta=spec), state
