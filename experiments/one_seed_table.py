@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from qdata import results as qresults
-from qdata.compare import _downlink, choose_learning_rates, run_dir
+from qdata.compare import choose_learning_rates, downlink_per_node, run_dir
 from qdata.lineup import load_lineup
 
 
@@ -30,7 +30,7 @@ def rows(lineup_path: str, out: str, seed: int) -> tuple[float, list[tuple]]:
         header, rounds = found[(run.label, chosen[run.label], seed)]
         hit = qresults.crossing(rounds, sgd - 0.01)
         up = None if hit is None else hit["uplink_bits_per_node"]
-        total = None if hit is None else up + _downlink(header, rounds, hit["round"], up)
+        total = None if hit is None else up + downlink_per_node(header, rounds, hit["round"], up)
         table.append((run.label, chosen[run.label], rounds[-1]["test_accuracy"], up, total))
     return sgd, table
 

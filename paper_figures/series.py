@@ -12,7 +12,7 @@ import os
 import statistics
 from typing import Callable, NamedTuple
 
-from qdata.compare import _downlink
+from qdata.compare import downlink_per_node as compare_downlink
 from paper_figures import canvas
 from paper_figures.discover import Compare, Found, Run
 
@@ -139,11 +139,11 @@ def _say_one_shot(group: Group) -> Group:
 
 def downlink_per_node(run: Run, record: dict) -> float:
     """Cumulative downlink bits per node at ``record``, exactly as ``qdata compare`` charges it
-    (:func:`qdata.compare._downlink`): the model broadcast and replies every round, a one-shot
+    (:func:`qdata.compare.downlink_per_node`): the model broadcast and replies every round, a one-shot
     method's downlink paid before its first round, the recorded replies where they vary by round
     (sequential split learning), or for a gradient compressor the relay of the other nodes'
     messages where that is cheaper."""
-    return _downlink(run.header, run.rounds, record["round"], record["cumulative_uplink_bits_per_node"])
+    return compare_downlink(run.header, run.rounds, record["round"], record["cumulative_uplink_bits_per_node"])
 
 
 def mean_curve(runs: list[Run], value: Callable[[Run, dict], float]) -> tuple[list[int], list[float]]:

@@ -119,7 +119,7 @@ def relays(header: dict, rounds: list[dict]) -> bool:
     return others * largest < header["downlink_bits_per_node_per_round"]
 
 
-def _downlink(header: dict, rounds: list[dict], round_: float, uplink: float) -> float:
+def downlink_per_node(header: dict, rounds: list[dict], round_: float, uplink: float) -> float:
     """Downlink bits per node after ``round_`` rounds, ``uplink`` bits per node sent by then (a
     one-shot method's downlink, paid before its first round, included)."""
     if relays(header, rounds):
@@ -163,13 +163,13 @@ def _per_seed(header: dict, rounds: list[dict], sgd_final: float) -> dict:
     last = rounds[-1]
     uplink = last["cumulative_uplink_bits_per_node"]
     figures = {"final_test_accuracy": last["test_accuracy"], "uplink_bits_per_round": uplink / last["round"],
-               "downlink_bits_per_round": _downlink(header, rounds, last["round"], uplink) / last["round"],
+               "downlink_bits_per_round": downlink_per_node(header, rounds, last["round"], uplink) / last["round"],
                "downlink": _downlink_kind(header, rounds), "targets": {}}
     for name, rule in TARGETS.items():
         hit = qresults.crossing(rounds, rule(sgd_final))
         figures["targets"][name] = None if hit is None else {
             "round": hit["round"], "uplink": hit["uplink_bits_per_node"],
-            "total": hit["uplink_bits_per_node"] + _downlink(header, rounds, hit["round"], hit["uplink_bits_per_node"])}
+            "total": hit["uplink_bits_per_node"] + downlink_per_node(header, rounds, hit["round"], hit["uplink_bits_per_node"])}
     return figures
 
 
@@ -385,14 +385,11 @@ def draw_figure(summary: dict, out_dir: str | os.PathLike, path: str | os.PathLi
     shown = [r for r in summary["rows"] if r["best_of_family"] or r["qdata"]]
     runs = []
     for r in shown:
-        header, rounds = qresults.load(run_dir(Path(out_dir), r["method"], r["lr"], seed))
-        if relays(header, rounds):  # drawn at its mean per round (exact for fixed-size messages)
-            per_round = rounds[-1]["cumulative_uplink_bits_per_node"] / rounds[-1]["round"]
-            header = {**header, "downlink_bits_per_node_per_round": (header["config"]["num_nodes"] - 1) * per_round}
-        runs.append((r["method"], header, rounds))
+        runs.append((r["method"], *qresults.load(run_dir(Path(out_dir), r["method"], r["lr"], seed))))
     targets = {name: TARGETS[name](summary["sgd_final_test_accuracy"][0]) for name in summary["targets"]}
     qresults.plot_accuracy_vs_bits_panels(runs, path, targets=targets, floors=summary.get("floors"), title=(
-        f"test accuracy vs bits per node, seed {seed}: each family's best (chosen on validation) and qdata"))
+        f"test accuracy vs bits per node, seed {seed}: each family's best (chosen on validation) and qdata"),
+        downlink=downlink_per_node)  # the table's own rule (relays, one-shot, recorded replies)
 
 
 def default_out_dir() -> Path:

@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 
 class TornLineWarning(UserWarning):
@@ -165,7 +166,7 @@ def crossing(rounds: list[dict], target: float, key: str = "test_accuracy") -> d
 
 def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path: str | os.PathLike, *,
                                  targets: dict[str, float], floors: list[dict] | None = None,
-                                 title: str | None = None) -> None:
+                                 title: str | None = None, downlink: Callable | None = None) -> None:
     """Two panels, test accuracy against cumulative uplink bits per node and against total
     (uplink + downlink) bits per node, log scale; each target a horizontal line; each floor (a dict
     with ``label``, ``bits`` per node and optionally ``accuracy``) a vertical line, and its accuracy
@@ -177,7 +178,12 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
       targets: name -> accuracy.
       floors: the one-shot data-shipping floors, if any (their uplink is their total: no model goes down).
       title: the first title line; the second is :func:`describe_setting` of the first run.
+      downlink: ``(header, rounds, round, uplink) -> bits per node`` sent down by then
+        (:func:`qdata.compare.downlink_per_node`: relays, recorded replies); by default the header's
+        one-shot downlink plus its per-round downlink times the round.
     """
+    downlink = downlink or (lambda header, rounds, round_, uplink: one_shot_downlink_per_node(header)
+                            + header["downlink_bits_per_node_per_round"] * round_)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,9 +192,9 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, measure in zip(axes, ("uplink", "total")):
         for i, (label, header, rounds) in enumerate(runs):
-            down = header["downlink_bits_per_node_per_round"] if measure == "total" else 0
-            once = one_shot_downlink_per_node(header) if measure == "total" else 0
-            xs = [r["cumulative_uplink_bits_per_node"] + once + down * r["round"] for r in rounds]
+            xs = [r["cumulative_uplink_bits_per_node"]
+                  + (downlink(header, rounds, r["round"], r["cumulative_uplink_bits_per_node"]) if measure == "total" else 0)
+                  for r in rounds]
             ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label,
                     color=plt.cm.tab20(i % 20), linestyle="-" if "qdata" in label else "--")
         for (name, acc), style in zip(targets.items(), (":", "--")):

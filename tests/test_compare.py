@@ -4,6 +4,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -244,3 +245,26 @@ def test_bench_step_quick_runs(capsys):
     assert {r["setting"] for r in rows} == {"plain step", "plain 4x8", "sgd", "qdata-4b", "qdata-4b+corr"}
     assert all(r["seconds"] > 0 and r["ratio_to_plain"] > 0 for r in rows)
     assert "synthetic" in capsys.readouterr().out
+
+
+def test_the_figures_total_panel_charges_the_downlink_as_the_table_does(tmp_path, monkeypatch):
+    """The accuracy-vs-bits figure's total panel uses the table's downlink rule: for sequential split
+    learning (replies that vary by round) the recorded downlink, not the header's per-round reply
+    size times the rounds (8x more); for a relaying compressor the other nodes' messages."""
+    import matplotlib.figure
+
+    from qdata import results as qresults
+
+    drawn = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.setdefault("fig", fig))
+    out = Path(__file__).resolve().parents[1] / "paper_figures" / "runs" / "all-digits-split-seq"
+    summary = json.loads((out / "summary.json").read_text())
+    compare_module.draw_figure(summary, out, tmp_path / "figure.png")
+    total = {line.get_label(): line.get_xdata() for line in drawn["fig"].axes[1].get_lines()}
+    row = next(r for r in summary["rows"] if r["method"] == "split-seq-cut1-4b")
+    header, rounds = qresults.load(compare_module.run_dir(out, row["method"], row["lr"], summary["seeds"][0]))
+    last = rounds[-1]
+    expected = last["cumulative_uplink_bits_per_node"] + last["cumulative_downlink_bits"] / header["config"]["num_nodes"]
+    assert total["split-seq-cut1-4b"][-1] == pytest.approx(expected)
+    # the rule the figure had: the header's reply size every round, several times what was sent
+    assert header["downlink_bits_per_node_per_round"] * last["round"] > 4 * (expected - last["cumulative_uplink_bits_per_node"])

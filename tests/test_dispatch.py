@@ -163,7 +163,7 @@ def test_samples_at_their_clusters_node_cost_nothing_and_the_results_file_charge
     from qdata import compare
 
     assert compare._downlink_kind(header, rounds) == "one-shot"
-    assert compare._downlink(header, rounds, 20, 0.0) == sum(header["one_shot"]["downlink_bits_per_node"]) / 4
+    assert compare.downlink_per_node(header, rounds, 20, 0.0) == sum(header["one_shot"]["downlink_bits_per_node"]) / 4
 
 
 def _homes(config, ds):

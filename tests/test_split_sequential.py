@@ -138,7 +138,7 @@ def test_the_run_and_the_comparison_charge_the_downlink_the_rounds_sent(tmp_path
     assert compare._downlink_kind(header, rounds) == "replies" and not compare.relays(header, rounds)
     figures = compare._per_seed(header, rounds, 0.0)
     assert figures["downlink_bits_per_round"] == 2 * every_two / 2 / 4
-    assert compare._downlink(header, rounds, 3.0, 0.0) == 1.5 * every_two / 2  # between the two records
+    assert compare.downlink_per_node(header, rounds, 3.0, 0.0) == 1.5 * every_two / 2  # between the two records
     # The parallel variant's header carries no such flag: its figures are read as before.
     parallel = Experiment(config.replace(split_mode="parallel", split_turn=1)).describe()
     assert "downlink_varies_by_round" not in parallel
