@@ -156,6 +156,7 @@ def test_default_lineups_load():
                                  ("study_digits_low_bits.toml", "digits", "mlp"),
                                  ("study_digits_correction.toml", "digits", "mlp"),
                                  ("study_digits_gate.toml", "digits", "mlp"),
+                                 ("all_digits_dispatch_sensitivity.toml", "digits", "mlp"),
                                  ("study_fashion_mnist_low_bits.toml", "fashion_mnist", "mlp"),
                                  ("stream_digits.toml", "digits", "mlp"),
                                  ("all_fashion_mnist_mlp.toml", "fashion_mnist", "mlp")):

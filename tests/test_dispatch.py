@@ -263,3 +263,14 @@ def test_trains_on_digits_against_sgd(tmp_path):
     # Stated (measured at these settings, seed 0): SGD 0.964, dispatch p = 1 0.936, p = 2 with a vote 0.958.
     assert one["test_accuracy"] >= sgd["test_accuracy"] - 0.07, (one["test_accuracy"], sgd["test_accuracy"])
     assert vote["test_accuracy"] >= sgd["test_accuracy"] - 0.03, (vote["test_accuracy"], sgd["test_accuracy"])
+
+
+def test_an_unbalanced_dispatch_refuses_a_cluster_that_is_nobodys_nearest_centre():
+    """Without capacities a centre fitted on the sample may be no training sample's nearest (a cluster
+    of outliers of the sample): its node would train on nothing. Refused, naming the cluster."""
+    x = np.array([[0.0, 0.0], [0.1, 0.0], [1.0, 1.0], [1.1, 1.0]], np.float32)
+    centres = np.array([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]], np.float32)
+    held = dispatch._memberships(x, centres[:2], None, 1)
+    assert held.tolist() == [[True, False], [True, False], [False, True], [False, True]]
+    with pytest.raises(ValueError, match=r"clusters \[2\] are nobody's nearest centre.*dispatch_balanced=True"):
+        dispatch._memberships(x, centres, None, 1)
