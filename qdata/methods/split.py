@@ -431,6 +431,93 @@ def _masked(sent: jax.Array, tree: PyTree) -> PyTree:
                                                       jnp.zeros_like(a)), tree)
 
 
+def _sent_reply_bits(reply: Sent) -> Bits:
+    """A :class:`Sent` reply's bits: the body's where it crosses, 0 where not."""
+    return Bits.of(payload_bits(reply.body)).times(reply.sent)
+
+
+def _turn_message(cut: ModelCut, encode, labels, turn_node):
+    """``(node_message, uplink_bits)``: the node's activations and labels, which cross in its turn only
+    (a :class:`Sent`); its state keeps the batch, whether it is active and the round."""
+
+    def node_message(key, params, batch, state):
+        del params
+        active = (turn_node(batch["round"]) == batch["node"]).astype(jnp.int32)
+        stream, _ = labels.encode(None, batch["y"], EmptyState(), jnp.ones(batch["y"].shape, jnp.int32))
+        body = {"activations": encode(key, cut.lower(state.layers, batch["x"])), "labels": stream}
+        return Sent(body, active), state._replace(x=batch["x"], y=batch["y"], active=active, round=batch["round"])
+
+    def body_bits(body):
+        return {"activations": payload_bits(body["activations"]), "labels": labels.bits(body["labels"], None)["labels"]}
+
+    return node_message, _sent_bits(body_bits)
+
+
+def _turn_gradient_exchange(cut: ModelCut, decode, labels, optimizer, hands_off, a_shape) -> Exchange:
+    """The active node's exchange: the learner replies the loss's gradient in the node's activations
+    (keeping the one in its own layers); the node steps its lower layers and, at its turn's end, answers
+    them and their optimizer state (the hand-off's uplink). The other nodes are sent and answer nothing."""
+
+    def reply_gradients(params, messages, learner_state, total):
+        sent = messages.sent
+        a = _masked(sent, jax.vmap(decode)(messages.body["activations"]))  # only what crossed is read
+        y = jax.vmap(lambda s: labels.decode(s, EmptyState(), jnp.ones(a.shape[1], jnp.int32)))(
+            messages.body["labels"])
+        loss = lambda w, a, y: _mean_loss(cut.upper(w, a), y)
+        upper_grad, grad_a = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
+        active_grad = total(_masked(sent, upper_grad))  # the one active node's, wherever it sits
+        reply = Sent(Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)}), sent)
+        return reply, learner_state._replace(upper_grad=_to_each(active_grad, sent.shape[0]))
+
+    def step_lower(key, params, reply, state):
+        del key, params
+        _, backward = jax.vjp(lambda w: cut.lower(w, state.x), state.layers)
+        (grads,) = backward(reply.body.arrays["activation_gradients"])
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.layers)
+        layers = _where(state.active, optax.apply_updates(state.layers, updates), state.layers)
+        opt_state = _where(state.active, opt_state, state.opt_state)
+        hand = (state.active * hands_off(state.round)).astype(jnp.int32)
+        message = Sent(Payload(arrays={"node_layers": layers, "node_optimizer": opt_state}), hand)
+        trained = jnp.where(state.active > 0, state.round + 1, state.trained)
+        return message, state._replace(layers=layers, opt_state=opt_state, trained=trained)
+
+    def handoff_bits(payload):
+        return {name: payload_bits(Payload(arrays={name: payload.arrays[name]})) for name in payload.arrays}
+
+    def gradient_bits(params):
+        return payload_bits(Payload(arrays={"activation_gradients": jax.ShapeDtypeStruct(a_shape(params).shape,
+                                                                                         jnp.float32)}))
+
+    return Exchange(reply_gradients, step_lower, _sent_bits(handoff_bits), gradient_bits, _sent_reply_bits)
+
+
+def _handoff_exchange(cut: ModelCut, optimizer, turn_node) -> Exchange:
+    """The hand-off's downlink: the learner replies the finishing node's lower layers and optimizer
+    state to the next node in the schedule, which takes them as its own; the others keep theirs."""
+
+    def reply_handoff(params, messages, learner_state, total):
+        del params
+        sent = messages.sent
+        handed = total(sent) > 0  # the finishing node sent its layers this round
+        body = total(_masked(sent, messages.body.arrays))  # exactly the one sender's
+        to_next = jnp.logical_and(handed, learner_state.node == turn_node(learner_state.round + 1))
+        reply = Sent(Payload(arrays=_to_each(body, sent.shape[0])), to_next.astype(jnp.int32))
+        return reply, learner_state
+
+    def take_handoff(key, params, reply, state):
+        del key, params
+        layers = _where(reply.sent, reply.body.arrays["node_layers"], state.layers)
+        opt_state = _where(reply.sent, reply.body.arrays["node_optimizer"], state.opt_state)
+        return Payload(arrays={}), state._replace(layers=layers, opt_state=opt_state)
+
+    def handoff_size(params):
+        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut.split(params)[0])
+        state = jax.eval_shape(optimizer.init, node)
+        return payload_bits(Payload(arrays={"node_layers": node, "node_optimizer": state}))
+
+    return Exchange(reply_handoff, take_handoff, _one_part(None), handoff_size, _sent_reply_bits)
+
+
 def sequential_split_learning(model: nn.Module, cut: int, optimizer: optax.GradientTransformation, *,
                               num_classes: int, sample_shape, batch_size: int, num_nodes: int,
                               bits: int | None = None, turn: int = 1) -> Method:
@@ -488,79 +575,20 @@ def sequential_split_learning(model: nn.Module, cut: int, optimizer: optax.Gradi
         return SequentialLearner(_to_each(jax.tree_util.tree_map(jnp.zeros_like, upper), count),
                                  jnp.arange(count, dtype=jnp.int32), jnp.zeros((count,), jnp.int32))
 
-    def node_message(key, params, batch, state):
-        del params
-        active = (turn_node(batch["round"]) == batch["node"]).astype(jnp.int32)
-        stream, _ = labels.encode(None, batch["y"], EmptyState(), jnp.ones(batch["y"].shape, jnp.int32))
-        body = {"activations": encode(key, cut_of.lower(state.layers, batch["x"])), "labels": stream}
-        return Sent(body, active), state._replace(x=batch["x"], y=batch["y"], active=active, round=batch["round"])
-
-    def first_bits(body):
-        return {"activations": payload_bits(body["activations"]), "labels": labels.bits(body["labels"], None)["labels"]}
-
-    def reply_gradients(params, messages, learner_state, total):
-        sent = messages.sent
-        a = _masked(sent, jax.vmap(decode)(messages.body["activations"]))  # only what crossed is read
-        y = jax.vmap(lambda s: labels.decode(s, EmptyState(), jnp.ones(a.shape[1], jnp.int32)))(
-            messages.body["labels"])
-        loss = lambda w, a, y: _mean_loss(cut_of.upper(w, a), y)
-        upper_grad, grad_a = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
-        active_grad = total(_masked(sent, upper_grad))  # the one active node's, wherever it sits
-        reply = Sent(Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)}), sent)
-        return reply, learner_state._replace(upper_grad=_to_each(active_grad, sent.shape[0]))
-
-    def step_lower(key, params, reply, state):
-        del key, params
-        _, backward = jax.vjp(lambda w: cut_of.lower(w, state.x), state.layers)
-        (grads,) = backward(reply.body.arrays["activation_gradients"])
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.layers)
-        layers = _where(state.active, optax.apply_updates(state.layers, updates), state.layers)
-        opt_state = _where(state.active, opt_state, state.opt_state)
-        hand = (state.active * hands_off(state.round)).astype(jnp.int32)
-        message = Sent(Payload(arrays={"node_layers": layers, "node_optimizer": opt_state}), hand)
-        trained = jnp.where(state.active > 0, state.round + 1, state.trained)
-        return message, state._replace(layers=layers, opt_state=opt_state, trained=trained)
-
-    def handoff_bits(payload):
-        return {name: payload_bits(Payload(arrays={name: payload.arrays[name]})) for name in payload.arrays}
-
-    def reply_handoff(params, messages, learner_state, total):
-        del params
-        sent = messages.sent
-        handed = total(sent) > 0  # the finishing node sent its layers this round
-        body = total(_masked(sent, messages.body.arrays))  # exactly the one sender's
-        to_next = jnp.logical_and(handed, learner_state.node == turn_node(learner_state.round + 1))
-        reply = Sent(Payload(arrays=_to_each(body, sent.shape[0])), to_next.astype(jnp.int32))
-        return reply, learner_state
-
-    def take_handoff(key, params, reply, state):
-        del key, params
-        layers = _where(reply.sent, reply.body.arrays["node_layers"], state.layers)
-        opt_state = _where(reply.sent, reply.body.arrays["node_optimizer"], state.opt_state)
-        return Payload(arrays={}), state._replace(layers=layers, opt_state=opt_state)
-
     def learner_gradient(params, messages, learner_state):
         del params, messages  # g was formed in the first reply, from the active node's activations
         g = jax.tree_util.tree_map(lambda u: jnp.mean(u, axis=0), learner_state.upper_grad)
         return g, learner_state._replace(round=learner_state.round + 1)
-
-    def gradient_bits(params):
-        return payload_bits(Payload(arrays={"activation_gradients": jax.ShapeDtypeStruct(a_shape(params).shape,
-                                                                                         jnp.float32)}))
-
-    def handoff_size(params):
-        node = jax.tree_util.tree_map(lambda w: jax.ShapeDtypeStruct(jnp.shape(w), jnp.float32), cut_of.split(params)[0])
-        return payload_bits(Payload(arrays={"node_layers": node, "node_optimizer": jax.eval_shape(optimizer.init, node)}))
 
     def model_params(upper, learner_state, node_states):
         del learner_state
         last = jnp.argmax(node_states.trained)  # the node that trained last holds the current layers
         return cut_of.join(jax.tree_util.tree_map(lambda a: a[last], node_states.layers), upper)
 
-    reply_total = lambda reply: Bits.of(payload_bits(reply.body)).times(reply.sent)
-    exchanges = (Exchange(reply_gradients, step_lower, _sent_bits(handoff_bits), gradient_bits, reply_total),
-                 Exchange(reply_handoff, take_handoff, _one_part(None), handoff_size, reply_total))
+    node_message, uplink_bits = _turn_message(cut_of, encode, labels, turn_node)
+    exchanges = (_turn_gradient_exchange(cut_of, decode, labels, optimizer, hands_off, a_shape),
+                 _handoff_exchange(cut_of, optimizer, turn_node))
     name = f"split_seq:{cut}" + (f":t{turn}" if turn > 1 else "") + (f":{bits}bit" if bits else "")
-    return Method(name, init_node, init_learner, node_message, learner_gradient, _sent_bits(first_bits),
+    return Method(name, init_node, init_learner, node_message, learner_gradient, uplink_bits,
                   needs_params=False, exchanges=exchanges, learner_params=lambda params: cut_of.split(params)[1],
                   model_params=model_params)
