@@ -11,7 +11,8 @@ from qdata import compare, engine, models
 from qdata.codecs import ledger
 from qdata.config import RunConfig
 from qdata.methods.split import cut_model
-from qdata.run import Experiment, train
+from qdata.run import train
+from tests.engine_rounds import engine_rounds
 from tests.subprocess_json import run_json
 
 
@@ -31,23 +32,11 @@ def test_the_cut_model_composes_to_the_whole(name, shape, cuts):
         np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-6)
 
 
-def _one_round(config: RunConfig, rounds: int = 1, devices: int = 1):
-    exp = Experiment(config)
-    mesh = engine.node_mesh(devices)
-    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
-    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, config.num_nodes,
-                                                        config.seed))
-    one = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size, state_template=state,
-                            to_float=exp.dataset.to_float)
-    state, bits, _ = engine.run_rounds(one, state, shards, rounds)
-    return exp, state, bits
-
-
 def test_bits_both_ways_by_hand():
     """digits (n = 64, C = 10), the MLP 64-8-10 cut after its first layer (m = 8 activations), b = 5:
     up 5*8*32 activations + 8 ceil(5*4/8) labels + (64*8 + 8)*32 lower layers; down 5*8*32 + the same."""
     config = RunConfig(method="split", model="mlp:8", split_cut=1, num_nodes=2, batch_size=5, checkpoint_every=0)
-    exp, _, bits = _one_round(config)
+    exp, _, bits, _ = engine_rounds(config)
     lower = (64 * 8 + 8) * 32
     expected = {"activations": 5 * 8 * 32, "labels": 24, "node_layers": lower}
     for part, value in expected.items():
@@ -55,7 +44,7 @@ def test_bits_both_ways_by_hand():
     assert ledger.host_per_entry(bits["total"]).tolist() == [[sum(expected.values())] * 2]
     assert engine.downlink_parts(exp.method, exp.params) == (0, 5 * 8 * 32 + lower)
     # At B = 3 bits: 8 ceil(8*3/8) bits of codes and an fp16 min and max per sample.
-    _, _, bits = _one_round(config.replace(split_bits=3))
+    _, _, bits, _ = engine_rounds(config.replace(split_bits=3))
     assert ledger.host_per_entry(bits["activations"]).tolist() == [[5 * (24 + 32)] * 2]
 
 
@@ -65,7 +54,7 @@ def test_u_shaped_bits_both_ways_by_hand():
     top activations, the activation gradients and the same layers."""
     config = RunConfig(method="split", model="mlp:8x6", split_cut=1, split_top=1, num_nodes=2, batch_size=5,
                        checkpoint_every=0)
-    exp, _, bits = _one_round(config)
+    exp, _, bits, _ = engine_rounds(config)
     layers = (64 * 8 + 8 + 6 * 10 + 10) * 32
     expected = {"activations": 5 * 8 * 32, "top_gradients": 5 * 6 * 32, "node_layers": layers}
     assert set(bits) == set(expected) | {"total"}
@@ -98,8 +87,8 @@ def test_a_round_is_data_parallel_sgd_on_the_whole_model(nodes, top):
     (U-shaped too: the node's head and lower layers, the learner's middle one)."""
     config = RunConfig(method="split", split_cut=2 - top, split_top=top, num_nodes=nodes, batch_size=16, lr=0.1,
                        momentum=0.9, checkpoint_every=0)
-    split_exp, split_state, _ = _one_round(config, rounds=3)
-    sgd_exp, sgd_state, _ = _one_round(config.replace(method="sgd", split_cut=1, split_top=0), rounds=3)
+    split_exp, split_state, _, _ = engine_rounds(config, rounds=3)
+    sgd_exp, sgd_state, _, _ = engine_rounds(config.replace(method="sgd", split_cut=1, split_top=0), rounds=3)
     split_params = engine.fetch(engine.model_params(split_exp.method, split_state))
     sgd_params = engine.fetch(sgd_state.params)
     assert jax.tree_util.tree_structure(split_params) == jax.tree_util.tree_structure(sgd_params)

@@ -16,20 +16,9 @@ from qdata.codecs import ledger
 from qdata.config import RunConfig
 from qdata.data import sample_batch
 from qdata.run import Experiment, train
+from tests.engine_rounds import engine_rounds
 
 SEQ = dict(method="split", split_mode="sequential", checkpoint_every=0)
-
-
-def _rounds(config: RunConfig, rounds: int):
-    exp = Experiment(config)
-    mesh = engine.node_mesh(1)
-    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
-    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, config.num_nodes,
-                                                        config.seed))
-    one = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size, state_template=state,
-                            to_float=exp.dataset.to_float)
-    state, bits, diagnostics = engine.run_rounds(one, state, shards, rounds)
-    return exp, state, bits, diagnostics
 
 
 # The MLP 64-8-10 cut after its first layer: m = 8 activations, d_low = 64*8 + 8 = 520 weights; b = 5.
@@ -45,7 +34,7 @@ def test_bits_both_ways_by_hand(turn, active, ends):
     up, their gradients down; at a turn's end it sends its layers and their momentum trace up, and the
     learner sends them down to the next node. The other node sends nothing."""
     config = RunConfig(**SEQ, model="mlp:8", split_turn=turn, num_nodes=2, batch_size=5)
-    exp, _, bits, diagnostics = _rounds(config, 4)
+    exp, _, bits, diagnostics = engine_rounds(config, 4)
     per = {k: ledger.host_per_entry(v).tolist() for k, v in bits.items()}
     assert set(per) == {"activations", "labels", "node_layers", "node_optimizer", "total"}
     assert per["activations"] == [[ACTS if a == i else 0 for i in (0, 1)] for a in active]
@@ -65,7 +54,7 @@ def test_quantized_activations_and_plain_sgd_hand_off():
     """At B = 3 bits the active node's activations cost 5 (8 ceil(8*3/8) + 32) = 280 bits; with plain
     SGD (momentum 0) the optimizer has no state, and the hand-off is the lower layers alone."""
     config = RunConfig(**SEQ, model="mlp:8", num_nodes=2, batch_size=5, split_bits=3, momentum=0.0)
-    exp, _, bits, diagnostics = _rounds(config, 2)
+    exp, _, bits, diagnostics = engine_rounds(config, 2)
     assert ledger.host_per_entry(bits["activations"]).tolist() == [[280, 0], [0, 280]]
     assert ledger.host_per_entry(bits["node_optimizer"]).tolist() == [[0, 0], [0, 0]]
     assert ledger.host_per_entry(diagnostics[engine.REPLY_BITS]).tolist() == [[ACTS, LAYERS], [LAYERS, ACTS]]
@@ -74,7 +63,7 @@ def test_quantized_activations_and_plain_sgd_hand_off():
 
 def test_one_node_sends_no_hand_off():
     config = RunConfig(**SEQ, model="mlp:8", num_nodes=1, batch_size=5)
-    _, _, bits, diagnostics = _rounds(config, 3)
+    _, _, bits, diagnostics = engine_rounds(config, 3)
     assert ledger.host_per_entry(bits["total"]).tolist() == [[ACTS + LABELS]] * 3
     assert ledger.host_per_entry(diagnostics[engine.REPLY_BITS]).tolist() == [[ACTS]] * 3
 
@@ -105,11 +94,12 @@ def test_turns_equal_sgd_on_the_active_nodes_batches(nodes, turn):
     plain SGD on the whole model."""
     config = RunConfig(**SEQ, split_cut=2, num_nodes=nodes, split_turn=turn, batch_size=16, lr=0.1, momentum=0.9)
     rounds = 3 if turn == 1 else 4
-    exp, state, _, _ = _rounds(config, rounds)
+    exp, state, _, _ = engine_rounds(config, rounds)
     got = engine.fetch(engine.model_params(exp.method, state))
     want = _sgd_on_the_schedule(exp, rounds, turn, 0.1, 0.9)
     if nodes == 1:  # and the library's own SGD on one node agrees
-        sgd_exp, sgd_state, _, _ = _rounds(config.replace(method="sgd", split_cut=1, split_mode="parallel"), rounds)
+        sgd_config = config.replace(method="sgd", split_cut=1, split_mode="parallel")
+        sgd_exp, sgd_state, _, _ = engine_rounds(sgd_config, rounds)
         want_sgd = engine.fetch(sgd_state.params)
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want_sgd)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
