@@ -164,6 +164,11 @@ def crossing(rounds: list[dict], target: float, key: str = "test_accuracy") -> d
 
 
 
+# tab20 without its two greys (14, 15): grey is the targets' colour, and a method drawn in it read as a
+# target line (as paper_figures.canvas.METHOD_COLOURS leaves tab10's grey out).
+_NOT_GREY = tuple(i for i in range(20) if i not in (14, 15))
+
+
 def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path: str | os.PathLike, *,
                                  targets: dict[str, float], floors: list[dict] | None = None,
                                  title: str | None = None, downlink: Callable | None = None) -> None:
@@ -196,7 +201,7 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
                   + (downlink(header, rounds, r["round"], r["cumulative_uplink_bits_per_node"]) if measure == "total" else 0)
                   for r in rounds]
             ax.plot(xs, [r["test_accuracy"] for r in rounds], marker=".", markersize=3, label=label,
-                    color=plt.cm.tab20(i % 20), linestyle="-" if "qdata" in label else "--")
+                    color=plt.cm.tab20(_NOT_GREY[i % len(_NOT_GREY)]), linestyle="-" if "qdata" in label else "--")
         for (name, acc), style in zip(targets.items(), (":", "--")):
             ax.axhline(acc, color="grey", linestyle=style, label=f"target {name} ({acc:.3f})")
         for floor, style in zip(floors or [], ("-.", (0, (1, 3)), (0, (5, 2, 1, 2)))):
