@@ -393,11 +393,6 @@ def draw_figure(summary: dict, out_dir: str | os.PathLike, path: str | os.PathLi
         downlink=downlink_per_node)  # the table's own rule (relays, one-shot, recorded replies)
 
 
-def default_out_dir() -> Path:
-    """Where a comparison without an ``out_dir`` goes: ``runs/compare-TIMESTAMP``."""
-    return Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
-
-
 def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = None, *, progress: bool = True,
             resume: bool = False) -> dict:
     """Run ``lineup`` (default ``experiments/compare_digits.toml``) by the protocol of the module
@@ -407,7 +402,7 @@ def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = No
     Returns the summary dict (also written to ``OUT/summary.json``), with ``table`` and ``out_dir``.
     """
     lineup = lineup or load_lineup(DEFAULT_LINEUP)
-    out = Path(out_dir) if out_dir else default_out_dir()
+    out = Path(out_dir) if out_dir else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     _train_each([(r, lr, s) for r in lineup.runs for lr in r.lr_grid for s in lineup.tune_seeds],

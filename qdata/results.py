@@ -171,7 +171,7 @@ _NOT_GREY = tuple(i for i in range(20) if i not in (14, 15))
 
 def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path: str | os.PathLike, *,
                                  targets: dict[str, float], floors: list[dict] | None = None,
-                                 title: str | None = None, downlink: Callable | None = None) -> None:
+                                 title: str | None = None, downlink: Callable) -> None:
     """Two panels, test accuracy against cumulative uplink bits per node and against total
     (uplink + downlink) bits per node, log scale; each target a horizontal line; each floor (a dict
     with ``label``, ``bits`` per node and optionally ``accuracy``) a vertical line, and its accuracy
@@ -184,11 +184,8 @@ def plot_accuracy_vs_bits_panels(runs: list[tuple[str, dict, list[dict]]], path:
       floors: the one-shot data-shipping floors, if any (their uplink is their total: no model goes down).
       title: the first title line; the second is :func:`describe_setting` of the first run.
       downlink: ``(header, rounds, round, uplink) -> bits per node`` sent down by then
-        (:func:`qdata.compare.downlink_per_node`: relays, recorded replies); by default the header's
-        one-shot downlink plus its per-round downlink times the round.
+        (:func:`qdata.compare.downlink_per_node`: relays, one-shot downlinks, recorded replies).
     """
-    downlink = downlink or (lambda header, rounds, round_, uplink: one_shot_downlink_per_node(header)
-                            + header["downlink_bits_per_node_per_round"] * round_)
     import matplotlib
 
     matplotlib.use("Agg")

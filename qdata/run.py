@@ -316,7 +316,7 @@ def _answers_record(since: qanswers.Answers, answers: qanswers.Answers) -> dict:
 
 
 def _evaluator(exp: Experiment, downlink_per_round: int):
-    """``evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies=0) ->
+    """``evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies) ->
     record``: one evaluation's round record (accuracies, training loss and the bit ledger so far);
     ``downlink_per_round`` the fixed downlink of a round (all nodes), ``replies`` the replies charged
     round by round so far, for a method whose replies vary by round (0 otherwise)."""
@@ -325,7 +325,7 @@ def _evaluator(exp: Experiment, downlink_per_round: int):
     x_fit, y_fit = ds.to_float(ds.x_train[:n_fit]), ds.y_train[:n_fit]
     mean_loss = jax.jit(lambda p, x, y: jnp.mean(exp.loss_fn(p, x, y)))
 
-    def evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies=0):
+    def evaluate(params, done, bits, cumulative, encoder_counts, records, wall_seconds, replies):
         record = {
             "kind": "round",
             "round": done,
