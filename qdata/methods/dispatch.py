@@ -197,8 +197,9 @@ def _incoming(plan: Plan, j: int, source: int | None = None) -> np.ndarray:
     return arrived if source is None else arrived[plan.home[arrived] == source]
 
 
-def _labels(y: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.asarray(packing.pack_codes(np.asarray(y, np.uint32), packing.index_width(num_classes)))
+def _packed(codes: np.ndarray, count: int) -> np.ndarray:
+    """Codes in 0..count-1 (labels, node ids) packed at ``ceil(log2 count)`` bits into bytes."""
+    return np.asarray(packing.pack_codes(np.asarray(codes, np.uint32), packing.index_width(count)))
 
 
 def encode_outgoing(dataset: Dataset, plan: Plan, i: int) -> Payload:
@@ -207,14 +208,14 @@ def encode_outgoing(dataset: Dataset, plan: Plan, i: int) -> Payload:
     others = [j for j in range(len(plan.shards)) if j != i]
     rows = np.concatenate([_incoming(plan, j, source=i) for j in others]).astype(np.int64)
     counts = np.array([len(_incoming(plan, j, source=i)) for j in others], np.int32)
-    return Payload(arrays={"samples": dataset.x_train[rows], "labels": _labels(dataset.y_train[rows], dataset.num_classes),
+    return Payload(arrays={"samples": dataset.x_train[rows], "labels": _packed(dataset.y_train[rows], dataset.num_classes),
                            "counts": counts}, meta=(dataset.num_classes, packing.index_width(dataset.num_classes)))
 
 
 def encode_incoming(dataset: Dataset, plan: Plan, j: int) -> Payload:
     """Node j's last downlink message: the samples relayed to it, their labels packed, one int32 count."""
     rows = _incoming(plan, j)
-    return Payload(arrays={"samples": dataset.x_train[rows], "labels": _labels(dataset.y_train[rows], dataset.num_classes),
+    return Payload(arrays={"samples": dataset.x_train[rows], "labels": _packed(dataset.y_train[rows], dataset.num_classes),
                            "count": np.asarray(len(rows), np.int32)},
                    meta=(dataset.num_classes, packing.index_width(dataset.num_classes)))
 
@@ -254,8 +255,7 @@ def encode_destinations(plan: Plan, j: int) -> Payload:
         codes, name = plan.destinations[_rows_at(plan, j)].reshape(-1), "destinations"
     else:
         codes, name = plan.node_of_cluster, "node_of_cluster"
-    return Payload(arrays={name: np.asarray(packing.pack_codes(np.asarray(codes, np.uint32), width))},
-                   meta=(width, len(codes)))
+    return Payload(arrays={name: _packed(codes, len(plan.shards))}, meta=(width, len(codes)))
 
 
 def decode_destinations(message: Payload) -> np.ndarray:
@@ -393,7 +393,9 @@ def _plain(config):
 
 
 def _exchange(config):
-    """The experiment (data, base partition, model), the plan, every node's two messages, seconds."""
+    """The experiment (data, base partition, model), the plan, every node's uplink and downlink messages,
+    seconds. The plan's seconds are charged to the learner (the dispatcher) although they include the
+    nodes' share (each sample's centre distances or nearest centres, computed inside the plan)."""
     from qdata.run import Experiment
 
     exp = Experiment(_plain(config))
