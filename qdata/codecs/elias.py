@@ -84,10 +84,12 @@ def _levels_and_signs(payload) -> tuple[jax.Array, jax.Array]:
 
 def _length_bits(lengths: jax.Array, where: jax.Array) -> Bits:
     """Sum of ``lengths`` over ``where`` as exact :class:`Bits`: a count per code length (every
-    omega code of an int32 is at most 42 bits), so no int32 sum of bits is formed."""
+    omega code of an int32 is at most 42 bits), so no int32 sum of bits is formed. The counts are one
+    histogram (codes left out go to bin 0): one pass over the message, not one per length."""
+    counts = jnp.bincount(jnp.where(where, lengths, 0).reshape(-1), length=_MAX_OMEGA + 1)
     total = Bits.of(0)
     for length in range(1, _MAX_OMEGA + 1):
-        total = total + Bits.count(jnp.sum(where & (lengths == length), dtype=jnp.int32), length)
+        total = total + Bits.count(counts[length].astype(jnp.int32), length)
     return total
 
 
