@@ -460,14 +460,20 @@ def _turn_gradient_exchange(cut: ModelCut, decode, labels, optimizer, hands_off,
 
     def reply_gradients(params, messages, learner_state, total):
         sent = messages.sent
-        a = _masked(sent, jax.vmap(decode)(messages.body["activations"]))  # only what crossed is read
+        a = jax.vmap(decode)(messages.body["activations"])
         y = jax.vmap(lambda s: labels.decode(s, EmptyState(), jnp.ones(a.shape[1], jnp.int32)))(
             messages.body["labels"])
+        # Only what crossed is read, and one backward pass through the learner's layers per device: on
+        # the active node's activations and labels where it sits (a sum with zeros, so exact), on zeros
+        # elsewhere, and those replies are masked out.
+        a, y = jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0), _masked(sent, (a, y)))
         loss = lambda w, a, y: _mean_loss(cut.upper(w, a), y)
-        upper_grad, grad_a = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0, 0))(params, a, y)
-        active_grad = total(_masked(sent, upper_grad))  # the one active node's, wherever it sits
-        reply = Sent(Payload(arrays={"activation_gradients": grad_a.astype(jnp.float32)}), sent)
-        return reply, learner_state._replace(upper_grad=_to_each(active_grad, sent.shape[0]))
+        upper_grad, grad_a = jax.grad(loss, argnums=(0, 1))(params, a, y)
+        count = sent.shape[0]
+        active_grad = total(_masked(sent, _to_each(upper_grad, count)))  # the one active node's, wherever it sits
+        grad_a = _masked(sent, _to_each(grad_a.astype(jnp.float32), count))
+        reply = Sent(Payload(arrays={"activation_gradients": grad_a}), sent)
+        return reply, learner_state._replace(upper_grad=_to_each(active_grad, count))
 
     def step_lower(key, params, reply, state):
         del key, params
