@@ -16,6 +16,7 @@ from qdata import results as qresults
 from qdata import resume as qresume
 from qdata.config import RunConfig
 from qdata.run import Experiment, final_params, train
+from tests.engine_rounds import engine_rounds
 
 
 @pytest.mark.parametrize("spec, said", [
@@ -49,28 +50,16 @@ def test_a_node_that_leaves_charges_no_bits_after_it_leaves(tmp_path):
     assert rounds[-1]["uplink_bits_last_round_per_node"]["total"] == 32 * d * 3 / 4
 
 
-def _one_engine_run(config, rounds):
-    exp = Experiment(config)
-    mesh = engine.node_mesh(1)
-    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
-    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, config.num_nodes,
-                                                        config.seed))
-    link = engine.Link(qfaults.parse_faults(config.faults), config.integrity)
-    one = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=config.batch_size, state_template=state,
-                            to_float=exp.dataset.to_float, link=link)
-    return exp, engine.run_rounds(one, state, shards, rounds)
-
-
 def test_a_missing_nodes_state_is_unchanged_and_no_answer_leaves_the_model_as_it_was():
     config = RunConfig(**{**SMALL, "rounds": 2}, method="gradient", compressor="topk:16", error_feedback=True,
                        faults="leave:1:0")
-    _, (state, bits, diagnostics) = _one_engine_run(config, 2)
+    _, state, bits, diagnostics = engine_rounds(config, 2)
     memory = np.stack([np.abs(leaf).reshape(4, -1).sum(1) for leaf in
                        jax.tree_util.tree_leaves(engine.fetch(state.node_states))]).sum(0)
     assert memory[1] == 0 and (np.delete(memory, 1) > 0).all()  # error feedback: node 1 kept its zeros
     assert diagnostics["answered"].tolist() == [[1, 0, 1, 1]] * 2
     assert (np.asarray(bits["total"].per_entry())[:, 1] == 0).all()
-    exp, (state, _, diagnostics) = _one_engine_run(config.replace(faults="leave:*:0"), 2)
+    exp, state, _, diagnostics = engine_rounds(config.replace(faults="leave:*:0"), 2)
     assert diagnostics["answered"].sum() == 0
     for a, b in zip(jax.tree_util.tree_leaves(engine.fetch(state.params)), jax.tree_util.tree_leaves(exp.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -83,7 +72,7 @@ def test_the_update_is_the_mean_over_the_nodes_that_answered(method):
     # accuracy test below cannot see a wrong denominator (it only rescales the learning rate).
     config = RunConfig(**{**SMALL, "rounds": 1}, **method, momentum=0.0)
     def step(faults):
-        exp, (state, _, _) = _one_engine_run(config.replace(faults=faults), 1)
+        exp, state, _, _ = engine_rounds(config.replace(faults=faults), 1)
         return [np.asarray(a) - np.asarray(b) for a, b in
                 zip(jax.tree_util.tree_leaves(engine.fetch(state.params)), jax.tree_util.tree_leaves(exp.params))]
     alone = [step(",".join(f"leave:{j}:0" for j in range(4) if j != i)) for i in (0, 2, 3)]
