@@ -4,7 +4,9 @@ The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
 
 1. **Tuning, on the validation split only.** Every run of the lineup trains at every learning rate
    of its grid on the tuning seeds; its learning rate is the one with the best mean final
-   *validation* accuracy. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
+   *validation* accuracy. Where that is the grid's smallest or largest rate (a grid of two or more),
+   the run also trains at the next rate of the 1-2-5 series past it and chooses again, up to the
+   lineup's ``lr_extend`` times a side (:func:`tune`), so no method is held at a grid's edge. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
    levels), the best member is the one that reaches SGD's final validation accuracy minus 1 point
    with the fewest uplink bits (all tuning seeds), else the most accurate.
 2. **Reporting, on the test split.** Every run trains at its learning rate on every seed. Two
@@ -27,6 +29,7 @@ file under ``OUT/<label>/lr<LR>/seed<SEED>/``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -73,15 +76,49 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
-def choose_learning_rates(lineup: Lineup, results: dict) -> dict[str, float]:
+def choose_learning_rates(lineup: Lineup, results: dict, grids: dict | None = None) -> dict[str, float]:
     """Each run's learning rate: the best mean final validation accuracy over the tuning seeds
-    (the first of the grid on ties)."""
+    (the first of the grid on ties), over ``grids[label]`` (default: each run's ``lr_grid``)."""
     chosen = {}
     for run in lineup.runs:
+        grid = grids[run.label] if grids else run.lr_grid
         score = {lr: _mean([results[(run.label, lr, s)][1][-1]["val_accuracy"] for s in lineup.tune_seeds])
-                 for lr in run.lr_grid}
-        chosen[run.label] = max(run.lr_grid, key=lambda lr: (score[lr], -run.lr_grid.index(lr)))
+                 for lr in grid}
+        chosen[run.label] = max(grid, key=lambda lr: (score[lr], -grid.index(lr)))
     return chosen
+
+
+def next_rate(lr: float, up: bool) -> float:
+    """The learning rate past ``lr`` in the 1-2-5 series (0.05 -> 0.1 up, 0.01 -> 0.005 down); a
+    rate off the series is doubled or halved."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10.0 ** exponent, 9)
+    if mantissa not in (1.0, 2.0, 5.0):
+        return lr * 2 if up else lr / 2
+    i = (1, 2, 5).index(int(mantissa)) + (1 if up else -1)
+    return float(f"{(1, 2, 5)[i % 3]}e{exponent + i // 3}")
+
+
+def at_edge(lr: float, grid) -> bool:
+    """Whether ``lr`` is the smallest or largest of a grid of two or more rates (a one-rate grid is a
+    fixed choice, never widened)."""
+    return len(grid) > 1 and lr in (min(grid), max(grid))
+
+
+def tune(lineup: Lineup, out: Path, progress: bool, resume: bool, results: dict) -> tuple[dict, dict]:
+    """Protocol step 1's learning rates: ``(chosen, grids)``, every run trained on the tuning seeds at
+    every rate of its grid, each grid widened past an edge its run chose (module docstring)."""
+    grids = {r.label: tuple(r.lr_grid) for r in lineup.runs}
+    for widened in range(lineup.lr_extend + 1):
+        _train_each([(r, lr, s) for r in lineup.runs for lr in grids[r.label] for s in lineup.tune_seeds],
+                    out, progress, resume, results)
+        chosen = choose_learning_rates(lineup, results, grids)
+        edges = {label: lr for label, lr in chosen.items() if at_edge(lr, grids[label])}
+        if widened == lineup.lr_extend or not edges:
+            return chosen, grids
+        for label, lr in edges.items():
+            new = next_rate(lr, up=lr == max(grids[label]))
+            grids[label] = (new, *grids[label]) if new < lr else (*grids[label], new)
 
 
 def choose_family_bests(lineup: Lineup, results: dict, chosen: dict) -> dict[str, str]:
@@ -178,8 +215,9 @@ def _spread(values: list) -> dict | None:
     return {"mean": _mean(values), "min": min(values), "max": max(values)} if values else None
 
 
-def _row(run, lr: float, seeds: list[dict], phases: dict, best: bool) -> dict:
-    row = {"method": run.label, "family": run.family, "lr": lr, "best_of_family": best,
+def _row(run, lr: float, seeds: list[dict], phases: dict, best: bool, grid) -> dict:
+    row = {"method": run.label, "family": run.family, "lr": lr, "lr_tried": sorted(grid),
+           "lr_at_edge": at_edge(lr, grid), "best_of_family": best,
            "gradient_compressor": run.config.method == "gradient", "qdata": run.config.method == "qdata",
            "final_test_accuracy": _spread([s["final_test_accuracy"] for s in seeds]),
            "uplink_bits_per_round": _mean([s["uplink_bits_per_round"] for s in seeds]),
@@ -259,8 +297,10 @@ def _floor_summary(found: dict, sgd_final: list[float]) -> list[dict]:
     return summary
 
 
-def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: dict) -> dict:
-    """The comparison as data (module docstring)."""
+def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: dict,
+              grids: dict | None = None) -> dict:
+    """The comparison as data (module docstring); ``grids``: the rates each run was tried at
+    (default: its ``lr_grid``)."""
     ref = lineup.reference
     sgd_final = {s: results[(ref.label, chosen[ref.label], s)][1][-1]["test_accuracy"] for s in lineup.seeds}
     sgd_list = [sgd_final[s] for s in lineup.seeds]
@@ -268,7 +308,8 @@ def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: 
     for run in lineup.runs:
         lr = chosen[run.label]
         seeds = [_per_seed(*results[(run.label, lr, s)], sgd_final[s]) for s in lineup.seeds]
-        rows.append(_row(run, lr, seeds, phases[run.label], bests[run.family] == run.label))
+        grid = grids[run.label] if grids else run.lr_grid
+        rows.append(_row(run, lr, seeds, phases[run.label], bests[run.family] == run.label, grid))
     best_gc = _add_ratios(rows)
     qdata_rows = [r for r in rows if r["qdata"]]
     headline = {m: max((r["targets"][HEADLINE][f"ratio_{m}"] for r in qdata_rows
@@ -277,9 +318,21 @@ def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: 
     header = results[(ref.label, chosen[ref.label], lineup.seeds[0])][0]
     return {"setting": qresults.describe_setting(header).rsplit("; seed", 1)[0],
             "seeds": list(lineup.seeds), "tune_seeds": list(lineup.tune_seeds),
-            "sgd_final_test_accuracy": sgd_list, "targets": list(TARGETS), "best_gradient_compressor": best_gc,
+            "lr_extend": lineup.lr_extend, "sgd_final_test_accuracy": sgd_list, "targets": list(TARGETS), "best_gradient_compressor": best_gc,
             "headline_target": HEADLINE, "best_qdata_ratio": headline,
             "against_every_member": against_every_member(rows, HEADLINE), "rows": rows}
+
+
+def _rates_line(summary: dict) -> str:
+    """Which rates were tried, and the rows whose choice is still an edge of what they tried."""
+    extend = summary.get("lr_extend", 0)
+    line = "lr: chosen on validation from each row's grid" + (
+        f", widened past a chosen edge along 1-2-5 up to {extend} time(s) a side" if extend else "")
+    if not all("lr_tried" in r for r in summary["rows"]):
+        return line + " (rates tried: not recorded in this summary)"
+    edges = [f"{r['method']} ({'/'.join(f'{lr:g}' for lr in r['lr_tried'])})" for r in summary["rows"]
+             if r["lr_at_edge"]]
+    return line + "; chosen at an edge of the rates tried: " + (", ".join(edges) if edges else "none")
 
 
 def _headline_line(summary: dict) -> str:
@@ -370,7 +423,7 @@ def format_table(summary: dict) -> str:
               "total over the rounds); "
               "none = qdata without gate or correction. Total = uplink + downlink.",
               "node s / learner s: one round's node phase (all nodes) and learner phase, timed on their own.",
-              _headline_line(summary)]
+              _rates_line(summary), _headline_line(summary)]
     strict = summary.get("against_every_member") or {}
     lines.append(f"against every swept compressor member reaching {summary['headline_target']} on every seed: "
                  + "; ".join(f"{m}: {v['qdata']} vs {v['compressor']} = {_fmt_ratio(v['ratio'])}x" if v
@@ -405,14 +458,12 @@ def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = No
     out = Path(out_dir) if out_dir else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    _train_each([(r, lr, s) for r in lineup.runs for lr in r.lr_grid for s in lineup.tune_seeds],
-                out, progress, resume, results)
-    chosen = choose_learning_rates(lineup, results)
+    chosen, grids = tune(lineup, out, progress, resume, results)
     bests = choose_family_bests(lineup, results, chosen)
     _train_each([(r, chosen[r.label], s) for r in lineup.runs for s in lineup.seeds], out, progress, resume, results)
     phases = {r.label: phase_seconds(r.config.replace(lr=chosen[r.label], seed=lineup.seeds[0]))
               for r in lineup.runs}
-    summary = summarize(lineup, results, chosen, bests, phases)
+    summary = summarize(lineup, results, chosen, bests, phases, grids)
     if lineup.floors:
         found = _floor_runs(lineup, out, chosen[lineup.reference.label], progress, resume)
         summary["floors"] = _floor_summary(found, summary["sgd_final_test_accuracy"])

@@ -5,6 +5,7 @@ A lineup is a TOML file (see ``experiments/compare_*.toml``)::
     seeds = [0, 1, 2]              # every reported figure is a mean and range over these
     lr_grid = [0.03, 0.1, 0.3]     # each method's learning rate is chosen from this grid ...
     tune_seeds = [0]               # ... by validation accuracy on these seeds (default: the first)
+    lr_extend = 2                  # optional: a rate chosen at its grid's edge widens the grid (up to 2 times)
     floors = { coders = ["png", "zstd"], bits = [4] }   # optional: the one-shot data-shipping floors
 
     [base]                         # RunConfig fields shared by every run
@@ -19,7 +20,9 @@ A lineup is a TOML file (see ``experiments/compare_*.toml``)::
     error_feedback = true
 
 Exactly one run is the reference, full-precision SGD (``method = "sgd"``). A run may set its own
-``lr_grid``. Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig` field, a
+``lr_grid``. With ``lr_extend = K``, a run whose chosen rate is the smallest or largest of its
+grid (of two or more rates) is also trained at the next rate of the 1-2-5 series past that edge
+(0.05 -> 0.1, 0.01 -> 0.005), up to K times a side (``qdata.compare.tune``). Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig` field, a
 field set in a run that the base also sets, duplicate labels and a missing reference are refused
 with an error naming them.
 """
@@ -34,7 +37,8 @@ from typing import NamedTuple
 
 from qdata.config import RunConfig
 
-TOP_KEYS = ("seeds", "lr_grid", "tune_seeds", "floors", "base", "run", "description")
+TOP_KEYS = ("seeds", "lr_grid", "tune_seeds", "lr_extend", "floors", "base", "run", "description")
+MAX_LR_EXTEND = 4
 RUN_KEYS = ("label", "family", "lr_grid")
 FLOOR_KEYS = ("coders", "bits")
 LINEUP_DIR = Path(__file__).resolve().parent.parent / "experiments"
@@ -58,6 +62,7 @@ class Lineup(NamedTuple):
     tune_seeds: tuple[int, ...]
     floors: dict
     description: str = ""
+    lr_extend: int = 0  # how many times a grid widens past an edge its run chose
 
     @property
     def reference(self) -> Run:
@@ -149,8 +154,12 @@ def parse_lineup(values: dict, *, source: str = "lineup") -> Lineup:
         raise ValueError(f"{source}: exactly one run must be the reference, method = \"sgd\" (full-precision SGD)")
     _check_fault_free(runs, source)
     tune = _ints(values.get("tune_seeds", [seeds[0]]), "tune_seeds")
+    extend = values.get("lr_extend", 0)
+    if isinstance(extend, bool) or not isinstance(extend, int) or not 0 <= extend <= MAX_LR_EXTEND:
+        raise ValueError(f"{source}: lr_extend must be an integer in 0..{MAX_LR_EXTEND} (how many times a "
+                         f"learning-rate grid widens past an edge its run chose), got {extend!r}")
     return Lineup(base, frozenset(base_values), runs, seeds, tune, _floors(values.get("floors")),
-                  str(values.get("description", "")))
+                  str(values.get("description", "")), extend)
 
 
 def load_lineup(path: str | Path) -> Lineup:

@@ -2,6 +2,7 @@
 (on validation only) and the table's arithmetic (targets, interpolation, totals, ratios)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,8 @@ def test_compare_refuses_flags_the_lineup_sets(tmp_path, capsys):
     ("[[run]]\nlabel = \"sgd\"\nmethod = \"qdata\"\n", "duplicate"),
     ("[[run]]\nlabel = \"sgd2\"\nmethod = \"sgd\"\n", "reference"),
     ("[[run]]\nlabel = \"lr\"\nlr = 0.3\n", "lr"),
+    ("lr_extend = 9\n", r"lr_extend must be an integer in 0\.\.4"),
+    ("lr_extend = true\n", "lr_extend"),
 ])
 def test_lineup_loader_refuses_bad_files(tmp_path, change, message):
     top, _, runs = TINY.partition("[base]")
@@ -182,6 +185,50 @@ def _fake(val, test, bits_per_round, down=0, rounds_each=10, method="gradient"):
                "uplink_bits_last_round_per_node": {"total": bits_per_round}}
               for i, (v, t) in enumerate(zip(val, test))]
     return header, rounds
+
+
+@pytest.mark.parametrize("lr, up, want", [(0.05, True, 0.1), (0.1, True, 0.2), (0.2, True, 0.5), (0.5, True, 1.0),
+                                         (0.01, False, 0.005), (0.1, False, 0.05), (0.001, False, 0.0005),
+                                         (2.0, True, 5.0), (0.03, True, 0.06), (0.03, False, 0.015)])
+def test_the_next_rate_past_an_edge_follows_1_2_5(lr, up, want):
+    assert compare_module.next_rate(lr, up) == want  # exactly: the run directory is named after it
+
+
+def test_a_rate_chosen_at_an_edge_widens_the_grid(monkeypatch):
+    """Validation accuracy peaks at 0.5 for SGD (above the grid), at 0.1 for qdata (inside it) and at
+    0.01 for top-k 1% (below it, out of reach with lr_extend = 2); top-k 10%'s one-rate grid is fixed."""
+    import tomllib
+
+    peak = {"sgd": 0.5, "qdata-4b": 0.1, "topk-1%": 0.01, "topk-10%": 0.01}
+    trained = []
+
+    def fake_train(jobs, out, progress, resume, results):
+        for run, lr, seed in jobs:
+            if (run.label, lr, seed) not in results:
+                trained.append((run.label, lr))
+                val = 0.9 - abs(math.log(lr / peak[run.label]))
+                results[(run.label, lr, seed)] = _fake([val], [val], 10, method=run.config.method)
+
+    monkeypatch.setattr(compare_module, "_train_each", fake_train)
+    values = tomllib.loads(TINY)
+    values["run"][3]["lr_grid"] = [0.2]
+    lineup = parse_lineup({**values, "lr_grid": [0.05, 0.1, 0.2], "seeds": [0], "tune_seeds": [0], "lr_extend": 2})
+    chosen, grids = compare_module.tune(lineup, Path("unused"), False, False, {})
+    assert chosen == {"sgd": 0.5, "qdata-4b": 0.1, "topk-1%": 0.01, "topk-10%": 0.2}
+    assert grids == {"sgd": (0.05, 0.1, 0.2, 0.5, 1.0), "qdata-4b": (0.05, 0.1, 0.2),
+                     "topk-1%": (0.01, 0.02, 0.05, 0.1, 0.2), "topk-10%": (0.2,)}
+    assert len(trained) == len(set(trained)) == 5 + 3 + 5 + 1  # each rate once
+    assert {r.label: r.lr_grid for r in lineup.runs}["sgd"] == (0.05, 0.1, 0.2)  # the lineup is not changed
+    assert compare_module.tune(lineup._replace(lr_extend=0), Path("unused"), False, False, {})[1]["sgd"] == \
+        (0.05, 0.1, 0.2)
+    results = {}
+    fake_train([(r, lr, 0) for r in lineup.runs for lr in grids[r.label]], None, False, False, results)
+    phases = {r.label: {"node_seconds": 0.1, "learner_seconds": 0.2} for r in lineup.runs}
+    summary = summarize(lineup, results, chosen, choose_family_bests(lineup, results, chosen), phases, grids)
+    assert [r["method"] for r in summary["rows"] if r["lr_at_edge"]] == ["topk-1%"]
+    line = next(x for x in compare_module.format_table(summary).splitlines() if x.startswith("lr: "))
+    assert line.endswith("chosen at an edge of the rates tried: topk-1% (0.01/0.02/0.05/0.1/0.2)")
+    assert "up to 2 time(s) a side" in line
 
 
 def test_choices_use_validation_only_and_the_table_arithmetic():
