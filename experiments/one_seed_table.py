@@ -2,7 +2,8 @@
 
 The comparison's table needs every seed; while a long lineup is still running (or was stopped), this
 reads the runs it has finished for the tuning seed, chooses each method's learning rate on validation
-exactly as ``qdata compare`` does (:func:`qdata.compare.choose_learning_rates`) and prints, per method,
+exactly as ``qdata compare`` does (:func:`qdata.compare.tune`, grids widened past a chosen edge as far as
+the lineup's ``lr_extend`` and the finished runs go) and prints, per method,
 the final test accuracy and the uplink and total bits per node to the target on that seed, downlink
 charged as the comparison charges it. A preliminary look, labelled as such; not the table.
 
@@ -14,16 +15,27 @@ import argparse
 from pathlib import Path
 
 from qdata import results as qresults
-from qdata.compare import choose_learning_rates, downlink_per_node, run_dir
+from qdata.compare import downlink_per_node, run_dir, tune
 from qdata.lineup import load_lineup
+
+
+def _loader(out: Path, found: dict):
+    """A ``train_each`` for :func:`qdata.compare.tune` that trains nothing: it loads the runs' results
+    files and says which is missing."""
+    def load(jobs):
+        for run, lr, seed in jobs:
+            directory = run_dir(out, run.label, lr, seed)
+            if not (directory / "results.jsonl").exists():
+                raise SystemExit(f"{directory}: not run yet (tuning needs it); run the lineup further first")
+            found.setdefault((run.label, lr, seed), qresults.load(directory))
+    return load
 
 
 def rows(lineup_path: str, out: str, seed: int) -> tuple[float, list[tuple]]:
     """SGD's final test accuracy on ``seed`` and one row per run: (label, lr, final, uplink, total)."""
-    lineup = load_lineup(lineup_path)
-    found = {(r.label, lr, seed): qresults.load(run_dir(Path(out), r.label, lr, seed))
-             for r in lineup.runs for lr in r.lr_grid}
-    chosen = choose_learning_rates(lineup._replace(tune_seeds=(seed,)), found)
+    lineup = load_lineup(lineup_path)._replace(tune_seeds=(seed,))
+    found: dict = {}
+    chosen, _ = tune(lineup, found, _loader(Path(out), found))
     sgd = found[(lineup.reference.label, chosen[lineup.reference.label], seed)][1][-1]["test_accuracy"]
     table = []
     for run in lineup.runs:

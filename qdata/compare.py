@@ -5,8 +5,9 @@ The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
 1. **Tuning, on the validation split only.** Every run of the lineup trains at every learning rate
    of its grid on the tuning seeds; its learning rate is the one with the best mean final
    *validation* accuracy. Where that is the grid's smallest or largest rate (a grid of two or more),
-   the run also trains at the next rate of the 1-2-5 series past it and chooses again, up to the
-   lineup's ``lr_extend`` times a side (:func:`tune`), so no method is held at a grid's edge. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
+   the run also trains at the next rate of the 1-2-5 series past it and chooses again (a tie keeps
+   the earlier rate), up to the lineup's ``lr_extend`` times (:func:`tune`); the table names any
+   run still at an edge of the rates it tried. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
    levels), the best member is the one that reaches SGD's final validation accuracy minus 1 point
    with the fewest uplink bits (all tuning seeds), else the most accurate.
 2. **Reporting, on the test split.** Every run trains at its learning rate on every seed. Two
@@ -34,6 +35,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 
@@ -81,7 +83,7 @@ def choose_learning_rates(lineup: Lineup, results: dict, grids: dict | None = No
     (the first of the grid on ties), over ``grids[label]`` (default: each run's ``lr_grid``)."""
     chosen = {}
     for run in lineup.runs:
-        grid = grids[run.label] if grids else run.lr_grid
+        grid = run.lr_grid if grids is None else grids[run.label]
         score = {lr: _mean([results[(run.label, lr, s)][1][-1]["val_accuracy"] for s in lineup.tune_seeds])
                  for lr in grid}
         chosen[run.label] = max(grid, key=lambda lr: (score[lr], -grid.index(lr)))
@@ -105,20 +107,20 @@ def at_edge(lr: float, grid) -> bool:
     return len(grid) > 1 and lr in (min(grid), max(grid))
 
 
-def tune(lineup: Lineup, out: Path, progress: bool, resume: bool, results: dict) -> tuple[dict, dict]:
-    """Protocol step 1's learning rates: ``(chosen, grids)``, every run trained on the tuning seeds at
-    every rate of its grid, each grid widened past an edge its run chose (module docstring)."""
-    grids = {r.label: tuple(r.lr_grid) for r in lineup.runs}
+def tune(lineup: Lineup, results: dict, train_each: Callable[[list], None]) -> tuple[dict, dict]:
+    """Protocol step 1's learning rates: ``(chosen, grids)``. ``train_each(jobs)`` puts every
+    ``(run, lr, seed)`` job's results into ``results``; each run is trained on the tuning seeds at
+    every rate of its grid, and its grid widened past an edge its run chose (module docstring). A
+    rate added later wins a tie with none tried before it: a plateau does not draw the choice outward."""
+    grids = {r.label: tuple(r.lr_grid) for r in lineup.runs}  # in the order tried
     for widened in range(lineup.lr_extend + 1):
-        _train_each([(r, lr, s) for r in lineup.runs for lr in grids[r.label] for s in lineup.tune_seeds],
-                    out, progress, resume, results)
+        train_each([(r, lr, s) for r in lineup.runs for lr in grids[r.label] for s in lineup.tune_seeds])
         chosen = choose_learning_rates(lineup, results, grids)
         edges = {label: lr for label, lr in chosen.items() if at_edge(lr, grids[label])}
         if widened == lineup.lr_extend or not edges:
             return chosen, grids
         for label, lr in edges.items():
-            new = next_rate(lr, up=lr == max(grids[label]))
-            grids[label] = (new, *grids[label]) if new < lr else (*grids[label], new)
+            grids[label] = (*grids[label], next_rate(lr, up=lr == max(grids[label])))
 
 
 def choose_family_bests(lineup: Lineup, results: dict, chosen: dict) -> dict[str, str]:
@@ -308,7 +310,7 @@ def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: 
     for run in lineup.runs:
         lr = chosen[run.label]
         seeds = [_per_seed(*results[(run.label, lr, s)], sgd_final[s]) for s in lineup.seeds]
-        grid = grids[run.label] if grids else run.lr_grid
+        grid = run.lr_grid if grids is None else grids[run.label]
         rows.append(_row(run, lr, seeds, phases[run.label], bests[run.family] == run.label, grid))
     best_gc = _add_ratios(rows)
     qdata_rows = [r for r in rows if r["qdata"]]
@@ -327,7 +329,7 @@ def _rates_line(summary: dict) -> str:
     """Which rates were tried, and the rows whose choice is still an edge of what they tried."""
     extend = summary.get("lr_extend", 0)
     line = "lr: chosen on validation from each row's grid" + (
-        f", widened past a chosen edge along 1-2-5 up to {extend} time(s) a side" if extend else "")
+        f", widened past a chosen edge along 1-2-5 up to {extend} time(s)" if extend else "")
     if not all("lr_tried" in r for r in summary["rows"]):
         return line + " (rates tried: not recorded in this summary)"
     edges = [f"{r['method']} ({'/'.join(f'{lr:g}' for lr in r['lr_tried'])})" for r in summary["rows"]
@@ -458,7 +460,7 @@ def compare(lineup: Lineup | None = None, out_dir: str | os.PathLike | None = No
     out = Path(out_dir) if out_dir else Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
-    chosen, grids = tune(lineup, out, progress, resume, results)
+    chosen, grids = tune(lineup, results, lambda jobs: _train_each(jobs, out, progress, resume, results))
     bests = choose_family_bests(lineup, results, chosen)
     _train_each([(r, chosen[r.label], s) for r in lineup.runs for s in lineup.seeds], out, progress, resume, results)
     phases = {r.label: phase_seconds(r.config.replace(lr=chosen[r.label], seed=lineup.seeds[0]))

@@ -5,7 +5,7 @@ A lineup is a TOML file (see ``experiments/compare_*.toml``)::
     seeds = [0, 1, 2]              # every reported figure is a mean and range over these
     lr_grid = [0.03, 0.1, 0.3]     # each method's learning rate is chosen from this grid ...
     tune_seeds = [0]               # ... by validation accuracy on these seeds (default: the first)
-    lr_extend = 2                  # optional: a rate chosen at its grid's edge widens the grid (up to 2 times)
+    lr_extend = 2                  # optional: a rate chosen at its grid's edge widens it (up to 2 times)
     floors = { coders = ["png", "zstd"], bits = [4] }   # optional: the one-shot data-shipping floors
 
     [base]                         # RunConfig fields shared by every run
@@ -22,7 +22,8 @@ A lineup is a TOML file (see ``experiments/compare_*.toml``)::
 Exactly one run is the reference, full-precision SGD (``method = "sgd"``). A run may set its own
 ``lr_grid``. With ``lr_extend = K``, a run whose chosen rate is the smallest or largest of its
 grid (of two or more rates) is also trained at the next rate of the 1-2-5 series past that edge
-(0.05 -> 0.1, 0.01 -> 0.005), up to K times a side (``qdata.compare.tune``). Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig` field, a
+(0.05 -> 0.1, 0.01 -> 0.005), up to K times, outward from the edge it chose
+(``qdata.compare.tune``). Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig` field, a
 field set in a run that the base also sets, duplicate labels and a missing reference are refused
 with an error naming them.
 """

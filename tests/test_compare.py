@@ -194,41 +194,63 @@ def test_the_next_rate_past_an_edge_follows_1_2_5(lr, up, want):
     assert compare_module.next_rate(lr, up) == want  # exactly: the run directory is named after it
 
 
-def test_a_rate_chosen_at_an_edge_widens_the_grid(monkeypatch):
-    """Validation accuracy peaks at 0.5 for SGD (above the grid), at 0.1 for qdata (inside it) and at
-    0.01 for top-k 1% (below it, out of reach with lr_extend = 2); top-k 10%'s one-rate grid is fixed."""
-    import tomllib
-
-    peak = {"sgd": 0.5, "qdata-4b": 0.1, "topk-1%": 0.01, "topk-10%": 0.01}
-    trained = []
-
-    def fake_train(jobs, out, progress, resume, results):
+def _peaked(peak, trained):
+    """A stand-in trainer: final validation (and test) accuracy falls off with |log(lr / peak[label])|;
+    ``peak[label]`` may be a function of lr instead."""
+    def train_each(jobs, results):
         for run, lr, seed in jobs:
             if (run.label, lr, seed) not in results:
                 trained.append((run.label, lr))
-                val = 0.9 - abs(math.log(lr / peak[run.label]))
+                p = peak[run.label]
+                val = p(lr) if callable(p) else 0.9 - abs(math.log(lr / p))
                 results[(run.label, lr, seed)] = _fake([val], [val], 10, method=run.config.method)
+    return train_each
 
-    monkeypatch.setattr(compare_module, "_train_each", fake_train)
+
+def _widening_lineup(extend=2):
+    import tomllib
+
     values = tomllib.loads(TINY)
     values["run"][3]["lr_grid"] = [0.2]
-    lineup = parse_lineup({**values, "lr_grid": [0.05, 0.1, 0.2], "seeds": [0], "tune_seeds": [0], "lr_extend": 2})
-    chosen, grids = compare_module.tune(lineup, Path("unused"), False, False, {})
+    return parse_lineup({**values, "lr_grid": [0.05, 0.1, 0.2], "seeds": [0], "tune_seeds": [0], "lr_extend": extend})
+
+
+def test_a_rate_chosen_at_an_edge_widens_the_grid():
+    """Validation accuracy peaks at 0.5 for SGD (above the grid), at 0.1 for qdata (inside it) and at
+    0.01 for top-k 1% (below it, out of reach with lr_extend = 2); top-k 10%'s one-rate grid is fixed."""
+    peak = {"sgd": 0.5, "qdata-4b": 0.1, "topk-1%": 0.01, "topk-10%": 0.01}
+    trained, results, lineup = [], {}, _widening_lineup()
+    train_each = _peaked(peak, trained)
+    chosen, grids = compare_module.tune(lineup, results, lambda jobs: train_each(jobs, results))
     assert chosen == {"sgd": 0.5, "qdata-4b": 0.1, "topk-1%": 0.01, "topk-10%": 0.2}
     assert grids == {"sgd": (0.05, 0.1, 0.2, 0.5, 1.0), "qdata-4b": (0.05, 0.1, 0.2),
-                     "topk-1%": (0.01, 0.02, 0.05, 0.1, 0.2), "topk-10%": (0.2,)}
+                     "topk-1%": (0.05, 0.1, 0.2, 0.02, 0.01), "topk-10%": (0.2,)}
     assert len(trained) == len(set(trained)) == 5 + 3 + 5 + 1  # each rate once
     assert {r.label: r.lr_grid for r in lineup.runs}["sgd"] == (0.05, 0.1, 0.2)  # the lineup is not changed
-    assert compare_module.tune(lineup._replace(lr_extend=0), Path("unused"), False, False, {})[1]["sgd"] == \
-        (0.05, 0.1, 0.2)
-    results = {}
-    fake_train([(r, lr, 0) for r in lineup.runs for lr in grids[r.label]], None, False, False, results)
+    # Resumed over the same results: the same choices, nothing trained again.
+    assert compare_module.tune(lineup, results, lambda jobs: train_each(jobs, results)) == (chosen, grids)
+    assert len(trained) == 14
+    fresh = {}
+    unwidened = compare_module.tune(lineup._replace(lr_extend=0), fresh, lambda jobs: train_each(jobs, fresh))
+    assert unwidened[1]["sgd"] == (0.05, 0.1, 0.2) and unwidened[0]["sgd"] == 0.2
     phases = {r.label: {"node_seconds": 0.1, "learner_seconds": 0.2} for r in lineup.runs}
     summary = summarize(lineup, results, chosen, choose_family_bests(lineup, results, chosen), phases, grids)
     assert [r["method"] for r in summary["rows"] if r["lr_at_edge"]] == ["topk-1%"]
     line = next(x for x in compare_module.format_table(summary).splitlines() if x.startswith("lr: "))
     assert line.endswith("chosen at an edge of the rates tried: topk-1% (0.01/0.02/0.05/0.1/0.2)")
-    assert "up to 2 time(s) a side" in line
+    assert "up to 2 time(s)" in line
+
+
+def test_a_plateau_does_not_draw_the_choice_outward():
+    """Validation accuracy is flat below 0.05 (as discrete accuracies often are): one step down ties,
+    the earlier rate keeps the choice and the widening stops there."""
+    flat = lambda lr: 0.9 if lr <= 0.05 else 0.5
+    peak = {"sgd": flat, "qdata-4b": 0.1, "topk-1%": 0.1, "topk-10%": 0.1}
+    trained, results, lineup = [], {}, _widening_lineup()
+    train_each = _peaked(peak, trained)
+    chosen, grids = compare_module.tune(lineup, results, lambda jobs: train_each(jobs, results))
+    assert chosen["sgd"] == 0.05 and grids["sgd"] == (0.05, 0.1, 0.2, 0.02)
+    assert not compare_module.at_edge(chosen["sgd"], grids["sgd"])
 
 
 def test_choices_use_validation_only_and_the_table_arithmetic():
@@ -316,3 +338,25 @@ def test_the_figures_total_panel_charges_the_downlink_as_the_table_does(tmp_path
     assert total["split-seq-cut1-4b"][-1] == pytest.approx(expected)
     # the rule the figure had: the header's reply size every round, several times what was sent
     assert header["downlink_bits_per_node_per_round"] * last["round"] > 4 * (expected - last["cumulative_uplink_bits_per_node"])
+
+
+def test_the_one_seed_look_chooses_as_compare_does_and_names_a_missing_run(tmp_path):
+    """On the committed results of the every-method Fashion lineup (no widening) it gives the table's
+    choices; on a lineup that widens past runs not made yet it names the first missing one."""
+    from experiments import one_seed_table
+
+    root = Path(__file__).resolve().parents[1]
+    summary = json.loads((root / "paper_figures/runs/cmp-all-fashion/summary.json").read_text())
+    sgd, table = one_seed_table.rows("all_fashion_mnist_mlp.toml", str(root / "paper_figures/runs/cmp-all-fashion"), 0)
+    assert {label: lr for label, lr, *_ in table} == {r["method"]: r["lr"] for r in summary["rows"]}
+    widening = tmp_path / "widening.toml"
+    widening.write_text(TINY.replace("lr_grid = [0.1, 0.2]", "lr_grid = [0.1, 0.2]\nlr_extend = 1"))
+    for label in ("sgd", "qdata-4b", "topk-1%", "topk-10%"):
+        for lr in (0.1, 0.2):
+            d = run_dir(tmp_path / "cmp", label, lr, 0)
+            d.mkdir(parents=True)
+            header, rounds = _fake([0.5 + lr], [0.5], 10, method="sgd" if label == "sgd" else "gradient")
+            (d / "results.jsonl").write_text("\n".join(json.dumps(x) for x in [{"kind": "config", **header}] + [
+                {"kind": "round", **r} for r in rounds]) + "\n")
+    with pytest.raises(SystemExit, match=r"sgd/lr0\.5/seed0: not run yet"):
+        one_seed_table.rows(str(widening), str(tmp_path / "cmp"), 0)

@@ -2,6 +2,7 @@
 its bits both ways by hand, one round equals data-parallel SGD, it trains, 1 device = 2, bad cuts refused."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -117,32 +118,27 @@ def test_trains_on_digits(tmp_path):
 
 
 _DEVICES_SCRIPT = r"""
-import os, json
+import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, sys.argv[1])  # the checkout, for tests.engine_rounds
 import jax, numpy as np
 from qdata import engine
 from qdata.config import RunConfig
-from qdata.run import Experiment
+from tests.engine_rounds import engine_rounds
 out = {}
 for top, devices in ((0, 1), (0, 2), (1, 1), (1, 2)):
-    exp = Experiment(RunConfig(method="split", split_cut=1, split_top=top, split_bits=4, num_nodes=4, batch_size=8,
-                               lr=0.1))
-    mesh = engine.node_mesh(devices)
-    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
-    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
-    one = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=8, state_template=state,
-                            to_float=exp.dataset.to_float)
-    state, bits, _ = engine.run_rounds(one, state, shards, 3)
+    config = RunConfig(method="split", split_cut=1, split_top=top, split_bits=4, num_nodes=4, batch_size=8, lr=0.1)
+    exp, state, bits, _ = engine_rounds(config, 3, devices)
     params = engine.fetch(engine.model_params(exp.method, state))
     out[f"{top}:{devices}"] = {"params": [np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(params)],
-                    "bits": np.asarray(bits["total"]).tolist()}
+                               "bits": np.asarray(bits["total"]).tolist()}
 print(json.dumps(out))
 """
 
 
 def test_two_devices_equal_one_device():
     """The average of the lower layers sums across devices (the learner's own reduction)."""
-    out = run_json(_DEVICES_SCRIPT)
+    out = run_json(_DEVICES_SCRIPT, str(Path(__file__).resolve().parents[1]))
     for top in (0, 1):
         one, two = out[f"{top}:1"], out[f"{top}:2"]
         assert one["bits"] == two["bits"]

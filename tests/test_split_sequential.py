@@ -4,6 +4,7 @@ hand-off); one model trained in turn equals SGD stepping on the active node's ba
 comparison charge the downlink the rounds sent; it trains; bad settings are refused."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from qdata.config import RunConfig
 from qdata.data import sample_batch
 from qdata.run import Experiment, train
 from tests.engine_rounds import engine_rounds
+from tests.subprocess_json import run_json
 
 SEQ = dict(method="split", split_mode="sequential", checkpoint_every=0)
 
@@ -191,22 +193,18 @@ def test_the_sequential_row_runs_alone_with_its_reference():
 
 
 _DEVICES_SCRIPT = r"""
-import os, json
+import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, sys.argv[1])  # the checkout, for tests.engine_rounds
 import jax, numpy as np
 from qdata import engine
 from qdata.config import RunConfig
-from qdata.run import Experiment
+from tests.engine_rounds import engine_rounds
 out = {}
 for devices in (1, 2):
-    exp = Experiment(RunConfig(method="split", split_mode="sequential", split_cut=1, split_bits=4, num_nodes=4,
-                               batch_size=8, lr=0.1, checkpoint_every=0))
-    mesh = engine.node_mesh(devices)
-    shards = engine.place_shards(mesh, exp.dataset.x_train, exp.dataset.y_train, exp.index, exp.count)
-    state = engine.place_state(mesh, engine.init_state(exp.method, exp.optimizer, exp.params, 4, 0))
-    one = engine.make_round(exp.method, exp.optimizer, mesh, batch_size=8, state_template=state,
-                            to_float=exp.dataset.to_float)
-    state, bits, _ = engine.run_rounds(one, state, shards, 6)
+    config = RunConfig(method="split", split_mode="sequential", split_cut=1, split_bits=4, num_nodes=4, batch_size=8,
+                       lr=0.1, checkpoint_every=0)
+    exp, state, bits, _ = engine_rounds(config, 6, devices)
     params = engine.fetch(engine.model_params(exp.method, state))
     out[str(devices)] = {"params": [np.asarray(p).tolist() for p in jax.tree_util.tree_leaves(params)],
                          "bits": np.asarray(bits["total"]).tolist()}
@@ -217,9 +215,7 @@ print(json.dumps(out))
 def test_two_devices_equal_one_device():
     """Nodes 0, 1 on one device, 2, 3 on the other: the active node's activations reach the learner and
     the hand-offs cross devices (6 rounds of 4 nodes in turns of 1)."""
-    from tests.subprocess_json import run_json
-
-    out = run_json(_DEVICES_SCRIPT)
+    out = run_json(_DEVICES_SCRIPT, str(Path(__file__).resolve().parents[1]))
     assert out["1"]["bits"] == out["2"]["bits"]
     for a, b in zip(out["1"]["params"], out["2"]["params"]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
