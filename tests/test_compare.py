@@ -360,3 +360,11 @@ def test_the_one_seed_look_chooses_as_compare_does_and_names_a_missing_run(tmp_p
                 {"kind": "round", **r} for r in rounds]) + "\n")
     with pytest.raises(SystemExit, match=r"sgd/lr0\.5/seed0: not run yet"):
         one_seed_table.rows(str(widening), str(tmp_path / "cmp"), 0)
+    d = run_dir(tmp_path / "cmp", "sgd", 0.5, 0)  # SGD's choice made (0.5 beats 0.2): the others wait for theirs
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text((run_dir(tmp_path / "cmp", "sgd", 0.2, 0) / "results.jsonl").read_text().replace(
+        '"val_accuracy": 0.7', '"val_accuracy": 0.9'))
+    sgd, table = one_seed_table.rows(str(widening), str(tmp_path / "cmp"), 0)
+    assert table[0][:2] == ("sgd", 0.5)
+    assert [(label, lr, where.endswith(f"{label}/lr0.5/seed0")) for label, lr, where, *_ in table[1:]] == [
+        ("qdata-4b", None, True), ("topk-1%", None, True), ("topk-10%", None, True)]
