@@ -42,7 +42,7 @@ def rows(lineup_path: str, out: str, seed: int) -> tuple[float, list[tuple]]:
     lineup = load_lineup(lineup_path)._replace(tune_seeds=(seed,))
     found: dict = {}
     load = _loader(Path(out), found)
-    chosen = {}
+    chosen, waiting = {}, {}  # label -> rate; label -> the first run its choice still needs
     for run in lineup.runs:
         try:
             chosen.update(tune(lineup._replace(runs=(run,)), found, load)[0])
@@ -50,12 +50,12 @@ def rows(lineup_path: str, out: str, seed: int) -> tuple[float, list[tuple]]:
             if run is lineup.reference:
                 raise SystemExit(f"{missing}: not run yet (SGD's choice sets the target); run the lineup further") \
                     from None
-            chosen[run.label] = str(missing)
+            waiting[run.label] = str(missing)
     sgd = found[(lineup.reference.label, chosen[lineup.reference.label], seed)][1][-1]["test_accuracy"]
     table = []
     for run in lineup.runs:
-        if isinstance(chosen[run.label], str):
-            table.append((run.label, None, chosen[run.label]))
+        if run.label in waiting:
+            table.append((run.label, None, waiting[run.label]))
             continue
         header, rounds = found[(run.label, chosen[run.label], seed)]
         hit = qresults.crossing(rounds, sgd - 0.01)

@@ -7,8 +7,8 @@ The protocol (DESIGN.md section 7), for a :class:`~qdata.lineup.Lineup`:
    *validation* accuracy. Where that is the grid's smallest or largest rate (a grid of two or more),
    the run also trains at the next rate of the 1-2-5 series past it and chooses again (a tie keeps
    the earlier rate), up to the lineup's ``lr_extend`` times (:func:`tune`); the table names any
-   run still at an edge of the rates it tried. Within a family (one knob swept: top-k density, PowerSGD rank, QSGD
-   levels), the best member is the one that reaches SGD's final validation accuracy minus 1 point
+   run still at an edge of the rates it tried. Within a family (one knob swept: top-k density,
+   PowerSGD rank, QSGD levels), the best member is the one that reaches SGD's final validation accuracy minus 1 point
    with the fewest uplink bits (all tuning seeds), else the most accurate.
 2. **Reporting, on the test split.** Every run trains at its learning rate on every seed. Two
    targets per seed, from full-precision SGD on that seed: 95% of its final test accuracy, and its
@@ -320,7 +320,8 @@ def summarize(lineup: Lineup, results: dict, chosen: dict, bests: dict, phases: 
     header = results[(ref.label, chosen[ref.label], lineup.seeds[0])][0]
     return {"setting": qresults.describe_setting(header).rsplit("; seed", 1)[0],
             "seeds": list(lineup.seeds), "tune_seeds": list(lineup.tune_seeds),
-            "lr_extend": lineup.lr_extend, "sgd_final_test_accuracy": sgd_list, "targets": list(TARGETS), "best_gradient_compressor": best_gc,
+            "lr_extend": lineup.lr_extend, "sgd_final_test_accuracy": sgd_list, "targets": list(TARGETS),
+            "best_gradient_compressor": best_gc,
             "headline_target": HEADLINE, "best_qdata_ratio": headline,
             "against_every_member": against_every_member(rows, HEADLINE), "rows": rows}
 

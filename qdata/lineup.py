@@ -23,8 +23,8 @@ Exactly one run is the reference, full-precision SGD (``method = "sgd"``). A run
 ``lr_grid``. With ``lr_extend = K``, a run whose chosen rate is the smallest or largest of its
 grid (of two or more rates) is also trained at the next rate of the 1-2-5 series past that edge
 (0.05 -> 0.1, 0.01 -> 0.005), up to K times, outward from the edge it chose
-(``qdata.compare.tune``). Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig` field, a
-field set in a run that the base also sets, duplicate labels and a missing reference are refused
+(``qdata.compare.tune``). Unknown keys, a run field that is not a :class:`~qdata.config.RunConfig`
+field, a field set in a run that the base also sets, duplicate labels and a missing reference are refused
 with an error naming them.
 """
 
